@@ -1,0 +1,1 @@
+"""wanrt.cli: the Typer command-line app."""

@@ -1,0 +1,1 @@
+"""wanrt.engines: runners for compiled engines behind one interface."""

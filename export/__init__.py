@@ -1,0 +1,1 @@
+"""wanrt.export: exporters (ONNX, TensorRT, AOTInductor)."""

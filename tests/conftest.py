@@ -1,0 +1,44 @@
+"""Shared test helpers: fixture paths and the parity tolerance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# Parity bar (see tests/fixtures/README.md): float32 re-implementations land near 1e-5
+# absolute; anything at or above 1e-3 is a bug. We require 1e-4 relative to the output scale.
+PARITY_RTOL = 1e-4
+
+
+def load_fixture(relative: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors of `<relative>.safetensors` and the metadata of `<relative>.json`."""
+    base = FIXTURES / relative
+    return load_file(str(base.with_suffix(".safetensors"))), json.loads(base.with_suffix(".json").read_text())
+
+
+def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def assert_parity(actual: torch.Tensor, expected: torch.Tensor, name: str = "",
+                  rtol: float = PARITY_RTOL) -> float:
+    """max|actual - expected| <= rtol * max(1, max|expected|); returns the error."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    error = max_abs_error(actual, expected)
+    bound = rtol * max(1.0, expected.abs().max().item())
+    assert error <= bound, f"{name}: max abs error {error:.3g} > {bound:.3g}"
+    return error
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same RNG state, so random inputs are reproducible."""
+    torch.manual_seed(0)
+    yield

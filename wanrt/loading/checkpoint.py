@@ -1,0 +1,213 @@
+"""Finding and loading the components of a Wan2.2 checkpoint, official or diffusers layout.
+
+Official layout (as released):
+    high_noise_model/ low_noise_model/   (A14B experts; the 5B model is the folder itself)
+        config.json, diffusion_pytorch_model[-0000k-of-0000n].safetensors[.index.json]
+    Wan2.1_VAE.pth | Wan2.2_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/
+Diffusers layout:
+    model_index.json, transformer/ (high-noise), transformer_2/ (low-noise), vae/,
+    text_encoder/, tokenizer/
+
+Whatever the layout, tensors are renamed to the official names through one explicit key
+map per component, checked strictly against the model built on `meta`, then assigned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from wanrt.configs import DiTConfig, T5Config, TaskSpec, VAEConfig
+from wanrt.errors import CheckpointError, ConfigError
+from wanrt.loading import diffusers_dit
+from wanrt.loading.files import (TensorInfo, iter_safetensors, load_pth, read_safetensors_header,
+                                 require_file, safetensors_shards)
+from wanrt.loading.state import assign_tensors, check_state_keys
+from wanrt.models.dit import WanDiT
+
+
+class Layout(str, Enum):
+    OFFICIAL = "official"
+    DIFFUSERS = "diffusers"
+
+
+class Expert(str, Enum):
+    HIGH_NOISE = "high_noise"
+    LOW_NOISE = "low_noise"
+    # The single DiT of a non-MoE task (ti2v-5B).
+    ONLY = "only"
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """Where each component of a checkpoint lives; nothing is checked until it is loaded,
+    so a folder holding only the DiT is enough for a run that never needs T5 or the VAE."""
+
+    layout: Layout
+    root: Path
+    dit_dirs: Mapping[Expert, Path]
+    vae: Path
+    t5: Path
+    tokenizer: Path
+
+
+def locate_checkpoint(root: Path, task: TaskSpec) -> CheckpointFiles:
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint folder not found; check --ckpt-dir")
+    if (root / "model_index.json").is_file():
+        if task.is_moe:
+            dit_dirs = {Expert.HIGH_NOISE: root / "transformer", Expert.LOW_NOISE: root / "transformer_2"}
+        else:
+            dit_dirs = {Expert.ONLY: root / "transformer"}
+        return CheckpointFiles(Layout.DIFFUSERS, root, dit_dirs, root / "vae", root / "text_encoder",
+                               root / "tokenizer")
+    if task.is_moe:
+        dit_dirs = {Expert.HIGH_NOISE: root / task.high_noise_subdir,
+                    Expert.LOW_NOISE: root / task.low_noise_subdir}
+    else:
+        dit_dirs = {Expert.ONLY: root}
+    return CheckpointFiles(Layout.OFFICIAL, root, dit_dirs, root / task.vae_checkpoint,
+                           root / task.t5_checkpoint, root / task.t5_tokenizer)
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    require_file(path, what)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: {what} is not valid JSON") from None
+
+
+def _renamed_headers(shards: list[Path], rename: Callable[[str], str]) -> dict[str, TensorInfo]:
+    infos: dict[str, TensorInfo] = {}
+    for shard in shards:
+        for key, info in read_safetensors_header(shard).items():
+            try:
+                infos[rename(key)] = info
+            except CheckpointError as exc:
+                raise CheckpointError(f"{shard}: {exc}") from None
+    return infos
+
+
+def _renamed_chunks(shards: list[Path], rename: Callable[[str], str]) -> Iterator[dict[str, Tensor]]:
+    for shard in shards:
+        yield {rename(key): tensor for key, tensor in iter_safetensors(shard)}
+
+
+_DIT_ARCH_FIELDS = ("model_type", "in_dim", "out_dim", "dim", "ffn_dim", "num_heads", "num_layers",
+                    "freq_dim", "text_dim", "text_len", "patch_size")
+
+
+def check_dit_variant(found: DiTConfig, expected: DiTConfig, source: str) -> None:
+    """Refuse a DiT of another variant (e.g. a 16-channel t2v expert given to i2v)."""
+    diffs = [f"{name} {_plain(getattr(found, name))} (needs {_plain(getattr(expected, name))})"
+             for name in _DIT_ARCH_FIELDS if getattr(found, name) != getattr(expected, name)]
+    if diffs:
+        raise CheckpointError(
+            f"{source}: this {_plain(found.model_type)} DiT does not fit the task: {', '.join(diffs)}; "
+            "point --ckpt-dir at the checkpoint of the task you asked for")
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
+def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype | None = None) -> WanDiT:
+    """Load one DiT (expert) folder of either layout; `expect` is the task's architecture."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    raw = _read_json(config_path, "DiT config.json")
+    if raw.get("_class_name") == "WanTransformer3DModel":
+        rename = diffusers_dit.official_key
+        text_len = expect.text_len if expect is not None else DiTConfig.text_len
+        config = diffusers_dit.config_from_diffusers(raw, str(config_path), text_len=text_len)
+    else:
+        rename = str
+        try:
+            config = DiTConfig.from_official_json(raw, str(config_path))
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from None
+    shards = safetensors_shards(folder, "diffusion_pytorch_model")
+    infos = _renamed_headers(shards, rename)
+    # The official config.json never stores text_dim; the weights say what it is.
+    if "text_embedding.0.weight" in infos:
+        config = dataclasses.replace(config, text_dim=infos["text_embedding.0.weight"].shape[1])
+    if expect is not None:
+        check_dit_variant(config, expect, str(folder))
+    with torch.device("meta"):
+        model = WanDiT(config)
+    check_state_keys(model, infos, str(folder))
+    return assign_tensors(model, _renamed_chunks(shards, rename), dtype)
+
+
+def _load_state(path: Path, stem: str, to_official: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+                ) -> dict[str, Tensor]:
+    """All tensors of a component: a weights-only .pth file, or a diffusers folder renamed."""
+    if path.is_dir():
+        state = {}
+        for shard in safetensors_shards(path, stem):
+            state.update(iter_safetensors(shard))
+        try:
+            return to_official(state)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+    return load_pth(path)
+
+
+def load_vae(path: Path, expect: VAEConfig, dtype: torch.dtype | None = None):
+    """The VAE from `Wan2.x_VAE.pth` or a diffusers `vae/` folder."""
+    from wanrt.loading import diffusers_vae
+    from wanrt.models.vae import WanVAE
+
+    path = Path(path)
+    config = expect
+    if path.is_dir():
+        config = diffusers_vae.config_from_diffusers(_read_json(path / "config.json", "VAE config.json"))
+        if (config.version, config.z_dim) != (expect.version, expect.z_dim):
+            raise CheckpointError(
+                f"{path}: a Wan{config.version.value} VAE with {config.z_dim} latent channels, but the "
+                f"task needs Wan{expect.version.value} with {expect.z_dim}; use the task's VAE")
+    state = _load_state(path, "diffusion_pytorch_model", diffusers_vae.to_official)
+    z_channels = state["conv2.weight"].shape[0] if "conv2.weight" in state else None
+    if z_channels is not None and z_channels != expect.z_dim:
+        raise CheckpointError(
+            f"{path}: a VAE with {z_channels} latent channels, but the task needs {expect.z_dim} "
+            f"(Wan{expect.version.value} VAE); use the task's VAE file")
+    with torch.device("meta"):
+        model = WanVAE(config)
+    check_state_keys(model, state, str(path))
+    return assign_tensors(model, [state], dtype)
+
+
+def load_t5(path: Path, expect: T5Config, dtype: torch.dtype | None = None):
+    """The umt5-xxl encoder from the official .pth or a transformers `text_encoder/` folder."""
+    from wanrt.loading import diffusers_t5
+    from wanrt.models.t5 import UMT5Encoder
+
+    path = Path(path)
+    config = expect
+    if path.is_dir():
+        config = dataclasses.replace(
+            diffusers_t5.config_from_transformers(_read_json(path / "config.json", "text encoder config.json")),
+            text_len=expect.text_len)
+    state = _load_state(path, "model", diffusers_t5.to_official)
+    with torch.device("meta"):
+        model = UMT5Encoder(config)
+    check_state_keys(model, state, str(path))
+    return assign_tensors(model, [state], dtype)
+
+
+def check_dit_matches_vae(dit: DiTConfig, vae: VAEConfig, source: str) -> None:
+    """A DiT must predict in the VAE's latent space (16 channels for Wan2.1, 48 for Wan2.2)."""
+    if dit.out_dim != vae.z_dim:
+        raise CheckpointError(
+            f"{source}: the DiT predicts {dit.out_dim} latent channels but the Wan{vae.version.value} "
+            f"VAE has {vae.z_dim}; the DiT and the VAE come from different models")

@@ -1,0 +1,65 @@
+"""Strict loading of tensors into a model built on the meta device.
+
+The model is constructed on `meta` (no memory), the checkpoint's keys and shapes are
+checked against it before any data is read, then tensors are assigned shard by shard, so
+the weights exist once in host memory.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from wanrt.errors import CheckpointError
+from wanrt.loading.files import TensorInfo
+
+MAX_LISTED_KEYS = 8
+
+
+def _listing(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    return shown + (f" (+{len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else "")
+
+
+def check_state_keys(model: nn.Module, found: Mapping[str, TensorInfo | Tensor], source: str) -> None:
+    """Every parameter present with its shape, and nothing left over; else one clear error."""
+    expected = {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    missing = expected.keys() - found.keys()
+    unexpected = found.keys() - expected.keys()
+    mismatched = [f"{key} {tuple(found[key].shape)} != {shape}" for key, shape in expected.items()
+                  if key in found and tuple(found[key].shape) != shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"wrong shapes: {_listing(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{source}: does not match {type(model).__name__}: " + "; ".join(problems))
+
+
+def cast_for_model(key: str, tensor: Tensor, dtype: torch.dtype | None,
+                   keep_fp32: tuple[str, ...]) -> Tensor:
+    """Cast floating tensors to `dtype`, except those under a module named in `keep_fp32`."""
+    if dtype is None or not tensor.is_floating_point():
+        return tensor
+    if any(part in keep_fp32 for part in key.split(".")):
+        return tensor.to(torch.float32)
+    return tensor.to(dtype)
+
+
+def assign_tensors(model: nn.Module, chunks: Iterable[Mapping[str, Tensor]],
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """Assign already-validated tensors chunk by chunk (one chunk per shard)."""
+    keep_fp32 = tuple(getattr(model, "keep_in_fp32", ()))
+    for chunk in chunks:
+        cast = {key: cast_for_model(key, t, dtype, keep_fp32) for key, t in chunk.items()}
+        model.load_state_dict(cast, strict=False, assign=True)
+    still_meta = [name for name, t in model.state_dict().items() if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"parameters never loaded: {_listing(still_meta)}")
+    return model.eval().requires_grad_(False)
