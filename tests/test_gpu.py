@@ -1,0 +1,42 @@
+"""The same DiT parity on a CUDA device (skipped, with the reason, on CPU-only machines)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FIXTURES, assert_parity, load_fixture
+from wanrt.loading.checkpoint import load_dit
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture
+def exact_float32_matmul():
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("variant,folder,out_key,t_key,y_key", [
+    ("t2v", "dit/t2v/high_noise_model", "g1.t2v.high_noise_model.scalar_t.out", "t_scalar", None),
+    ("i2v", "dit/i2v/low_noise_model", "g1.i2v.low_noise_model.scalar_t.out", "t_scalar", "g1.y"),
+    ("ti2v", "dit/ti2v", "g1.per_token_t.out", "g1.t_per_token", None),
+])
+def test_dit_parity_on_cuda(variant, folder, out_key, t_key, y_key, exact_float32_matmul):
+    tensors, _ = load_fixture(f"dit/forward_{variant}")
+    device = torch.device("cuda")
+    model = load_dit(FIXTURES / folder).to(device)
+    x = tensors["g1.x"][None].to(device)
+    y = tensors[y_key][None].to(device) if y_key else None
+    t = tensors[t_key].to(device)
+    context = tensors["context"][None].to(device)
+    with torch.no_grad():
+        out = model(x, t, context, y=y).cpu()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out_bf16 = model(x, t, context, y=y).cpu()
+    assert_parity(out[0], tensors[out_key], f"{variant} cuda float32")
+    # bf16 attention/linears: the fixture README puts GPU numerics at ~4e-3 of |out| ~4.
+    assert_parity(out_bf16[0], tensors[out_key], f"{variant} cuda bf16", rtol=2e-2)
