@@ -1,0 +1,379 @@
+"""Text/image-to-video sampling with the official Wan2.2 semantics (t2v, i2v, ti2v).
+
+One loop serves every task; what differs is how the first latents and the DiT's extra
+inputs are prepared (`_Conditioning`). Official rules reproduced here:
+- the high-noise expert runs iff `t >= boundary * num_train_timesteps`, with the guide
+  scale of that expert (`guide_scale` is ordered (low-noise, high-noise));
+- CFG is `uncond + scale * (cond - uncond)`, cond and uncond as two forwards;
+- i2v-A14B conditions on `y = [mask(4) | VAE(image + zero frames)(16)]`;
+- ti2v-5B with an image replaces the first latent frame by the encoded image before the
+  loop and after every step, with per-token timesteps that are 0 on that frame.
+Noise is drawn from a CPU generator so a seed gives the same video on any device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wanrt.configs import SIZES, ModelType, TaskSpec, get_task, parse_size
+from wanrt.errors import InputError, WanrtError
+from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
+                                      load_t5, load_vae, locate_checkpoint)
+from wanrt.models.dit import WanDiT
+from wanrt.schedulers import Solver, make_scheduler
+
+
+class NonFiniteLatentsError(WanrtError):
+    """Sampling produced NaN/Inf; nothing is decoded or written."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What the user asked for; unset values take the task's official defaults."""
+
+    prompt: str
+    size: str | None = None
+    frame_num: int | None = None
+    steps: int | None = None
+    shift: float | None = None
+    # (low-noise, high-noise) as in the official code; one value applies to both.
+    guide_scale: tuple[float, float] | float | None = None
+    solver: str = Solver.UNIPC.value
+    seed: int = 0
+    negative_prompt: str | None = None
+    image: Tensor | None = field(default=None, repr=False)  # [3, H, W] in [-1, 1]
+
+    def resolved(self, task: TaskSpec) -> "ResolvedRequest":
+        """Fill defaults and validate; raises InputError with one line naming the flag."""
+        defaults = task.sample
+        size = self.size or defaults.sizes[0]
+        if size not in defaults.sizes:
+            raise InputError(f"--size {size} is not supported by {task.name}; "
+                             f"choose one of {', '.join(defaults.sizes)}")
+        frame_num = defaults.frame_num if self.frame_num is None else self.frame_num
+        if frame_num < 1 or (frame_num - 1) % task.vae_stride[0]:
+            raise InputError(f"--frame-num {frame_num} must be 4n+1 (e.g. 81, 121)")
+        steps = defaults.steps if self.steps is None else self.steps
+        if steps < 1:
+            raise InputError(f"--steps {steps} must be at least 1")
+        try:
+            solver = Solver(self.solver)
+        except ValueError:
+            raise InputError(f"--solver {self.solver!r} is unknown; choose one of "
+                             f"{', '.join(s.value for s in Solver)}") from None
+        guide = defaults.guide_scale if self.guide_scale is None else self.guide_scale
+        if isinstance(guide, (int, float)):
+            guide = (float(guide), float(guide))
+        needs_image = task.dit.model_type is ModelType.I2V
+        if needs_image and self.image is None:
+            raise InputError(f"{task.name} needs --image")
+        if self.image is not None and task.dit.model_type is ModelType.T2V:
+            raise InputError(f"{task.name} takes no --image; use an i2v or ti2v task")
+        return ResolvedRequest(
+            prompt=self.prompt, size=size, frame_num=frame_num, steps=steps,
+            shift=defaults.shift if self.shift is None else self.shift,
+            guide_scale=tuple(guide), solver=solver, seed=self.seed,
+            negative_prompt=self.negative_prompt or defaults.negative_prompt, image=self.image)
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    prompt: str
+    size: str
+    frame_num: int
+    steps: int
+    shift: float
+    guide_scale: tuple[float, float]
+    solver: Solver
+    seed: int
+    negative_prompt: str
+    image: Tensor | None = field(default=None, repr=False)
+
+    def settings(self) -> dict:
+        """JSON-serialisable record of the run options."""
+        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "size": self.size,
+                "frame_num": self.frame_num, "steps": self.steps, "shift": self.shift,
+                "guide_scale": list(self.guide_scale), "solver": self.solver.value,
+                "seed": self.seed, "has_image": self.image is not None}
+
+
+@dataclass(frozen=True)
+class TextEmbeddings:
+    cond: Tensor    # [L_cond, text_dim], trimmed to the prompt's tokens
+    uncond: Tensor  # [L_uncond, text_dim]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    index: int
+    total: int
+    timestep: int
+    expert: Expert
+    guide_scale: float
+
+
+def noise_for(shape: tuple[int, ...], seed: int) -> Tensor:
+    """Initial noise from a CPU generator: identical on every device for a given seed."""
+    return torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(seed),
+                       dtype=torch.float32)
+
+
+def i2v_latent_hw(image_hw: tuple[int, int], max_area: int, task: TaskSpec) -> tuple[int, int]:
+    """i2v-A14B: the latent size that keeps the image's aspect ratio within max_area."""
+    aspect = image_hw[0] / image_hw[1]
+    patch_h, patch_w = task.dit.patch_size[1:]
+    _, stride_h, stride_w = task.vae_stride
+    lat_h = round(np.sqrt(max_area * aspect) // stride_h // patch_h * patch_h)
+    lat_w = round(np.sqrt(max_area / aspect) // stride_w // patch_w * patch_w)
+    return lat_h, lat_w
+
+
+def best_output_size(width: int, height: int, step_w: int, step_h: int, area: int) -> tuple[int, int]:
+    """ti2v-5B with an image: the (w, h) multiple of (step_w, step_h) within `area` whose
+    aspect ratio is closest to the image's, rounding the width first or the height first."""
+    ratio = width / height
+    float_w = (area * ratio) ** 0.5
+    float_h = area / float_w
+    w_first = int(float_w // step_w * step_w)
+    h_first = int(area / w_first // step_h * step_h)
+    h_second = int(float_h // step_h * step_h)
+    w_second = int(area / h_second // step_w * step_w)
+
+    def distortion(w: int, h: int) -> float:
+        return max(ratio / (w / h), (w / h) / ratio)
+    if distortion(w_first, h_first) < distortion(w_second, h_second):
+        return w_first, h_first
+    return w_second, h_second
+
+
+def _to_pil(image: Tensor):
+    """[-1,1] tensor -> the PIL image it came from (the float mapping inverts exactly)."""
+    from PIL import Image
+
+    pixels = ((image.clamp(-1, 1) * 0.5 + 0.5) * 255).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy())
+
+
+def _from_pil(img) -> Tensor:
+    array = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
+    return array.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+
+
+@dataclass
+class _Conditioning:
+    """Per-task inputs of the loop: first latents, DiT extras, and the per-step fix-up."""
+
+    latents: Tensor                                  # [1, C, F, h, w]
+    y: Tensor | None = None                          # i2v-A14B conditioning
+    token_mask: Tensor | None = None                 # ti2v: [1, F*h*w/4], 0 = frozen token
+    frozen: Tensor | None = None                     # ti2v: latents of the given image
+    frozen_mask: Tensor | None = None                # ti2v: [1, C, F, h, w], 0 = frozen
+
+    def timestep(self, t: Tensor) -> Tensor:
+        if self.token_mask is None:
+            return t.reshape(1)
+        return self.token_mask * t
+
+    def fix_up(self, latents: Tensor) -> Tensor:
+        if self.frozen is None:
+            return latents
+        return (1.0 - self.frozen_mask) * self.frozen + self.frozen_mask * latents
+
+
+class Pipeline:
+    """Loads components lazily from one checkpoint and runs the official sampling loop.
+
+    A run given text embeddings that only wants latents never loads T5 or the VAE (for
+    t2v), and a folder holding just the DiT experts is then enough.
+    """
+
+    def __init__(self, task: TaskSpec, files: CheckpointFiles | None, device: torch.device,
+                 dit_dtype: torch.dtype, text_device: torch.device | None = None,
+                 text_dtype: torch.dtype | None = None) -> None:
+        self.task = task
+        self.files = files
+        self.device = device
+        self.dit_dtype = dit_dtype
+        self.text_device = text_device or device
+        self.text_dtype = text_dtype or dit_dtype
+        self._experts: dict[Expert, WanDiT] = {}
+        self._text_encoder = None
+        self._vae = None
+        self.load_seconds: dict[str, float] = {}
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir: str | Path, task: str, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, t5_cpu: bool = False) -> "Pipeline":
+        spec = get_task(task)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # bf16 on GPUs as the official code; float32 on the CPU, where bf16 is slow and the
+        # tests compare against float32 references.
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        text_device = torch.device("cpu") if t5_cpu else device
+        return cls(spec, locate_checkpoint(Path(ckpt_dir), spec), device, dtype, text_device)
+
+    # ------------------------------------------------------------------ components
+
+    def _timed_load(self, name: str, load: Callable):
+        start = time.perf_counter()
+        value = load()
+        self.load_seconds[name] = time.perf_counter() - start
+        return value
+
+    def _require_files(self) -> CheckpointFiles:
+        if self.files is None:
+            raise InputError("this pipeline has no checkpoint folder; pass ckpt_dir")
+        return self.files
+
+    def dit(self, expert: Expert) -> WanDiT:
+        if expert not in self._experts:
+            folder = self._require_files().dit_dirs[expert]
+            model = self._timed_load(f"dit_{expert.value}", lambda: load_dit(
+                folder, expect=self.task.dit, dtype=self.dit_dtype))
+            check_dit_matches_vae(model.config, self.task.vae, str(folder))
+            self._experts[expert] = model.to(self.device)
+        return self._experts[expert]
+
+    @property
+    def text_encoder(self):
+        if self._text_encoder is None:
+            from wanrt.models.tokenizer import PromptTokenizer
+            from wanrt.text_encoder import TextEncoder
+
+            files = self._require_files()
+            tokenizer = PromptTokenizer.from_folder(files.tokenizer, text_len=self.task.t5.text_len)
+            encoder = self._timed_load("t5", lambda: load_t5(files.t5, self.task.t5, dtype=self.text_dtype))
+            self._text_encoder = TextEncoder(tokenizer, encoder.to(self.text_device))
+        return self._text_encoder
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            files = self._require_files()
+            # The official pipelines run the VAE in float32.
+            model = self._timed_load("vae", lambda: load_vae(files.vae, self.task.vae, dtype=torch.float32))
+            self._vae = model.to(self.device)
+        return self._vae
+
+    # ------------------------------------------------------------------ stages
+
+    def encode_text(self, prompt: str, negative_prompt: str) -> TextEmbeddings:
+        cond, uncond = self.text_encoder([prompt, negative_prompt])
+        return TextEmbeddings(cond.float().cpu(), uncond.float().cpu())
+
+    def _latent_grid(self, request: ResolvedRequest) -> tuple[int, int, int]:
+        width, height = SIZES.get(request.size) or parse_size(request.size)
+        stride_t, stride_h, stride_w = self.task.vae_stride
+        return (request.frame_num - 1) // stride_t + 1, height // stride_h, width // stride_w
+
+    def _condition(self, request: ResolvedRequest, noise: Tensor | None) -> _Conditioning:
+        task, z_dim = self.task, self.task.vae.z_dim
+        frames, lat_h, lat_w = self._latent_grid(request)
+        model_type = task.dit.model_type
+        if model_type is ModelType.I2V:
+            width, height = SIZES.get(request.size) or parse_size(request.size)
+            lat_h, lat_w = i2v_latent_hw(tuple(request.image.shape[1:]), width * height, task)
+        elif model_type is ModelType.TI2V and request.image is not None:
+            width, height = SIZES.get(request.size) or parse_size(request.size)
+            step_h, step_w = (task.vae_stride[i] * task.dit.patch_size[i] for i in (1, 2))
+            out_w, out_h = best_output_size(request.image.shape[2], request.image.shape[1],
+                                            step_w, step_h, width * height)
+            lat_h, lat_w = out_h // task.vae_stride[1], out_w // task.vae_stride[2]
+        shape = (1, z_dim, frames, lat_h, lat_w)
+        latents = noise_for(shape[1:], request.seed)[None] if noise is None else noise.reshape(shape).float()
+        latents = latents.to(self.device)
+        if model_type is ModelType.I2V:
+            return _Conditioning(latents, y=self._i2v_condition(request.image, request.frame_num, lat_h, lat_w))
+        if model_type is ModelType.TI2V and request.image is not None:
+            return self._ti2v_condition(request.image, latents)
+        return _Conditioning(latents)
+
+    def _i2v_condition(self, image: Tensor, frame_num: int, lat_h: int, lat_w: int) -> Tensor:
+        _, stride_h, stride_w = self.task.vae_stride
+        height, width = lat_h * stride_h, lat_w * stride_w
+        resized = F.interpolate(image[None].float().cpu(), size=(height, width), mode="bicubic")
+        video = torch.cat([resized.transpose(0, 1), torch.zeros(3, frame_num - 1, height, width)], dim=1)
+        with torch.no_grad():
+            encoded = self.vae.encode(video[None].to(self.device))[0]
+        # Mask: 1 on pixel frame 0, repeated 4x so the frames fold into [4, F_lat] channels.
+        mask = torch.zeros(1, frame_num, lat_h, lat_w, device=self.device)
+        mask[:, 0] = 1
+        mask = torch.cat([mask[:, :1].repeat_interleave(4, dim=1), mask[:, 1:]], dim=1)
+        mask = mask.view(mask.shape[1] // 4, 4, lat_h, lat_w).transpose(0, 1)
+        return torch.cat([mask, encoded])[None]
+
+    def _ti2v_condition(self, image: Tensor, latents: Tensor) -> _Conditioning:
+        from PIL import Image
+
+        _, _, _, lat_h, lat_w = latents.shape
+        out_h, out_w = lat_h * self.task.vae_stride[1], lat_w * self.task.vae_stride[2]
+        img = _to_pil(image)
+        scale = max(out_w / img.width, out_h / img.height)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.LANCZOS)
+        left, top = (img.width - out_w) // 2, (img.height - out_h) // 2
+        img = img.crop((left, top, left + out_w, top + out_h))
+        with torch.no_grad():
+            frozen = self.vae.encode(_from_pil(img)[None, :, None].to(self.device))
+        frozen_mask = torch.ones_like(latents)
+        frozen_mask[:, :, 0] = 0
+        patch_h, patch_w = self.task.dit.patch_size[1:]
+        token_mask = frozen_mask[:, 0, :, ::patch_h, ::patch_w].flatten(1)
+        conditioning = _Conditioning(latents, token_mask=token_mask, frozen=frozen, frozen_mask=frozen_mask)
+        conditioning.latents = conditioning.fix_up(latents)
+        return conditioning
+
+    def _expert_for(self, t: int) -> Expert:
+        if not self.task.is_moe:
+            return Expert.ONLY
+        boundary = self.task.sample.boundary * self.task.sample.num_train_timesteps
+        return Expert.HIGH_NOISE if t >= boundary else Expert.LOW_NOISE
+
+    def sample(self, request: GenerationRequest | ResolvedRequest, embeddings: TextEmbeddings | None = None,
+               noise: Tensor | None = None, on_step: Callable[[StepInfo], None] | None = None) -> Tensor:
+        """Run the denoising loop; returns the final latents `[C, F, h, w]` (float32, CPU)."""
+        if isinstance(request, GenerationRequest):
+            request = request.resolved(self.task)
+        if embeddings is None:
+            embeddings = self.encode_text(request.prompt, request.negative_prompt)
+        conditioning = self._condition(request, noise)
+        scheduler = make_scheduler(request.solver, request.steps, request.shift,
+                                   self.task.sample.num_train_timesteps, device=self.device)
+        cond = embeddings.cond[None].to(self.device)
+        uncond = embeddings.uncond[None].to(self.device)
+        latents = conditioning.latents
+        autocast = torch.autocast(self.device.type, dtype=self.dit_dtype,
+                                  enabled=self.dit_dtype != torch.float32)
+        timesteps = scheduler.timesteps.tolist()
+        with torch.no_grad(), autocast:
+            for index, t in enumerate(timesteps):
+                expert = self._expert_for(t)
+                model = self.dit(expert)
+                scale = request.guide_scale[0 if expert is Expert.LOW_NOISE else 1]
+                timestep = conditioning.timestep(torch.tensor(t, device=self.device))
+                pred_cond = model(latents, timestep, cond, y=conditioning.y)
+                pred_uncond = model(latents, timestep, uncond, y=conditioning.y)
+                guided = pred_uncond + scale * (pred_cond - pred_uncond)
+                latents = conditioning.fix_up(scheduler.step(guided, t, latents))
+                if not torch.isfinite(latents).all():
+                    raise NonFiniteLatentsError(
+                        f"sampling diverged at step {index + 1}/{len(timesteps)} (t={t}): NaN/Inf "
+                        "in the latents; nothing was written. Try float32/bf16 instead of a "
+                        "quantized precision, or another seed")
+                if on_step is not None:
+                    on_step(StepInfo(index, len(timesteps), t, expert, scale))
+        return latents[0].float().cpu()
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents `[C, F, h, w]` -> video `[3, T, H, W]` in [-1, 1] (float32, CPU)."""
+        if not torch.isfinite(latents).all():
+            raise NonFiniteLatentsError("the latents contain NaN/Inf; refusing to decode")
+        with torch.no_grad():
+            return self.vae.decode(latents[None].to(self.device).float())[0].float().cpu()
