@@ -303,31 +303,19 @@ TINY_T5 = T5Config(vocab_size=256, dim=32, dim_attn=32, dim_ffn=64, num_heads=4,
                    num_buckets=32, text_len=16)
 TINY_WAN21_VAE = dataclasses.replace(WAN21_VAE, dim=8)
 TINY_WAN22_VAE = dataclasses.replace(WAN22_VAE, dim=8, dec_dim=12)
-_TINY_SIZES = ("64*64", "96*64")
-_register(TaskSpec(
-    name="tiny-t2v",
-    dit=DiTConfig(model_type=ModelType.T2V, in_dim=16, out_dim=16, **_TINY_DIT),
-    vae=TINY_WAN21_VAE, t5=TINY_T5, **_MOE_DIRS,
-    sample=SampleDefaults(shift=12.0, steps=6, boundary=0.875, guide_scale=(3.0, 4.0),
-                          sizes=_TINY_SIZES, frame_num=9,
-                          negative_prompt=OFFICIAL_NEGATIVE_PROMPT),
-))
-_register(TaskSpec(
-    name="tiny-i2v",
-    dit=DiTConfig(model_type=ModelType.I2V, in_dim=36, out_dim=16, **_TINY_DIT),
-    vae=TINY_WAN21_VAE, t5=TINY_T5, **_MOE_DIRS,
-    sample=SampleDefaults(shift=5.0, steps=6, boundary=0.900, guide_scale=(3.5, 3.5),
-                          sizes=_TINY_SIZES, frame_num=9,
-                          negative_prompt=OFFICIAL_NEGATIVE_PROMPT),
-))
-_register(TaskSpec(
-    name="tiny-ti2v",
-    dit=DiTConfig(model_type=ModelType.TI2V, in_dim=48, out_dim=48, **_TINY_DIT),
-    vae=TINY_WAN22_VAE, t5=TINY_T5, vae_checkpoint="Wan2.2_VAE.pth",
-    sample=SampleDefaults(shift=5.0, steps=6, guide_scale=(5.0, 5.0), frame_num=9, fps=24,
-                          sizes=("128*64", "64*128"),
-                          negative_prompt=OFFICIAL_NEGATIVE_PROMPT),
-))
+
+
+def _shrunk(name: str, full: str, tiny_vae: VAEConfig, sizes: tuple[str, ...]) -> TaskSpec:
+    """A tiny copy of an official task: same semantics and defaults, toy widths."""
+    spec = _TASKS[full]
+    return dataclasses.replace(
+        spec, name=name, dit=dataclasses.replace(spec.dit, **_TINY_DIT), vae=tiny_vae, t5=TINY_T5,
+        sample=dataclasses.replace(spec.sample, steps=6, frame_num=9, sizes=sizes))
+
+
+_register(_shrunk("tiny-t2v", "t2v-A14B", TINY_WAN21_VAE, ("64*64", "96*64")))
+_register(_shrunk("tiny-i2v", "i2v-A14B", TINY_WAN21_VAE, ("64*64", "96*64")))
+_register(_shrunk("tiny-ti2v", "ti2v-5B", TINY_WAN22_VAE, ("128*64", "64*128")))
 
 TASK_NAMES: tuple[str, ...] = tuple(_TASKS)
 
