@@ -17,19 +17,24 @@ MODULATION_STD = 0.3
 
 @torch.no_grad()
 def randomize_(module: nn.Module, seed: int, device: torch.device | str = "cpu") -> nn.Module:
-    """Materialise (from meta if needed) and fill every parameter; returns `module`."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    """Materialise (from meta if needed) on `device` and fill every parameter there.
+
+    The numbers depend on the seed and the device type (each has its own generator), which
+    keeps full-size random models fast to build on a GPU.
+    """
+    device = torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     if any(p.is_meta for p in module.parameters()):
         module.to_empty(device=device)
     for name, param in module.named_parameters():
+        values = torch.randn(param.shape, generator=generator, device=device)
         if "modulation" in name.split("."):
-            values = torch.randn(param.shape, generator=generator) * MODULATION_STD
+            values *= MODULATION_STD
         elif name.endswith("bias"):
-            values = torch.randn(param.shape, generator=generator) * 0.05
+            values *= 0.05
         elif param.dim() == 1:
-            values = 1 + torch.randn(param.shape, generator=generator) * 0.05
+            values = 1 + values * 0.05
         else:
-            fan_in = param[0].numel()
-            values = torch.randn(param.shape, generator=generator) / math.sqrt(fan_in)
+            values /= math.sqrt(param[0].numel())  # fan_in of a Linear/Conv weight
         param.copy_(values)
     return module
