@@ -20,9 +20,9 @@ from wanrt.models.vae import WanVAE
 from wanrt.random_weights import randomize_
 
 
-def measure(label: str, fn, repeats: int = 2) -> dict:
+def measure(label: str, fn, *args, repeats: int = 2) -> dict:
     """Peak memory above what was allocated before, and the fastest of `repeats` runs."""
-    fn()  # warm-up (cuDNN algorithm choice, allocator)
+    fn(*args)  # warm-up (cuDNN algorithm choice, allocator)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -30,7 +30,7 @@ def measure(label: str, fn, repeats: int = 2) -> dict:
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = fn()
+        out = fn(*args)
         end.record()
         end.synchronize()
         seconds.append(start.elapsed_time(end) / 1000)
@@ -59,7 +59,7 @@ def main() -> None:
         weights = sum(p.numel() * p.element_size() for p in t5.parameters())
         ids = torch.randint(3, UMT5_XXL.vocab_size, (2, UMT5_XXL.text_len), device="cuda")
         mask = torch.ones_like(ids)
-        results.append({**measure("umt5-xxl bf16, 2 prompts x 512 tokens", lambda: t5(ids, mask)),
+        results.append({**measure("umt5-xxl bf16, 2 prompts x 512 tokens", t5, ids, mask),
                         "weight_bytes": weights})
         del t5
         torch.cuda.empty_cache()
@@ -70,10 +70,10 @@ def main() -> None:
             vae = build(WanVAE, config, torch.float32)
             weights = sum(p.numel() * p.element_size() for p in vae.parameters())
             latents = torch.randn(latent_shape, device="cuda")
-            results.append({**measure(f"{label} decode", lambda: vae.decode(latents), repeats=1),
+            results.append({**measure(f"{label} decode", vae.decode, latents, repeats=1),
                             "weight_bytes": weights})
             video = torch.rand(pixels, device="cuda") * 2 - 1
-            results.append({**measure(f"{label} encode", lambda: vae.encode(video), repeats=1),
+            results.append({**measure(f"{label} encode", vae.encode, video, repeats=1),
                             "weight_bytes": weights})
             del vae, latents, video
             torch.cuda.empty_cache()

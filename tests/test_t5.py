@@ -18,12 +18,10 @@ from wanrt.errors import CheckpointError
 from wanrt.loading.diffusers_t5 import config_from_transformers, to_diffusers, to_official
 from wanrt.models.t5 import UMT5Encoder
 from wanrt.models.tokenizer import PromptTokenizer, clean_prompt
+from wanrt.demo import EOS_ID, PAD_ID, write_toy_tokenizer
 from wanrt.text_encoder import TextEncoder
 
 FIXTURES = Path(__file__).parent / "fixtures" / "t5"
-EOS_ID, PAD_ID = 1, 0
-# Words of the toy tokenizer; every id stays below TINY_T5's vocabulary of 256.
-TOY_WORDS = ("a", "b", "c", "&", "cat", "dog", "sat")
 
 
 def relative_tolerance(reference: torch.Tensor, scale: float) -> float:
@@ -50,25 +48,9 @@ def tiny_encoder(tiny_state_dict) -> UMT5Encoder:
 
 @pytest.fixture(scope="module")
 def toy_tokenizer_folder(tmp_path_factory) -> Path:
-    """A tiny sentencepiece-style (Unigram + Metaspace) tokenizer saved the way the
-    official `google/umt5-xxl/` folder is: pad 0, `</s>` 1 appended, unk 2."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    transformers = pytest.importorskip("transformers")
-    pieces = ["<pad>", "</s>", "<unk>", *("\u2581" + word for word in TOY_WORDS), ",", "\u2581"]
-    # Special tokens score 0; the rest get decreasing log-probabilities, whole words first.
-    vocab = [(piece, 0.0 if index < 3 else -float(index)) for index, piece in enumerate(pieces)]
-    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Metaspace()
-    backend.post_processor = processors.TemplateProcessing(
-        single="$A </s>", special_tokens=[("</s>", EOS_ID)])
-    hf_tokenizer = transformers.T5TokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        extra_ids=0)
-    folder = tmp_path_factory.mktemp("checkpoint") / "google" / "umt5-xxl"
-    hf_tokenizer.save_pretrained(folder)
-    return folder
+    """The demo's toy tokenizer, saved where the official checkpoint keeps its own."""
+    pytest.importorskip("transformers")
+    return write_toy_tokenizer(tmp_path_factory.mktemp("checkpoint") / "google" / "umt5-xxl")
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +118,11 @@ def test_shared_position_bias_is_one_table():
 
 
 def test_pads_to_text_len_with_mask(prompt_tokenizer):
-    ids, mask = prompt_tokenizer(["a b c", "cat sat"])
+    ids, mask = prompt_tokenizer(["cat dog on", "dog and"])
     assert ids.dtype == mask.dtype == torch.int64
     assert ids.shape == mask.shape == (2, TINY_T5.text_len)
-    assert ids[0, :4].tolist() == [3, 4, 5, EOS_ID]
+    words = prompt_tokenizer.hf_tokenizer.convert_tokens_to_ids(["\u2581cat", "\u2581dog", "\u2581on"])
+    assert ids[0, :4].tolist() == [*words, EOS_ID]
     assert ids[0, 4:].eq(PAD_ID).all() and mask[0].tolist() == [1] * 4 + [0] * 12
     assert mask[1].sum() == 3
 
@@ -192,7 +175,7 @@ def test_missing_or_unusable_folder_raises_checkpoint_error(tmp_path):
 
 
 def test_text_encoder_returns_valid_rows(prompt_tokenizer, tiny_encoder):
-    prompts = ["a b c", "dog " * 40]
+    prompts = ["cat dog on", "dog " * 40]
     embeddings = TextEncoder(prompt_tokenizer, tiny_encoder)(prompts)
     ids, mask = prompt_tokenizer(prompts)
     with torch.no_grad():

@@ -82,7 +82,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     require_file(path, what)
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: {what} is not valid JSON") from None
 
 
