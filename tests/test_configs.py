@@ -6,8 +6,14 @@ import dataclasses
 
 import pytest
 
-from wanrt.configs import (OFFICIAL_NEGATIVE_PROMPT, TASK_NAMES, DiTConfig, ModelType, get_task,
-                           parse_size)
+from wanrt.configs import (
+    OFFICIAL_NEGATIVE_PROMPT,
+    TASK_NAMES,
+    DiTConfig,
+    ModelType,
+    get_task,
+    parse_size,
+)
 from wanrt.errors import ConfigError
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import FIXTURES, assert_parity, load_fixture
+
 from wanrt.configs import get_task
 from wanrt.loading.checkpoint import load_dit
 from wanrt.models.dit import WanDiT, apply_rope, rope_tables, sinusoidal_embedding

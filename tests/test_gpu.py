@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import FIXTURES, assert_parity, load_fixture
+
 from wanrt.loading.checkpoint import load_dit
 
 pytestmark = [pytest.mark.gpu,

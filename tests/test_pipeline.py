@@ -9,14 +9,20 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import FIXTURES
+
 from wanrt.configs import get_task
 from wanrt.demo import write_tiny_checkpoint
 from wanrt.errors import InputError
 from wanrt.loading.checkpoint import Expert, load_dit, locate_checkpoint
-from wanrt.pipeline import (GenerationRequest, NonFiniteLatentsError, Pipeline, TextEmbeddings,
-                            best_output_size, i2v_latent_hw)
+from wanrt.pipeline import (
+    GenerationRequest,
+    NonFiniteLatentsError,
+    Pipeline,
+    TextEmbeddings,
+    best_output_size,
+    i2v_latent_hw,
+)
 from wanrt.schedulers import make_scheduler
 
 # The fixture experts were saved by the official code: text_dim 4096 (never in config.json).

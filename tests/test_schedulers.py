@@ -7,11 +7,16 @@ import json
 
 import pytest
 import torch
-
 from conftest import FIXTURES, assert_parity, load_fixture
+
 from wanrt.errors import InputError
-from wanrt.schedulers import (DPMPPScheduler, EulerScheduler, Solver, UniPCScheduler,
-                              make_scheduler)
+from wanrt.schedulers import (
+    DPMPPScheduler,
+    EulerScheduler,
+    Solver,
+    UniPCScheduler,
+    make_scheduler,
+)
 
 FIXTURE_NAMES = {Solver.UNIPC: "unipc", Solver.DPMPP: "dpmpp"}
 CASES = [(solver, case) for solver, name in FIXTURE_NAMES.items()

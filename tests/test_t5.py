@@ -11,14 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers_layout import transformers_umt5
 from safetensors.torch import load_file
 
 from wanrt.configs import TINY_T5, UMT5_XXL
+from wanrt.demo import EOS_ID, PAD_ID, write_toy_tokenizer
 from wanrt.errors import CheckpointError
-from wanrt.loading.diffusers_t5 import config_from_transformers, to_diffusers, to_official
+from wanrt.loading.diffusers_t5 import (
+    config_from_transformers,
+    to_diffusers,
+    to_official,
+)
 from wanrt.models.t5 import UMT5Encoder
 from wanrt.models.tokenizer import PromptTokenizer, clean_prompt
-from wanrt.demo import EOS_ID, PAD_ID, write_toy_tokenizer
 from wanrt.text_encoder import TextEncoder
 
 FIXTURES = Path(__file__).parent / "fixtures" / "t5"
@@ -192,14 +197,8 @@ def test_text_encoder_returns_valid_rows(prompt_tokenizer, tiny_encoder):
 def transformers_encoder(tmp_path_factory):
     """A random tiny transformers UMT5EncoderModel at TINY_T5's shape, saved to disk."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.UMT5Config(
-        vocab_size=TINY_T5.vocab_size, d_model=TINY_T5.dim,
-        d_kv=TINY_T5.dim_attn // TINY_T5.num_heads, d_ff=TINY_T5.dim_ffn,
-        num_heads=TINY_T5.num_heads, num_layers=TINY_T5.num_layers,
-        relative_attention_num_buckets=TINY_T5.num_buckets, relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu")
     torch.manual_seed(0)
-    model = transformers.UMT5EncoderModel(config).eval()
+    model = transformers_umt5(transformers, TINY_T5).eval()
     with torch.no_grad():
         # Distinct norm gains, so that swapping two norms in the key map would show.
         for name, parameter in model.named_parameters():

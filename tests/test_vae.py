@@ -12,10 +12,16 @@ import math
 
 import pytest
 import torch
+from conftest import FIXTURES, assert_parity, load_fixture
+from diffusers_layout import diffusers_vae_model
 from safetensors.torch import load_file
 
-from conftest import FIXTURES, assert_parity, load_fixture
-from wanrt.configs import TINY_WAN21_VAE, TINY_WAN22_VAE, WAN21_VAE, WAN22_VAE, VAEConfig
+from wanrt.configs import (
+    TINY_WAN21_VAE,
+    TINY_WAN22_VAE,
+    WAN21_VAE,
+    WAN22_VAE,
+)
 from wanrt.errors import CheckpointError, InputError
 from wanrt.loading import diffusers_vae
 from wanrt.models.vae import WanVAE
@@ -143,17 +149,6 @@ def test_encode_refuses_bad_frame_counts(tiny_models):
 
 # --- diffusers layout ---------------------------------------------------------------------
 
-def _diffusers_model(diffusers, config: VAEConfig):
-    wan22 = config.version.value == "2.2"
-    pixels = dict(is_residual=True, in_channels=12, out_channels=12, patch_size=2,
-                  scale_factor_spatial=16) if wan22 else {}
-    return diffusers.AutoencoderKLWan(
-        base_dim=config.dim, decoder_base_dim=config.dec_dim, z_dim=config.z_dim,
-        dim_mult=list(config.dim_mult), num_res_blocks=config.num_res_blocks,
-        temperal_downsample=list(config.temporal_downsample),
-        latents_mean=list(config.latent_mean), latents_std=list(config.latent_std), **pixels)
-
-
 @torch.no_grad()
 def _randomize(model: torch.nn.Module) -> None:
     """Random weights like the fixtures' (the default init leaves every gain at 1, which
@@ -171,7 +166,7 @@ def _randomize(model: torch.nn.Module) -> None:
 def test_diffusers_checkpoint_loads_and_matches_diffusers(tmp_path, name):
     diffusers = pytest.importorskip("diffusers")
     config = TINY[name][0]
-    reference = _diffusers_model(diffusers, config).eval()
+    reference = diffusers_vae_model(diffusers, config).eval()
     _randomize(reference)
     reference.save_pretrained(tmp_path)
 
@@ -203,7 +198,7 @@ def test_full_size_key_map_covers_diffusers_names(name):
     diffusers = pytest.importorskip("diffusers")
     with torch.device("meta"):
         ours = WanVAE(FULL[name]).state_dict()
-        theirs = _diffusers_model(diffusers, FULL[name]).state_dict()
+        theirs = diffusers_vae_model(diffusers, FULL[name]).state_dict()
     renamed = diffusers_vae.to_diffusers(ours)
     assert renamed.keys() == theirs.keys()
     assert all(renamed[key].shape == theirs[key].shape for key in theirs)

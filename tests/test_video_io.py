@@ -12,8 +12,15 @@ from PIL import Image
 
 from wanrt import video_io
 from wanrt.errors import InputError
-from wanrt.video_io import (NonFiniteError, OutputWriteError, frames_to_uint8, load_image, read_video,
-                            write_image, write_video)
+from wanrt.video_io import (
+    NonFiniteError,
+    OutputWriteError,
+    frames_to_uint8,
+    load_image,
+    read_video,
+    write_image,
+    write_video,
+)
 
 FPS = 16
 # H.264 at crf 18 with yuv420p (limited-range 8-bit, half-resolution chroma) on smooth
