@@ -1,0 +1,1 @@
+"""Runtime transforms applied to built models: block streaming, memory planning."""

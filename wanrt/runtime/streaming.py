@@ -1,0 +1,221 @@
+"""Run a model's repeated blocks from host memory through a few device buffers.
+
+`BlockStreamer` is a transform applied to built models from outside: each streamed block's
+tensors are packed into one flat host buffer (pinned when the host allows), and the device
+holds only `depth + 1` block-sized slots. While block i computes on the current stream, the
+next `depth` blocks of the execution order are copied into free slots on a side stream;
+CUDA events order the two streams (a slot is refilled only after the block that used it has
+finished, and a block runs only after its copy has landed). Nothing is allocated in the hot
+loop: the slots are allocated once and blocks are re-pointed at them (`param.data = view`).
+
+The execution order is given, not guessed: `expect(sequence)` lists the (model, block)
+pairs the next forwards will run, so prefetching crosses forward and MoE-expert boundaries
+(the incoming expert's first blocks are copied while the outgoing one finishes), and an
+expert that never appears in the order is never copied.
+
+On a CPU device the same bookkeeping runs with synchronous copies, which is what the
+equivalence tests exercise.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Hashable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+# Tensor views inside a slot start at multiples of this, so kernels see the same alignment
+# as for freshly allocated tensors (some CPU kernels pick their path by alignment).
+ALIGNMENT = 256
+
+
+def _aligned(offset: int) -> int:
+    return (offset + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+@dataclass(frozen=True)
+class _TensorSlot:
+    module: nn.Module
+    name: str
+    offset: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape.numel() * self.dtype.itemsize
+
+
+def block_layout(block: nn.Module) -> tuple[list[_TensorSlot], int]:
+    """Where each parameter/buffer of `block` lives in its flat byte buffer, and the size."""
+    layout, offset = [], 0
+    for module in block.modules():
+        tensors = [*module._parameters.items(), *module._buffers.items()]
+        for name, tensor in tensors:
+            if tensor is None:
+                continue
+            layout.append(_TensorSlot(module, name, offset, tensor.shape, tensor.dtype))
+            offset = _aligned(offset + tensor.numel() * tensor.element_size())
+    return layout, offset
+
+
+def _view(buffer: Tensor, entry: _TensorSlot) -> Tensor:
+    return buffer[entry.offset:entry.offset + entry.nbytes].view(entry.dtype).view(entry.shape)
+
+
+def _bind(layout: list[_TensorSlot], buffer: Tensor) -> None:
+    """Point every tensor of a block at its place in `buffer` (no copy)."""
+    for entry in layout:
+        getattr(entry.module, entry.name).data = _view(buffer, entry)
+
+
+class _StreamedBlock:
+    def __init__(self, key: Hashable, block: nn.Module, pin: bool) -> None:
+        self.key = key
+        self.layout, self.nbytes = block_layout(block)
+        host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
+        for entry in self.layout:
+            _view(host, entry).copy_(getattr(entry.module, entry.name).detach())
+        _bind(self.layout, host)
+        self.host = host
+
+
+class BlockStreamer:
+    """Streams the registered blocks of one or more models through `depth + 1` device slots.
+
+    `register(key, model)` takes over `model.<repeated_blocks>` except the first
+    `resident_blocks`, which move to the device for good. Block keys are `(key, index)`.
+    """
+
+    def __init__(self, device: torch.device | str, depth: int = 2, pin: bool | None = None) -> None:
+        if depth < 1:
+            raise ValueError("prefetch depth must be at least 1")
+        self.device = torch.device(device)
+        self.depth = depth
+        self.pin = self.device.type == "cuda" if pin is None else pin
+        self._blocks: dict[tuple[Hashable, int], _StreamedBlock] = {}
+        self._slots: list[Tensor] = []
+        self._slot_free: list[torch.cuda.Event | None] = []
+        self._loaded: dict[tuple[Hashable, int], int] = {}       # block -> slot holding it
+        self._copied: dict[tuple[Hashable, int], torch.cuda.Event | None] = {}
+        self._order: deque[tuple[Hashable, int]] = deque()
+        cuda = self.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.bytes_copied = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def register(self, key: Hashable, model: nn.Module, resident_blocks: int = 0) -> None:
+        """Stream `model`'s repeated blocks; move everything else to the device."""
+        blocks_name = getattr(model, "repeated_blocks", "blocks")
+        for name, child in model.named_children():
+            if name != blocks_name:
+                child.to(self.device)
+        for tensor in [*model._parameters.values(), *model._buffers.values()]:
+            tensor.data = tensor.data.to(self.device)
+        for index, block in enumerate(getattr(model, blocks_name)):
+            if index < resident_blocks:
+                block.to(self.device)
+                continue
+            streamed = _StreamedBlock((key, index), block, self.pin)
+            self._blocks[streamed.key] = streamed
+            block.register_forward_pre_hook(lambda _m, _a, k=streamed.key: self._before(k))
+            block.register_forward_hook(lambda _m, _a, _o, k=streamed.key: self._after(k))
+        slot_bytes = max((b.nbytes for b in self._blocks.values()), default=0)
+        if self._slots and slot_bytes > self._slots[0].numel():
+            raise ValueError("a block registered later is larger than the slots already allocated")
+        if not self._slots and self._blocks:
+            self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device)
+                           for _ in range(self.depth + 1)]
+            self._slot_free = [None] * len(self._slots)
+
+    def streamed_blocks(self, key: Hashable) -> list[int]:
+        return [index for (k, index) in self._blocks if k == key]
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._slots[0].numel() if self._slots else 0
+
+    # ------------------------------------------------------------------ schedule
+
+    def expect(self, sequence: Iterable[tuple[Hashable, int]]) -> None:
+        """Append the streamed blocks that the coming forwards will run, in order."""
+        self._order.extend(key for key in sequence if key in self._blocks)
+        self._prefetch()
+
+    def expect_forward(self, key: Hashable) -> None:
+        """The next forward runs every block of model `key` once."""
+        self.expect((key, index) for index in self.streamed_blocks(key))
+
+    def _prefetch(self) -> None:
+        """Start copies for the next `depth + 1` blocks in the order that are not loaded."""
+        for key in list(self._order)[:self.depth + 1]:
+            if key not in self._loaded:
+                slot = self._free_slot()
+                if slot is None:
+                    return
+                self._start_copy(key, slot)
+
+    def _free_slot(self) -> int | None:
+        busy = set(self._loaded.values())
+        needed = set(list(self._order)[:self.depth + 1])
+        for slot in range(len(self._slots)):
+            if slot not in busy:
+                return slot
+        # Evict a loaded block that is not among the next ones to run.
+        for key, slot in list(self._loaded.items()):
+            if key not in needed:
+                del self._loaded[key]
+                return slot
+        return None
+
+    def _start_copy(self, key: tuple[Hashable, int], slot: int) -> None:
+        block = self._blocks[key]
+        target = self._slots[slot][:block.nbytes]
+        if self._copy_stream is None:
+            target.copy_(block.host)
+            self._copied[key] = None
+        else:
+            with torch.cuda.stream(self._copy_stream):
+                # The slot's previous user must have finished computing before we overwrite it.
+                if self._slot_free[slot] is not None:
+                    self._copy_stream.wait_event(self._slot_free[slot])
+                target.copy_(block.host, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+            self._copied[key] = event
+        self._loaded[key] = slot
+        self.bytes_copied += block.nbytes
+
+    # ------------------------------------------------------------------ hooks
+
+    def _before(self, key: tuple[Hashable, int]) -> None:
+        if not self._order or self._order[0] != key:
+            # Not announced (or announced out of order): run it anyway, correctly, and
+            # realign the order so the prefetch stays useful.
+            if key in self._order:
+                while self._order[0] != key:
+                    self._order.popleft()
+            else:
+                self._order.appendleft(key)
+        # `key` heads the order, so this loads it if no earlier prefetch did.
+        self._prefetch()
+        slot = self._loaded[key]
+        event = self._copied.get(key)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+        _bind(self._blocks[key].layout, self._slots[slot])
+
+    def _after(self, key: tuple[Hashable, int]) -> None:
+        self._order.popleft()
+        slot = self._loaded.pop(key)
+        if self._copy_stream is not None:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            self._slot_free[slot] = done
+        # The block points at host memory again until its next turn, so nothing stale is
+        # ever read through it.
+        _bind(self._blocks[key].layout, self._blocks[key].host)
+        self._prefetch()
