@@ -44,7 +44,9 @@ def test_architecture_numbers():
     assert (five_b.in_dim, five_b.out_dim) == (48, 48)
     assert get_task("t2v-A14B").is_moe and not get_task("ti2v-5B").is_moe
     assert get_task("t2v-A14B").sample.negative_prompt == OFFICIAL_NEGATIVE_PROMPT
-    assert get_task("ti2v-5B").sample.sizes == ("704*1280", "1280*704")
+    assert get_task("ti2v-5B").sample.sizes == ("1280*704", "704*1280")
+    # The first size is the default, as the official CLI's --size 1280*720.
+    assert get_task("t2v-A14B").sample.sizes[0] == "1280*720"
 
 
 def test_configs_are_frozen():

@@ -235,7 +235,8 @@ WAN22_VAE = VAEConfig(version=VAEVersion.WAN2_2, dim=160, dec_dim=256, z_dim=48,
 UMT5_XXL = T5Config()
 
 _A14B = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
-_A14B_SIZES = ("720*1280", "1280*720", "480*832", "832*480")
+# The first size of a task is its default, as the official CLI's `--size 1280*720`.
+_A14B_SIZES = ("1280*720", "720*1280", "832*480", "480*832")
 _MOE_DIRS = dict(high_noise_subdir="high_noise_model", low_noise_subdir="low_noise_model")
 
 _TASKS: dict[str, TaskSpec] = {}
@@ -266,7 +267,7 @@ _register(TaskSpec(
                   num_heads=24, num_layers=30),
     vae=WAN22_VAE, t5=UMT5_XXL, vae_checkpoint="Wan2.2_VAE.pth",
     sample=SampleDefaults(shift=5.0, steps=50, guide_scale=(5.0, 5.0), frame_num=121, fps=24,
-                          sizes=("704*1280", "1280*704"),
+                          sizes=("1280*704", "704*1280"),
                           negative_prompt=OFFICIAL_NEGATIVE_PROMPT),
 ))
 _register(TaskSpec(
@@ -287,7 +288,7 @@ _register(TaskSpec(
     dit=DiTConfig(model_type=ModelType.ANIMATE, in_dim=36, out_dim=16, **_A14B),
     vae=WAN21_VAE, t5=UMT5_XXL,
     sample=SampleDefaults(shift=5.0, steps=20, guide_scale=(1.0, 1.0), frame_num=77, fps=30,
-                          sizes=("720*1280", "1280*720"),
+                          sizes=("1280*720", "720*1280"),
                           negative_prompt=OFFICIAL_NEGATIVE_PROMPT),
     extras=dict(clip_checkpoint="models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
                 clip_tokenizer="xlm-roberta-large", lora_checkpoint="relighting_lora.ckpt",

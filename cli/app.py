@@ -1,0 +1,40 @@
+"""The `wanrt` command: a Typer app whose subcommands live in their own modules.
+
+Every library error (`WanrtError`) becomes one line on stderr and exit code 2 here, in
+one place, so the subcommands just call the library and let typed errors propagate.
+"""
+
+from __future__ import annotations
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from wanrt.cli import decode, demo, generate
+from wanrt.errors import WanrtError
+
+USER_ERROR_EXIT_CODE = 2
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+class _WanrtGroup(TyperGroup):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except WanrtError as error:
+            click.echo(f"error: {one_line(str(error))}", err=True)
+            ctx.exit(USER_ERROR_EXIT_CODE)
+
+
+app = typer.Typer(cls=_WanrtGroup, name="wanrt", no_args_is_help=True, add_completion=False,
+                  help="Optimized runtime for the open Wan2.2 video diffusion models.")
+app.command("generate", no_args_is_help=True)(generate.generate_command)
+app.command("decode", no_args_is_help=True)(decode.decode_command)
+app.command("demo")(demo.demo_command)
+
+
+def main() -> None:
+    app(prog_name="wanrt")

@@ -1,0 +1,198 @@
+"""`wanrt generate`: parse the options, validate them before any model loads, then call
+`wanrt.generate.generate_video`.
+
+Every option has a wanrt spelling and, where the official Wan2.2 `generate.py` has one, the
+official name too (`--frame_num`, `--sample_steps`, `--base_seed`, ...), so official
+command lines run unchanged.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Mapping
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
+
+from wanrt.errors import InputError
+from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
+                            generate_video, generation_task, parse_device)
+from wanrt.pipeline import GenerationRequest, Pipeline, StepInfo
+from wanrt.video_io import load_image
+
+
+class Precision(str, Enum):
+    BF16 = "bf16"
+    FP32 = "fp32"
+
+
+_DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP32: torch.float32}
+# The official `str2bool` spellings.
+_TRUE_WORDS = ("yes", "true", "t", "y", "1")
+_FALSE_WORDS = ("no", "false", "f", "n", "0")
+
+
+def parse_guide_scale(text: str | None) -> float | tuple[float, float] | None:
+    """'5' applies to both experts; 'low,high' sets the low- and high-noise scales."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        return values[0]
+    if len(values) == 2:
+        return values
+    raise InputError(f"--guide-scale {text!r} must be one number or two as 'low,high' (e.g. 3.0,4.0)")
+
+
+def parse_official_bool(text: str, flag: str) -> bool:
+    if text.lower() in _TRUE_WORDS:
+        return True
+    if text.lower() in _FALSE_WORDS:
+        return False
+    raise InputError(f"{flag} {text!r} must be True or False")
+
+
+def load_image_option(path: Path | None) -> torch.Tensor | None:
+    if path is None:
+        return None
+    try:
+        return load_image(path)
+    except InputError as error:
+        raise InputError(f"--image: {error}") from None
+
+
+# ---------------------------------------------------------------------- display
+
+
+class _StepRateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.speed
+        if not speed:
+            return Text("-- it/s")
+        return Text(f"{speed:.2f} it/s" if speed >= 1 else f"{1 / speed:.1f} s/it")
+
+
+class RunDisplay:
+    """Sampling progress (step i/N, active expert, it/s, ETA) and phase lines on stderr.
+
+    The bar is drawn only on a terminal; redirected or captured output gets the phase
+    lines alone, and the result paths always go to stdout (`print_result`).
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.console = Console(stderr=True, soft_wrap=True, highlight=False)
+        self.progress = Progress(
+            TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[expert]}"),
+            _StepRateColumn(), TimeRemainingColumn(), console=self.console,
+            disable=not self.console.is_terminal)
+        self._task_id = self.progress.add_task("sampling", total=steps, expert="")
+
+    def __enter__(self) -> "RunDisplay":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.progress.stop()
+
+    def on_step(self, info: StepInfo) -> None:
+        self.progress.update(self._task_id, completed=info.index + 1,
+                             expert=f"{info.expert.value.replace('_', '-')} expert")
+
+    def on_decode(self) -> None:
+        self.progress.stop()
+        self.console.print("decoding the latents with the VAE and writing the video...", markup=False)
+
+
+def print_result(record: GenerationRecord) -> None:
+    typer.echo(f"video:   {record.video_path.absolute()}")
+    typer.echo(f"sidecar: {record.sidecar_path.absolute()}")
+    typer.echo(f"latents: {record.latents_path.absolute()}")
+    typer.echo(f"total:   {record.sidecar['timings_s']['total']:.1f} s")
+
+
+def run_generation(pipeline: Pipeline, request: GenerationRequest, output: Path,
+                   embedding_cache: EmbeddingCache | None, run_options: Mapping[str, Any]) -> GenerationRecord:
+    with RunDisplay(request.resolved(pipeline.task).steps) as display:
+        record = generate_video(pipeline, request, output, embedding_cache=embedding_cache,
+                                on_step=display.on_step, on_decode=display.on_decode,
+                                run_options=run_options)
+    print_result(record)
+    return record
+
+
+# ---------------------------------------------------------------------- command
+
+
+def generate_command(
+    prompt: Annotated[str | None, typer.Option("--prompt", help="What the video shows.")] = None,
+    ckpt_dir: Annotated[Path | None, typer.Option(
+        "--ckpt-dir", "--ckpt_dir", help="Checkpoint folder (official or diffusers layout).")] = None,
+    task: Annotated[str, typer.Option("--task", help="t2v-A14B, i2v-A14B, ti2v-5B or a tiny-* test task.")]
+    = "t2v-A14B",
+    size: Annotated[str | None, typer.Option(
+        "--size", help="WIDTH*HEIGHT, e.g. 1280*720 (default: the task's first size).")] = None,
+    frame_num: Annotated[int | None, typer.Option(
+        "--frame-num", "--frame_num", help="Frames, 4n+1 (default: the task's).")] = None,
+    image: Annotated[Path | None, typer.Option(
+        "--image", help="First frame for i2v (required) and ti2v (optional).")] = None,
+    negative_prompt: Annotated[str | None, typer.Option(
+        "--negative-prompt", help="Default: the official negative prompt.")] = None,
+    seed: Annotated[int, typer.Option(
+        "--seed", "--base-seed", "--base_seed", help="Noise seed; -1 draws one (recorded in the sidecar).")] = -1,
+    solver: Annotated[str | None, typer.Option(
+        "--solver", "--sample-solver", "--sample_solver", help="unipc, dpm++ or euler.")] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", "--sample-steps", "--sample_steps", help="Sampling steps (default: the task's).")] = None,
+    shift: Annotated[float | None, typer.Option(
+        "--shift", "--sample-shift", "--sample_shift", help="Flow-matching shift.")] = None,
+    guide_scale: Annotated[str | None, typer.Option(
+        "--guide-scale", "--sample-guide-scale", "--sample_guide_scale",
+        help="CFG scale: one number, or 'low,high' for the low- and high-noise experts.")] = None,
+    offload_model: Annotated[bool, typer.Option(
+        "--offload-model", help="Accepted for compatibility and recorded; wanrt manages memory itself.")] = False,
+    offload_model_official: Annotated[str | None, typer.Option(
+        "--offload_model", metavar="True|False", help="The official spelling, which takes a value.")] = None,
+    t5_cpu: Annotated[bool, typer.Option("--t5-cpu", "--t5_cpu", help="Run the text encoder on the CPU.")] = False,
+    convert_model_dtype: Annotated[bool, typer.Option(
+        "--convert-model-dtype", "--convert_model_dtype",
+        help="Accepted and recorded: wanrt always stores the DiT in the compute dtype.")] = False,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "--save-file", "--save_file", help="Output .mp4 (default: named after task, size, prompt, time).")]
+    = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if present).")]
+    = None,
+    dtype: Annotated[Precision | None, typer.Option(
+        "--dtype", help="DiT compute dtype (default: bf16 on GPU, fp32 on CPU).")] = None,
+    embedding_cache: Annotated[Path | None, typer.Option(
+        "--embedding-cache", help="Prompt-embedding cache folder (default: $WANRT_CACHE_DIR/embeddings).")] = None,
+    no_embedding_cache: Annotated[bool, typer.Option(
+        "--no-embedding-cache", help="Always run the text encoder.")] = False,
+) -> None:
+    """Generate a video from a prompt (and an image for i2v/ti2v)."""
+    spec = generation_task(task)
+    if not prompt:
+        raise InputError("--prompt is required")
+    if ckpt_dir is None:
+        raise InputError("--ckpt-dir is required: the folder of the downloaded checkpoint")
+    request = GenerationRequest(
+        prompt=prompt, size=size, frame_num=frame_num, steps=steps, shift=shift,
+        guide_scale=parse_guide_scale(guide_scale), solver=solver or spec.sample.solver, seed=seed,
+        negative_prompt=negative_prompt, image=load_image_option(image))
+    resolved = request.resolved(spec)  # validates every sampling option before anything loads
+    target = check_output_path(output or default_output_path(spec, resolved))
+    offload = (parse_official_bool(offload_model_official, "--offload_model")
+               if offload_model_official is not None else offload_model or None)
+    pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=parse_device(device),
+                                        dtype=_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu)
+    cache = None if no_embedding_cache else EmbeddingCache(embedding_cache)
+    run_generation(pipeline, request, target, cache,
+                   run_options={"offload_model": offload, "convert_model_dtype": convert_model_dtype,
+                                "image_path": str(image.absolute()) if image else None})

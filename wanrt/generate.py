@@ -1,0 +1,383 @@
+"""One generation run, start to finish: prompt -> latents file -> mp4 -> JSON sidecar.
+
+The final latents are saved before the VAE runs, so a decode that fails (out of memory, a
+full disk) costs only the decode: `decode_latents` (`wanrt decode`) finishes the run from
+that file. The sidecar records everything needed to reproduce or audit a video: versions,
+device, resolved settings, checkpoint hashes, timings and peak memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import secrets
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+import wanrt
+from wanrt.configs import TASK_NAMES, ModelType, TaskSpec, get_task
+from wanrt.errors import InputError, WanrtError
+from wanrt.hashing import cache_root, file_sha256, files_under, tree_sha256
+from wanrt.loading.checkpoint import CheckpointFiles
+from wanrt.loading.files import safetensors_shards
+from wanrt.loading.save import DIT_WEIGHTS_STEM, write_atomic, write_json
+from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
+from wanrt.video_io import VideoInfo, write_video
+
+LATENTS_SUFFIX = ".latents.safetensors"
+LATENTS_FORMAT = "wanrt-latents/1"
+_LATENTS_KEY = "latents"
+_EMBEDDING_KEY = "embedding"
+# The official CLI draws random seeds up to sys.maxsize; torch generators take < 2**64.
+_MAX_SEED = sys.maxsize
+# Model types whose sampling `Pipeline` implements (s2v and animate are not yet).
+_GENERATION_MODEL_TYPES = (ModelType.T2V, ModelType.I2V, ModelType.TI2V)
+
+
+class DecodeFailedError(WanrtError):
+    """Sampling finished and its latents are saved, but decoding or writing the video failed."""
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    video_path: Path
+    sidecar_path: Path
+    latents_path: Path
+    video_info: VideoInfo
+    sidecar: Mapping[str, Any]  # what the sidecar file holds
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def generation_tasks() -> tuple[str, ...]:
+    return tuple(name for name in TASK_NAMES if get_task(name).dit.model_type in _GENERATION_MODEL_TYPES)
+
+
+def generation_task(name: str) -> TaskSpec:
+    """The task for `--task`, refusing names that do not exist or cannot be sampled yet."""
+    if name not in generation_tasks():
+        raise InputError(f"--task {name!r} is not available; choose one of {', '.join(generation_tasks())}")
+    return get_task(name)
+
+
+def parse_device(name: str | None) -> torch.device | None:
+    """`--device` as a torch device, checked to exist (None: the pipeline's default)."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name!r} is not supported; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= available:
+            raise InputError(f"--device {name}: this machine has {available} usable CUDA GPU(s); "
+                             "use --device cpu or another index")
+    return device
+
+
+def check_output_path(output: Path) -> Path:
+    """Refuse an output the run could not write, before hours of sampling."""
+    output = Path(output)
+    if output.suffix.lower() != ".mp4":
+        raise InputError(f"--output {output} must end in .mp4 (wanrt writes H.264 mp4 files)")
+    if output.is_dir():
+        raise InputError(f"--output {output} is a directory; give a file name ending in .mp4")
+    # The folder may not exist yet (it is created); its nearest existing ancestor decides.
+    folder = output.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"--output {output}: {folder} is not a writable folder")
+    return output
+
+
+def default_output_path(task: TaskSpec, request: ResolvedRequest, now: datetime | None = None) -> Path:
+    """The official naming, `<task>_<size>_<prompt[:50]>_<time>.mp4`, in the working folder."""
+    prompt = request.prompt.replace(" ", "_").replace("/", "_")[:50]
+    stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
+    # 'x' rather than the official '*': a '*' in a file name trips up shells and Windows.
+    return Path(f"{task.name}_{request.size.replace('*', 'x')}_{prompt}_{stamp}.mp4")
+
+
+def latents_path_for(output: Path) -> Path:
+    return Path(output).with_suffix(LATENTS_SUFFIX)
+
+
+def sidecar_path_for(output: Path) -> Path:
+    return Path(output).with_suffix(".json")
+
+
+# ---------------------------------------------------------------------- embedding cache
+
+
+class EmbeddingCache:
+    """Prompt embeddings on disk, so repeated prompts never load the 11 GB T5 encoder.
+
+    The key covers everything the embedding depends on: the tokenizer files, the T5
+    weights, the text length, the encoder's dtype and the prompt. Only file hashes are
+    computed (memoised), so a lookup never loads T5.
+    """
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else cache_root() / "embeddings"
+
+    def _path(self, pipeline: Pipeline, prompt: str) -> Path:
+        files = pipeline.files
+        if files is None:
+            raise InputError("the embedding cache needs a pipeline with a checkpoint folder")
+        parts = ("wanrt-embedding/1", tree_sha256(files.tokenizer), tree_sha256(files.t5),
+                 str(pipeline.task.t5.text_len), str(pipeline.text_dtype), prompt)
+        key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
+        return self.folder / f"{key}.safetensors"
+
+    def get(self, pipeline: Pipeline, prompt: str) -> Tensor | None:
+        try:
+            return load_file(str(self._path(pipeline, prompt)))[_EMBEDDING_KEY]
+        except (SafetensorError, OSError, KeyError):
+            return None  # absent, or damaged (then `put` overwrites it)
+
+    def put(self, pipeline: Pipeline, prompt: str, embedding: Tensor) -> None:
+        tensor = embedding.detach().float().cpu().contiguous()
+        try:
+            write_atomic(self._path(pipeline, prompt),
+                         lambda tmp: save_file({_EMBEDDING_KEY: tensor}, str(tmp)))
+        except OSError:
+            pass  # an unwritable cache only costs the next run a T5 load; the run goes on
+
+
+def _text_embeddings(pipeline: Pipeline, request: ResolvedRequest,
+                     cache: EmbeddingCache | None) -> tuple[TextEmbeddings, str]:
+    """The prompt pair's embeddings and how they were obtained: 'hit', 'miss' or 'off'."""
+    if cache is None:
+        return pipeline.encode_text(request.prompt, request.negative_prompt), "off"
+    cond = cache.get(pipeline, request.prompt)
+    uncond = cache.get(pipeline, request.negative_prompt)
+    if cond is not None and uncond is not None:
+        return TextEmbeddings(cond, uncond), "hit"
+    embeddings = pipeline.encode_text(request.prompt, request.negative_prompt)
+    cache.put(pipeline, request.prompt, embeddings.cond)
+    cache.put(pipeline, request.negative_prompt, embeddings.uncond)
+    return embeddings, "miss"
+
+
+# ---------------------------------------------------------------------- record parts
+
+
+class _ExpertTimer:
+    """Wall time per expert, measured between step callbacks (the first interval also holds
+    the conditioning and the expert's load, which `load_seconds` reports on its own)."""
+
+    def __init__(self, forward: Callable[[StepInfo], None] | None) -> None:
+        self.forward = forward
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._last = time.perf_counter()
+
+    def __call__(self, info: StepInfo) -> None:
+        now = time.perf_counter()
+        self.seconds[info.expert.value] += now - self._last
+        self._last = now
+        if self.forward is not None:
+            self.forward(info)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _host_peak_rss_bytes() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def _peak_memory(device: torch.device) -> dict[str, int | None]:
+    cuda = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"cuda_max_allocated_bytes": cuda, "host_peak_rss_bytes": _host_peak_rss_bytes()}
+
+
+def checkpoint_files_used(files: CheckpointFiles) -> list[Path]:
+    """The files a generation reads: DiT configs and shards, VAE, T5 and tokenizer."""
+    used: list[Path] = []
+    for folder in files.dit_dirs.values():
+        index = folder / f"{DIT_WEIGHTS_STEM}.safetensors.index.json"
+        used += [folder / "config.json", *([index] if index.is_file() else []),
+                 *safetensors_shards(folder, DIT_WEIGHTS_STEM)]
+    for component in (files.vae, files.t5, files.tokenizer):
+        used += files_under(component)
+    return used
+
+
+def _checkpoint_record(files: CheckpointFiles) -> dict[str, Any]:
+    root = files.root.resolve()
+
+    def name(path: Path) -> str:
+        resolved = path.resolve()
+        return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else str(resolved)
+    return {"folder": str(root), "layout": files.layout.value,
+            "sha256": {name(path): file_sha256(path) for path in checkpoint_files_used(files)}}
+
+
+def _image_record(image: Tensor | None) -> dict[str, Any] | None:
+    """Size and pixel digest of the conditioning image, to tell which image a video used."""
+    if image is None:
+        return None
+    pixels = image.detach().float().cpu().contiguous()
+    return {"width": pixels.shape[2], "height": pixels.shape[1],
+            "float32_sha256": hashlib.sha256(pixels.numpy().tobytes()).hexdigest()}
+
+
+def _video_record(info: VideoInfo) -> dict[str, Any]:
+    return {**dataclasses.asdict(info), "path": str(info.path)}
+
+
+# ---------------------------------------------------------------------- latents file
+
+
+def save_latents(path: Path, latents: Tensor, task: str, ckpt_dir: Path, sidecar: Mapping[str, Any]) -> None:
+    """Final latents plus what `decode_latents` needs to finish the run (the partial sidecar)."""
+    metadata = {"format": LATENTS_FORMAT, "task": task, "ckpt_dir": str(ckpt_dir),
+                "sidecar": json.dumps(sidecar, ensure_ascii=False)}
+    tensor = latents.detach().float().cpu().contiguous()
+    write_atomic(Path(path), lambda tmp: save_file({_LATENTS_KEY: tensor}, str(tmp), metadata=metadata))
+
+
+def read_latents(path: Path) -> tuple[Tensor, dict[str, str]]:
+    """Latents `[C, F, h, w]` and the metadata written by `save_latents`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"latents file {path} does not exist; pass the .latents.safetensors "
+                         "file written next to the video")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            latents = handle.get_tensor(_LATENTS_KEY)
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"{path} is not a readable wanrt latents file ({error})") from None
+    if metadata.get("format") != LATENTS_FORMAT or not {"task", "ckpt_dir", "sidecar"} <= set(metadata):
+        raise InputError(f"{path} was not written by `wanrt generate` (no {LATENTS_FORMAT} metadata)")
+    return latents, metadata
+
+
+# ---------------------------------------------------------------------- runs
+
+
+def generate_video(pipeline: Pipeline, request: GenerationRequest, output: Path, *,
+                   embedding_cache: EmbeddingCache | None,
+                   on_step: Callable[[StepInfo], None] | None = None,
+                   on_decode: Callable[[], None] | None = None,
+                   run_options: Mapping[str, Any] | None = None) -> GenerationRecord:
+    """Sample, save the latents, decode, write `output` (mp4) and its JSON sidecar.
+
+    A negative seed draws a random one (as the official CLI), recorded in the sidecar.
+    `run_options` are extra settings to record under "options" (e.g. the official
+    `offload_model`, the image path).
+    Raises `NonFiniteLatentsError` with nothing written if sampling diverges, and
+    `DecodeFailedError` naming the saved latents if decoding or writing fails.
+    """
+    started = time.perf_counter()
+    output = check_output_path(output)
+    seed_was_random = request.seed < 0
+    seed = secrets.randbelow(sys.maxsize + 1) if seed_was_random else request.seed
+    if seed > _MAX_SEED:
+        raise InputError(f"--seed {seed} is too large; use 0..{_MAX_SEED}, or -1 for a random one")
+    resolved = dataclasses.replace(request, seed=seed).resolved(pipeline.task)
+    if pipeline.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pipeline.device)
+
+    text_start = time.perf_counter()
+    embeddings, cache_state = _text_embeddings(pipeline, resolved, embedding_cache)
+    text_seconds = time.perf_counter() - text_start
+    expert_timer = _ExpertTimer(on_step)
+    latents = pipeline.sample(resolved, embeddings, on_step=expert_timer)
+
+    hash_start = time.perf_counter()
+    checkpoint = _checkpoint_record(pipeline.files)
+    sidecar: dict[str, Any] = {
+        "wanrt_version": wanrt.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": _device_name(pipeline.device),
+        "task": pipeline.task.name,
+        "settings": resolved.settings(),
+        "seed": seed,
+        "seed_was_random": seed_was_random,
+        "runtime": {"device": str(pipeline.device), "dit_dtype": str(pipeline.dit_dtype).removeprefix("torch."),
+                    "text_device": str(pipeline.text_device), "embedding_cache": cache_state},
+        "options": dict(run_options or {}),
+        "image": _image_record(resolved.image),
+        "checkpoint": checkpoint,
+        "timings_s": {"text_encoding": text_seconds, "sampling": dict(expert_timer.seconds),
+                      "hashing": time.perf_counter() - hash_start},
+    }
+    latents_path = latents_path_for(output)
+    save_latents(latents_path, latents, pipeline.task.name, pipeline.files.root.resolve(), sidecar)
+    return _decode_and_write(pipeline, latents, output, latents_path, sidecar, started, on_decode)
+
+
+def decode_latents(latents_path: Path, output: Path | None = None, ckpt_dir: Path | None = None,
+                   device: str | torch.device | None = None,
+                   on_decode: Callable[[], None] | None = None) -> GenerationRecord:
+    """Finish a run from its latents file: decode, write the mp4 (default: the latents'
+    name with `.mp4`) and the sidecar. The checkpoint folder defaults to the run's."""
+    started = time.perf_counter()
+    latents_path = Path(latents_path)
+    latents, metadata = read_latents(latents_path)
+    if output is None:
+        name = latents_path.name.removesuffix(LATENTS_SUFFIX)
+        output = latents_path.with_name(name).with_suffix(".mp4")
+    output = check_output_path(output)
+    pipeline = Pipeline.from_pretrained(ckpt_dir or metadata["ckpt_dir"], metadata["task"], device=device)
+    sidecar = json.loads(metadata["sidecar"])
+    sidecar["decode_run"] = {"ckpt_dir": str(pipeline.files.root.resolve()),
+                             "device": _device_name(pipeline.device),
+                             "vae_sha256": tree_sha256(pipeline.files.vae)}
+    return _decode_and_write(pipeline, latents, output, latents_path, sidecar, started, on_decode)
+
+
+def _decode_and_write(pipeline: Pipeline, latents: Tensor, output: Path, latents_path: Path,
+                      sidecar: dict[str, Any], started: float,
+                      on_decode: Callable[[], None] | None) -> GenerationRecord:
+    timings = sidecar["timings_s"]
+    sidecar_path = sidecar_path_for(output)
+    try:
+        if on_decode is not None:
+            on_decode()
+        decode_start = time.perf_counter()
+        video = pipeline.decode(latents)
+        timings["decode"] = time.perf_counter() - decode_start
+        write_start = time.perf_counter()
+        info = write_video(video, output, fps=pipeline.task.sample.fps)
+        timings["write_video"] = time.perf_counter() - write_start
+        # Loads of an earlier run (sampling, when this is `wanrt decode`) are kept.
+        timings["load"] = {**timings.get("load", {}), **pipeline.load_seconds}
+        timings["total"] = time.perf_counter() - started
+        sidecar.update(peak_memory=_peak_memory(pipeline.device), latents=str(latents_path),
+                       video=_video_record(info))
+        write_json(sidecar_path, sidecar)
+    # Whatever failed (VAE out of memory, full disk, a codec error), the sampled latents
+    # are safe on disk: say how to finish instead of losing the run.
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DecodeFailedError(f"decoding to {output} failed ({reason}); the sampled latents are saved, "
+                                f"finish with: wanrt decode {latents_path}") from error
+    return GenerationRecord(output, sidecar_path, latents_path, info, sidecar)
