@@ -1,0 +1,84 @@
+"""The memory planner's numbers for the real configs against hand-computed byte counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from wanrt.configs import get_task
+from wanrt.errors import InputError
+from wanrt.runtime.planner import GIB, Precision, dit_bytes, make_plan, require_fit, token_grid
+
+
+def _hand_counted_block(dim: int, ffn: int, weight_bytes: int, scales: bool) -> int:
+    linear_weights = 8 * dim * dim + 2 * dim * ffn          # self/cross q,k,v,o + FFN in/out
+    out_channels = 9 * dim + ffn                               # one scale per output channel
+    biases = 8 * dim + ffn + dim                               # bf16
+    norms = 4 * dim + 2 * dim                                  # qk-norm gains + norm3 affine, bf16
+    modulation = 6 * dim * 4                                   # float32
+    return (linear_weights * weight_bytes + (out_channels * 4 if scales else 0)
+            + (biases + norms) * 2 + modulation)
+
+
+def test_a14b_block_bytes_match_hand_count_and_the_measured_slot():
+    bf16 = dit_bytes(get_task("t2v-A14B").dit, Precision.BF16)
+    assert bf16.block == _hand_counted_block(5120, 13824, 2, scales=False) == 702_850_048
+    # stream_bench measured the same slot size on the H100 (benchmarks/results/stream_h100.json).
+    fp8 = dit_bytes(get_task("t2v-A14B").dit, Precision.FP8)
+    assert fp8.block == _hand_counted_block(5120, 13824, 1, scales=True)
+    assert bf16.num_blocks == 40
+
+
+def test_a14b_non_block_bytes_match_hand_count():
+    dim = 5120
+    bf16_parts = (16 * 4 * dim + dim) + (4096 * dim + dim + dim * dim + dim)   # patch, text MLP
+    fp32_parts = ((256 * dim + dim + dim * dim + dim)                         # time MLP
+                  + (dim * 6 * dim + 6 * dim)                                 # time projection
+                  + (dim * 64 + 64 + 2 * dim))                                # head + modulation
+    assert dit_bytes(get_task("t2v-A14B").dit, Precision.BF16).other == bf16_parts * 2 + fp32_parts * 4
+
+
+def test_5b_block_bytes():
+    assert dit_bytes(get_task("ti2v-5B").dit, Precision.BF16).block == _hand_counted_block(3072, 14336, 2, False)
+
+
+def test_token_grids():
+    assert token_grid(get_task("t2v-A14B"), "832*480", 81) == (21, 30, 52)      # 32,760 tokens
+    assert token_grid(get_task("t2v-A14B"), "1280*720", 81) == (21, 45, 80)     # 75,600
+    assert token_grid(get_task("ti2v-5B"), "1280*704", 121) == (31, 22, 40)     # 27,280
+
+
+def test_a14b_480p_bf16_in_24_gib_streams_and_fits():
+    plan = make_plan(get_task("t2v-A14B"), "832*480", 81, "bf16", vram_gib=24, ram_gib=64)
+    assert plan.fits and plan.streaming
+    assert plan.peak_vram_sampling <= 24 * GIB and plan.peak_vram_decode <= 24 * GIB
+    # Every streamed block crosses PCIe twice per step (cond and uncond forwards).
+    assert plan.bytes_per_step == 2 * plan.streamed_blocks * 702_850_048
+    assert plan.resident_blocks + plan.streamed_blocks == 40
+    # The block activations at 32,760 tokens were measured at 4.06 GB on the H100.
+    block_peak = plan.activation_bytes - 32760 * 5120 * 4
+    assert abs(block_peak - 4.06e9) / 4.06e9 < 0.05
+    assert "fits" in plan.lines()[-1]
+
+
+def test_plenty_of_vram_keeps_everything_resident():
+    plan = make_plan(get_task("ti2v-5B"), "1280*704", 121, "bf16", vram_gib=80, ram_gib=128)
+    assert plan.fits and not plan.streaming and plan.bytes_per_step == 0
+
+
+def test_tight_ram_pins_partially_and_says_so():
+    plan = make_plan(get_task("t2v-A14B"), "832*480", 81, "bf16", vram_gib=16, ram_gib=64)
+    assert plan.fits
+    assert plan.streaming and 0 < plan.pinned_bytes < 2 * plan.streamed_blocks * plan.block_bytes
+    assert plan.pinned_bytes == int(0.6 * 64 * GIB)
+    assert any("partial pinning" in note for note in plan.notes)
+
+
+def test_impossible_plan_is_refused_with_a_remedy():
+    plan = make_plan(get_task("t2v-A14B"), "1280*720", 81, "bf16", vram_gib=8, ram_gib=64)
+    assert not plan.fits
+    with pytest.raises(InputError, match="does not fit the budget: sampling needs .* try --precision fp8"):
+        require_fit(plan)
+    # The VAE decode does not depend on the DiT precision: only a smaller video helps.
+    decode_bound = make_plan(get_task("t2v-A14B"), "1280*720", 81, "fp8", vram_gib=24, ram_gib=64)
+    assert not decode_bound.fits
+    assert decode_bound.notes[-1].endswith("try a smaller --size or fewer --frame-num")
