@@ -13,6 +13,7 @@ Noise is drawn from a CPU generator so a seed gives the same video on any device
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from wanrt.errors import InputError, WanrtError
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
                                       load_t5, load_vae, locate_checkpoint)
 from wanrt.models.dit import WanDiT
+from wanrt.runtime.planner import MemoryPlan, make_plan, require_fit
+from wanrt.runtime.streaming import BlockStreamer
 from wanrt.schedulers import Solver, make_scheduler
 
 
@@ -109,6 +112,27 @@ class ResolvedRequest:
 class TextEmbeddings:
     cond: Tensor    # [L_cond, text_dim], trimmed to the prompt's tokens
     uncond: Tensor  # [L_uncond, text_dim]
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    vram_gib: float
+    ram_gib: float
+
+    @classmethod
+    def detect(cls, device: torch.device, vram_gib: float | None, ram_gib: float | None) -> "MemoryBudget":
+        """What the user gave, else what the device and the host have."""
+        if vram_gib is None:
+            vram_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        if ram_gib is None:
+            ram_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        return cls(vram_gib, ram_gib)
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    resident_blocks: int
+    depth: int = 2
 
 
 @dataclass(frozen=True)
@@ -197,28 +221,41 @@ class Pipeline:
 
     def __init__(self, task: TaskSpec, files: CheckpointFiles | None, device: torch.device,
                  dit_dtype: torch.dtype, text_device: torch.device | None = None,
-                 text_dtype: torch.dtype | None = None) -> None:
+                 text_dtype: torch.dtype | None = None, memory: MemoryBudget | None = None,
+                 streaming: StreamingConfig | None = None) -> None:
         self.task = task
         self.files = files
         self.device = device
         self.dit_dtype = dit_dtype
         self.text_device = text_device or device
         self.text_dtype = text_dtype or dit_dtype
+        # A budget makes the first `sample` plan the run (and stream blocks if needed);
+        # an explicit `streaming` config skips the planner (tests, benchmarks).
+        self.memory = memory
+        self.streaming = streaming
+        self.plan: MemoryPlan | None = None
+        self._streamer: BlockStreamer | None = None
         self._experts: dict[Expert, WanDiT] = {}
+        self._active_expert: Expert | None = None
         self._text_encoder = None
         self._vae = None
         self.load_seconds: dict[str, float] = {}
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | Path, task: str, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, t5_cpu: bool = False) -> "Pipeline":
+                        dtype: torch.dtype | None = None, t5_cpu: bool = False,
+                        vram_gib: float | None = None, ram_gib: float | None = None) -> "Pipeline":
+        """On a GPU the run is planned within `vram_gib`/`ram_gib` (default: what the
+        machine has), streaming DiT blocks when the experts do not fit."""
         spec = get_task(task)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # bf16 on GPUs as the official code; float32 on the CPU, where bf16 is slow and the
         # tests compare against float32 references.
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         text_device = torch.device("cpu") if t5_cpu else device
-        return cls(spec, locate_checkpoint(Path(ckpt_dir), spec), device, dtype, text_device)
+        memory = MemoryBudget.detect(device, vram_gib, ram_gib) if device.type == "cuda" else None
+        return cls(spec, locate_checkpoint(Path(ckpt_dir), spec), device, dtype, text_device,
+                   memory=memory)
 
     # ------------------------------------------------------------------ components
 
@@ -233,14 +270,47 @@ class Pipeline:
             raise InputError("this pipeline has no checkpoint folder; pass ckpt_dir")
         return self.files
 
-    def dit(self, expert: Expert) -> WanDiT:
+    def _load_expert(self, expert: Expert) -> WanDiT:
+        """Load to host memory; with streaming, hand the blocks to the streamer."""
         if expert not in self._experts:
             folder = self._require_files().dit_dirs[expert]
             model = self._timed_load(f"dit_{expert.value}", lambda: load_dit(
                 folder, expect=self.task.dit, dtype=self.dit_dtype))
             check_dit_matches_vae(model.config, self.task.vae, str(folder))
-            self._experts[expert] = model.to(self.device)
+            if self.streaming is not None:
+                if self._streamer is None:
+                    self._streamer = BlockStreamer(self.device, depth=self.streaming.depth)
+                self._streamer.register(expert, model, resident_blocks=self.streaming.resident_blocks)
+            self._experts[expert] = model
         return self._experts[expert]
+
+    def _place(self, expert: Expert, device: torch.device | str) -> None:
+        """Move what of `expert` is not streamed (all of it without streaming)."""
+        if self._streamer is not None:
+            self._streamer.move_resident(expert, device)
+        else:
+            self._experts[expert].to(device)
+
+    def dit(self, expert: Expert) -> WanDiT:
+        """The expert, ready to run: only one expert's resident weights are on the device
+        at a time (the MoE swap happens here, once per run at the boundary)."""
+        model = self._load_expert(expert)
+        if self._active_expert is not expert:
+            if self._active_expert is not None:
+                self._place(self._active_expert, "cpu")
+            self._place(expert, self.device)
+            self._active_expert = expert
+        return model
+
+    def offload_dit(self) -> None:
+        """Give the device memory of the DiT back (before the VAE decode)."""
+        if self._active_expert is not None:
+            self._place(self._active_expert, "cpu")
+            self._active_expert = None
+        if self._streamer is not None:
+            self._streamer.release()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def text_encoder(self):
@@ -251,7 +321,8 @@ class Pipeline:
             files = self._require_files()
             tokenizer = PromptTokenizer.from_folder(files.tokenizer, text_len=self.task.t5.text_len)
             encoder = self._timed_load("t5", lambda: load_t5(files.t5, self.task.t5, dtype=self.text_dtype))
-            self._text_encoder = TextEncoder(tokenizer, encoder.to(self.text_device))
+            # Kept in host memory; `encode_text` brings it to `text_device` only to encode.
+            self._text_encoder = TextEncoder(tokenizer, encoder)
         return self._text_encoder
 
     @property
@@ -266,7 +337,14 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
 
     def encode_text(self, prompt: str, negative_prompt: str) -> TextEmbeddings:
-        cond, uncond = self.text_encoder([prompt, negative_prompt])
+        """Both prompts in one batch. A GPU-resident T5 goes back to the host right after,
+        so it never holds device memory during sampling."""
+        encoder = self.text_encoder
+        encoder.encoder.to(self.text_device)
+        cond, uncond = encoder([prompt, negative_prompt])
+        if self.text_device.type == "cuda":
+            encoder.encoder.to("cpu")
+            torch.cuda.empty_cache()
         return TextEmbeddings(cond.float().cpu(), uncond.float().cpu())
 
     def _latent_grid(self, request: ResolvedRequest) -> tuple[int, int, int]:
@@ -343,6 +421,8 @@ class Pipeline:
             request = request.resolved(self.task)
         if embeddings is None:
             embeddings = self.encode_text(request.prompt, request.negative_prompt)
+        if self.memory is not None and self.plan is None:
+            self._plan_for(request)
         conditioning = self._condition(request, noise)
         scheduler = make_scheduler(request.solver, request.steps, request.shift,
                                    self.task.sample.num_train_timesteps, device=self.device)
@@ -352,9 +432,16 @@ class Pipeline:
         autocast = torch.autocast(self.device.type, dtype=self.dit_dtype,
                                   enabled=self.dit_dtype != torch.float32)
         timesteps = scheduler.timesteps.tolist()
+        experts = [self._expert_for(t) for t in timesteps]
+        for expert in dict.fromkeys(experts):
+            self._load_expert(expert)
+        if self._streamer is not None:
+            # The whole run's block order, so prefetching crosses forwards and the boundary.
+            for expert in experts:
+                self._streamer.expect_forward(expert)  # cond
+                self._streamer.expect_forward(expert)  # uncond
         with torch.no_grad(), autocast:
-            for index, t in enumerate(timesteps):
-                expert = self._expert_for(t)
+            for index, (t, expert) in enumerate(zip(timesteps, experts)):
                 model = self.dit(expert)
                 scale = request.guide_scale[0 if expert is Expert.LOW_NOISE else 1]
                 timestep = conditioning.timestep(torch.tensor(t, device=self.device))
@@ -372,8 +459,26 @@ class Pipeline:
         return latents[0].float().cpu()
 
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents `[C, F, h, w]` -> video `[3, T, H, W]` in [-1, 1] (float32, CPU)."""
+        """Latents `[C, F, h, w]` -> video `[3, T, H, W]` in [-1, 1] (float32, CPU).
+
+        The DiT leaves the device first, and frames move to the host one causal step at a
+        time, so the device holds one step's activations, never the whole video.
+        """
         if not torch.isfinite(latents).all():
             raise NonFiniteLatentsError("the latents contain NaN/Inf; refusing to decode")
+        self.offload_dit()
         with torch.no_grad():
-            return self.vae.decode(latents[None].to(self.device).float())[0].float().cpu()
+            chunks = [frames.float().cpu() for frames in self.vae.iter_decode(latents[None].to(self.device).float())]
+        return torch.cat(chunks, dim=2)[0]
+
+    def _plan_for(self, request: ResolvedRequest) -> None:
+        """Plan the run within the budget (refusing one that cannot fit) and set up streaming."""
+        precision = "bf16" if self.dit_dtype == torch.bfloat16 else "fp32"
+        if precision == "fp32":
+            return  # the planner counts bf16/fp8/int8 weights; a float32 GPU run is not planned
+        self.plan = require_fit(make_plan(
+            self.task, request.size, request.frame_num, precision, self.memory.vram_gib,
+            self.memory.ram_gib, image=request.image is not None,
+            t5_cpu=self.text_device.type == "cpu"))
+        if self.plan.streaming and not self._experts:
+            self.streaming = StreamingConfig(self.plan.resident_blocks, self.plan.prefetch_depth)

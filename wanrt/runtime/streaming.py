@@ -86,7 +86,8 @@ class BlockStreamer:
     """Streams the registered blocks of one or more models through `depth + 1` device slots.
 
     `register(key, model)` takes over `model.<repeated_blocks>` except the first
-    `resident_blocks`, which move to the device for good. Block keys are `(key, index)`.
+    `resident_blocks`, which the caller places (on the device while that model is active:
+    see `move_resident`). Block keys are `(key, index)`.
     """
 
     def __init__(self, device: torch.device | str, depth: int = 2, pin: bool | None = None) -> None:
@@ -96,6 +97,7 @@ class BlockStreamer:
         self.depth = depth
         self.pin = self.device.type == "cuda" if pin is None else pin
         self._blocks: dict[tuple[Hashable, int], _StreamedBlock] = {}
+        self._resident: dict[Hashable, list[nn.Module]] = {}
         self._slots: list[Tensor] = []
         self._slot_free: list[torch.cuda.Event | None] = []
         self._loaded: dict[tuple[Hashable, int], int] = {}       # block -> slot holding it
@@ -117,16 +119,33 @@ class BlockStreamer:
             tensor.data = tensor.data.to(self.device)
         for index, block in enumerate(getattr(model, blocks_name)):
             if index < resident_blocks:
-                block.to(self.device)
+                self._resident.setdefault(key, []).append(block)
                 continue
             streamed = _StreamedBlock((key, index), block, self.pin)
             self._blocks[streamed.key] = streamed
             block.register_forward_pre_hook(lambda _m, _a, k=streamed.key: self._before(k))
             block.register_forward_hook(lambda _m, _a, _o, k=streamed.key: self._after(k))
-        slot_bytes = max((b.nbytes for b in self._blocks.values()), default=0)
-        if self._slots and slot_bytes > self._slots[0].numel():
-            raise ValueError("a block registered later is larger than the slots already allocated")
+        if self._slots and self.slot_bytes < max(b.nbytes for b in self._blocks.values()):
+            self.release()
+
+    def move_resident(self, key: Hashable, device: torch.device | str) -> None:
+        """Move the blocks of model `key` that are not streamed (the MoE expert swap)."""
+        for block in self._resident.get(key, []):
+            block.to(device)
+
+    def release(self) -> None:
+        """Free the device slots between forwards (e.g. before the VAE decode), dropping any
+        prefetched blocks and the announced order; the next forward reallocates them."""
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+        self._slots, self._slot_free = [], []
+        self._loaded.clear()
+        self._copied.clear()
+        self._order.clear()
+
+    def _ensure_slots(self) -> None:
         if not self._slots and self._blocks:
+            slot_bytes = max(b.nbytes for b in self._blocks.values())
             self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device)
                            for _ in range(self.depth + 1)]
             self._slot_free = [None] * len(self._slots)
@@ -151,6 +170,7 @@ class BlockStreamer:
 
     def _prefetch(self) -> None:
         """Start copies for the next `depth + 1` blocks in the order that are not loaded."""
+        self._ensure_slots()
         for key in list(self._order)[:self.depth + 1]:
             if key not in self._loaded:
                 slot = self._free_slot()
