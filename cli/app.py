@@ -10,7 +10,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from wanrt.cli import decode, demo, generate
+from wanrt.cli import decode, demo, generate, plan
 from wanrt.errors import WanrtError
 
 USER_ERROR_EXIT_CODE = 2
@@ -34,6 +34,7 @@ app = typer.Typer(cls=_WanrtGroup, name="wanrt", no_args_is_help=True, add_compl
 app.command("generate", no_args_is_help=True)(generate.generate_command)
 app.command("decode", no_args_is_help=True)(decode.decode_command)
 app.command("demo")(demo.demo_command)
+app.command("plan")(plan.plan_command)
 
 
 def main() -> None:

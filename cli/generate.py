@@ -171,6 +171,10 @@ def generate_command(
     = None,
     dtype: Annotated[Precision | None, typer.Option(
         "--dtype", help="DiT compute dtype (default: bf16 on GPU, fp32 on CPU).")] = None,
+    vram: Annotated[float | None, typer.Option(
+        "--vram", help="GPU memory budget in GiB for the memory planner (default: the device's).")] = None,
+    ram: Annotated[float | None, typer.Option(
+        "--ram", help="Host RAM budget in GiB for the memory planner (default: the machine's).")] = None,
     embedding_cache: Annotated[Path | None, typer.Option(
         "--embedding-cache", help="Prompt-embedding cache folder (default: $WANRT_CACHE_DIR/embeddings).")] = None,
     no_embedding_cache: Annotated[bool, typer.Option(
@@ -191,7 +195,8 @@ def generate_command(
     offload = (parse_official_bool(offload_model_official, "--offload_model")
                if offload_model_official is not None else offload_model or None)
     pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=parse_device(device),
-                                        dtype=_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu)
+                                        dtype=_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu,
+                                        vram_gib=vram, ram_gib=ram)
     cache = None if no_embedding_cache else EmbeddingCache(embedding_cache)
     run_generation(pipeline, request, target, cache,
                    run_options={"offload_model": offload, "convert_model_dtype": convert_model_dtype,

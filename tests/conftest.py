@@ -37,6 +37,25 @@ def assert_parity(actual: torch.Tensor, expected: torch.Tensor, name: str = "",
     return error
 
 
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random checkpoints in the official layout, one per tiny task."""
+    from wanrt.configs import get_task
+    from wanrt.demo import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: write_tiny_checkpoint(root / name, get_task(name))
+            for name in ("tiny-t2v", "tiny-i2v", "tiny-ti2v")}
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """A private WANRT_CACHE_DIR (embedding cache, hash memo, demo checkpoints)."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("WANRT_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     """Every test starts from the same RNG state, so random inputs are reproducible."""

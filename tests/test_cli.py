@@ -9,10 +9,9 @@ from typing import Callable
 import pytest
 import torch
 from typer.testing import CliRunner
-
 from wanrt.cli.app import app
+
 from wanrt.configs import get_task
-from wanrt.demo import write_tiny_checkpoint
 from wanrt.generate import read_latents
 from wanrt.pipeline import Pipeline
 from wanrt.video_io import read_video
@@ -21,18 +20,7 @@ PROMPT = "a dog walking in the city"
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {name: write_tiny_checkpoint(root / name, get_task(name))
-            for name in ("tiny-t2v", "tiny-i2v", "tiny-ti2v")}
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("WANRT_CACHE_DIR", str(folder))
-    return folder
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 def wanrt(*args: object):
@@ -160,3 +148,19 @@ def test_demo_writes_a_video_and_reuses_its_checkpoint(tmp_path, cache_dir):
     written_at = vae.stat().st_mtime_ns
     assert wanrt("demo", "--task", "tiny-ti2v", "--output", output).exit_code == 0
     assert vae.stat().st_mtime_ns == written_at
+
+
+def test_plan_prints_the_split_and_fits():
+    result = CliRunner().invoke(app, ["plan", "--task", "t2v-A14B", "--size", "832*480", "--vram", "24",
+                                      "--ram", "64"])
+    assert result.exit_code == 0, result.output
+    assert "stream 17/40 blocks per expert, 23 resident" in result.output
+    assert result.output.strip().endswith("fits")
+
+
+def test_plan_json_and_refusal_with_remedy():
+    result = CliRunner().invoke(app, ["plan", "--task", "t2v-A14B", "--size", "1280*720", "--json"])
+    assert result.exit_code == 2
+    plan = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
+    assert plan["tokens"] == 75600 and plan["fits"] is False
+    assert "error: t2v-A14B 1280*720 x81 does not fit the budget: the VAE decode needs" in result.stderr

@@ -14,10 +14,16 @@ from PIL import Image
 from wanrt import generate as generate_module
 from wanrt import pipeline as pipeline_module
 from wanrt.configs import get_task
-from wanrt.demo import write_tiny_checkpoint
 from wanrt.errors import InputError
-from wanrt.generate import (DecodeFailedError, EmbeddingCache, GenerationRecord, check_output_path,
-                            generate_video, generation_task, read_latents)
+from wanrt.generate import (
+    DecodeFailedError,
+    EmbeddingCache,
+    GenerationRecord,
+    check_output_path,
+    generate_video,
+    generation_task,
+    read_latents,
+)
 from wanrt.hashing import file_sha256
 from wanrt.models.dit import WanDiT
 from wanrt.pipeline import GenerationRequest, NonFiniteLatentsError, Pipeline
@@ -27,18 +33,7 @@ PROMPT = "a red car on the street at night"
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {name: write_tiny_checkpoint(root / name, get_task(name))
-            for name in ("tiny-t2v", "tiny-i2v", "tiny-ti2v")}
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("WANRT_CACHE_DIR", str(folder))
-    return folder
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 def write_gradient_png(path: Path, width: int = 64, height: int = 64) -> Path:

@@ -62,3 +62,24 @@ def test_streamed_generation_equals_resident_on_cuda(tmp_path):
         if streaming is not None:
             assert pipeline._streamer.pin and pipeline._streamer.bytes_copied > 0
     assert torch.equal(results[1], results[0]) and torch.equal(results[2], results[0])
+
+
+def test_partial_pinning_keeps_results_and_pins_up_to_the_limit():
+    import copy
+
+    from wanrt.runtime.streaming import BlockStreamer, block_layout
+
+    reference = copy.deepcopy(load_dit(FIXTURES / "dit/t2v/high_noise_model")).cuda()
+    block_bytes = block_layout(reference.blocks[0])[1]
+    streamed = copy.deepcopy(reference).cpu()
+    streamer = BlockStreamer("cuda", depth=1, pin_limit_bytes=int(1.5 * block_bytes))
+    streamer.register("high", streamed)
+    assert [b.pinned for b in streamer._blocks.values()] == [True, False]
+    assert streamer.pinned_bytes == block_bytes
+    tensors, _ = load_fixture("dit/forward_t2v")
+    x, t, context = (tensors["g1.x"][None].cuda(), tensors["t_scalar"].cuda(), tensors["context"][None].cuda())
+    with torch.no_grad():
+        expected = reference(x, t, context)
+        for _ in range(2):
+            streamer.expect_forward("high")
+            assert torch.equal(streamed(x, t, context), expected)

@@ -15,8 +15,6 @@ from wanrt.runtime.streaming import ALIGNMENT, BlockStreamer, block_layout
 
 @pytest.fixture(scope="module")
 def experts():
-    # Deep copies own freshly allocated (aligned) storage, like the streamer's slots: CPU
-    # kernels may round differently on the loader's file-backed buffers.
     return {name: copy.deepcopy(load_dit(FIXTURES / f"dit/t2v/{name}_noise_model"))
             for name in ("high", "low")}
 

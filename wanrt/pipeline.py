@@ -133,6 +133,7 @@ class MemoryBudget:
 class StreamingConfig:
     resident_blocks: int
     depth: int = 2
+    pin_limit_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,8 @@ class Pipeline:
             check_dit_matches_vae(model.config, self.task.vae, str(folder))
             if self.streaming is not None:
                 if self._streamer is None:
-                    self._streamer = BlockStreamer(self.device, depth=self.streaming.depth)
+                    self._streamer = BlockStreamer(self.device, depth=self.streaming.depth,
+                                                   pin_limit_bytes=self.streaming.pin_limit_bytes)
                 self._streamer.register(expert, model, resident_blocks=self.streaming.resident_blocks)
             self._experts[expert] = model
         return self._experts[expert]
@@ -301,6 +303,11 @@ class Pipeline:
             self._place(expert, self.device)
             self._active_expert = expert
         return model
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Host-to-device bytes the block streamer has copied so far (0 without streaming)."""
+        return self._streamer.bytes_copied if self._streamer is not None else 0
 
     def offload_dit(self) -> None:
         """Give the device memory of the DiT back (before the VAE decode)."""
@@ -481,4 +488,5 @@ class Pipeline:
             self.memory.ram_gib, image=request.image is not None,
             t5_cpu=self.text_device.type == "cpu"))
         if self.plan.streaming and not self._experts:
-            self.streaming = StreamingConfig(self.plan.resident_blocks, self.plan.prefetch_depth)
+            self.streaming = StreamingConfig(self.plan.resident_blocks, self.plan.prefetch_depth,
+                                             self.plan.pinned_bytes)

@@ -44,12 +44,17 @@ def check_state_keys(model: nn.Module, found: Mapping[str, TensorInfo | Tensor],
 
 def cast_for_model(key: str, tensor: Tensor, dtype: torch.dtype | None,
                    keep_fp32: tuple[str, ...]) -> Tensor:
-    """Cast floating tensors to `dtype`, except those under a module named in `keep_fp32`."""
-    if dtype is None or not tensor.is_floating_point():
-        return tensor
-    if any(part in keep_fp32 for part in key.split(".")):
-        return tensor.to(torch.float32)
-    return tensor.to(dtype)
+    """Cast floating tensors to `dtype`, except those under a module named in `keep_fp32`.
+
+    The result always owns fresh memory: tensors read from a file may be views of a
+    memory map (invalid if the file changes under a running job) at odd alignments (which
+    changes CPU float32 rounding). The copy is made one tensor at a time.
+    """
+    if dtype is not None and tensor.is_floating_point():
+        target = torch.float32 if any(part in keep_fp32 for part in key.split(".")) else dtype
+        if tensor.dtype != target:
+            return tensor.to(target)
+    return tensor.clone()
 
 
 def assign_tensors(model: nn.Module, chunks: Iterable[Mapping[str, Tensor]],

@@ -72,9 +72,10 @@ def _bind(layout: list[_TensorSlot], buffer: Tensor) -> None:
 
 
 class _StreamedBlock:
-    def __init__(self, key: Hashable, block: nn.Module, pin: bool) -> None:
+    def __init__(self, key: Hashable, block: nn.Module, layout: list[_TensorSlot], nbytes: int,
+                 pin: bool) -> None:
         self.key = key
-        self.layout, self.nbytes = block_layout(block)
+        self.layout, self.nbytes, self.pinned = layout, nbytes, pin
         host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
         for entry in self.layout:
             _view(host, entry).copy_(getattr(entry.module, entry.name).detach())
@@ -90,12 +91,17 @@ class BlockStreamer:
     see `move_resident`). Block keys are `(key, index)`.
     """
 
-    def __init__(self, device: torch.device | str, depth: int = 2, pin: bool | None = None) -> None:
+    def __init__(self, device: torch.device | str, depth: int = 2, pin: bool | None = None,
+                 pin_limit_bytes: int | None = None) -> None:
+        """`pin_limit_bytes` caps page-locked host memory (the planner's partial pinning):
+        blocks past it stay in pageable memory, whose copies are slower and synchronous."""
         if depth < 1:
             raise ValueError("prefetch depth must be at least 1")
         self.device = torch.device(device)
         self.depth = depth
         self.pin = self.device.type == "cuda" if pin is None else pin
+        self.pin_limit_bytes = pin_limit_bytes
+        self.pinned_bytes = 0
         self._blocks: dict[tuple[Hashable, int], _StreamedBlock] = {}
         self._resident: dict[Hashable, list[nn.Module]] = {}
         self._slots: list[Tensor] = []
@@ -121,7 +127,8 @@ class BlockStreamer:
             if index < resident_blocks:
                 self._resident.setdefault(key, []).append(block)
                 continue
-            streamed = _StreamedBlock((key, index), block, self.pin)
+            layout, nbytes = block_layout(block)
+            streamed = _StreamedBlock((key, index), block, layout, nbytes, self._pin_next(nbytes))
             self._blocks[streamed.key] = streamed
             block.register_forward_pre_hook(lambda _m, _a, k=streamed.key: self._before(k))
             block.register_forward_hook(lambda _m, _a, _o, k=streamed.key: self._after(k))
@@ -132,6 +139,13 @@ class BlockStreamer:
         """Move the blocks of model `key` that are not streamed (the MoE expert swap)."""
         for block in self._resident.get(key, []):
             block.to(device)
+
+    def _pin_next(self, nbytes: int) -> bool:
+        if not self.pin or (self.pin_limit_bytes is not None
+                            and self.pinned_bytes + nbytes > self.pin_limit_bytes):
+            return False
+        self.pinned_bytes += nbytes
+        return True
 
     def release(self) -> None:
         """Free the device slots between forwards (e.g. before the VAE decode), dropping any

@@ -1,0 +1,37 @@
+"""`wanrt plan`: print the memory plan of a run before anything loads."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import torch
+import typer
+
+from wanrt.configs import ModelType, get_task
+from wanrt.pipeline import GenerationRequest
+from wanrt.runtime.planner import Precision, make_plan, require_fit
+
+
+def plan_command(
+    task: Annotated[str, typer.Option("--task", help="t2v-A14B, i2v-A14B or ti2v-5B.")] = "t2v-A14B",
+    size: Annotated[str | None, typer.Option("--size", help="WIDTH*HEIGHT (default: the task's).")] = None,
+    frames: Annotated[int | None, typer.Option("--frames", "--frame-num", "--frame_num",
+                                               help="4n+1 frames (default: the task's).")] = None,
+    precision: Annotated[Precision, typer.Option("--precision", help="DiT weight precision.")] = Precision.BF16,
+    vram: Annotated[float, typer.Option("--vram", help="GPU memory budget, GiB.")] = 24.0,
+    ram: Annotated[float, typer.Option("--ram", help="Host RAM budget, GiB.")] = 64.0,
+    image: Annotated[bool, typer.Option("--image/--no-image", help="Plan an image-conditioned run.")] = False,
+    t5_cpu: Annotated[bool | None, typer.Option("--t5-cpu/--t5-gpu", help="Force T5's placement.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Show the resident/streamed split, buffers, predicted peaks and whether it fits."""
+    spec = get_task(task)
+    # The same validation as `generate` (the task's sizes, 4n+1 frames); i2v requires an
+    # image there, so a placeholder stands in for it.
+    placeholder = torch.zeros(3, 16, 16) if spec.dit.model_type is ModelType.I2V else None
+    resolved = GenerationRequest(prompt="", size=size, frame_num=frames, image=placeholder).resolved(spec)
+    plan = make_plan(spec, resolved.size, resolved.frame_num, precision, vram, ram,
+                     image=image, t5_cpu=t5_cpu)
+    typer.echo(json.dumps(plan.to_dict(), indent=2) if as_json else "\n".join(plan.lines()))
+    require_fit(plan)
