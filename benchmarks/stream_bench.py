@@ -33,7 +33,7 @@ from wanrt.runtime.streaming import BlockStreamer  # noqa: E402
 GIB = 2**30
 
 
-def build_expert(config, device: torch.device) -> WanDiT:
+def build_expert(config, device: torch.device, seed: int = 0) -> WanDiT:
     with torch.device("meta"):
         model = WanDiT(config)
     # Choose dtypes on meta so the full expert never exists in float32 (57 GB): bf16
@@ -41,7 +41,7 @@ def build_expert(config, device: torch.device) -> WanDiT:
     for name, param in model.named_parameters():
         keep_fp32 = any(part in model.keep_in_fp32 for part in name.split("."))
         param.data = param.data.to(torch.float32 if keep_fp32 else torch.bfloat16)
-    randomize_(model, seed=0, device=device)
+    randomize_(model, seed=seed, device=device)
     return model.eval().requires_grad_(False)
 
 

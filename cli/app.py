@@ -6,6 +6,8 @@ one place, so the subcommands just call the library and let typed errors propaga
 
 from __future__ import annotations
 
+import os
+
 import click
 import typer
 from typer.core import TyperGroup
@@ -38,4 +40,7 @@ app.command("plan")(plan.plan_command)
 
 
 def main() -> None:
+    # Streaming allocates and frees block-sized activations all run long; expandable
+    # segments keep that from fragmenting the cache (read when CUDA first allocates).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     app(prog_name="wanrt")

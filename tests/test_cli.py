@@ -154,7 +154,7 @@ def test_plan_prints_the_split_and_fits():
     result = CliRunner().invoke(app, ["plan", "--task", "t2v-A14B", "--size", "832*480", "--vram", "24",
                                       "--ram", "64"])
     assert result.exit_code == 0, result.output
-    assert "stream 17/40 blocks per expert, 23 resident" in result.output
+    assert "stream 18/40 blocks per expert, 22 resident" in result.output
     assert result.output.strip().endswith("fits")
 
 

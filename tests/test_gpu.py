@@ -74,6 +74,7 @@ def test_partial_pinning_keeps_results_and_pins_up_to_the_limit():
     streamed = copy.deepcopy(reference).cpu()
     streamer = BlockStreamer("cuda", depth=1, pin_limit_bytes=int(1.5 * block_bytes))
     streamer.register("high", streamed)
+    streamer.move_resident("high", "cuda")
     assert [b.pinned for b in streamer._blocks.values()] == [True, False]
     assert streamer.pinned_bytes == block_bytes
     tensors, _ = load_fixture("dit/forward_t2v")

@@ -6,6 +6,7 @@ import pytest
 
 from wanrt.configs import get_task
 from wanrt.errors import InputError
+from wanrt.runtime import planner
 from wanrt.runtime.planner import GIB, Precision, dit_bytes, make_plan, require_fit, token_grid
 
 
@@ -65,11 +66,13 @@ def test_plenty_of_vram_keeps_everything_resident():
     assert plan.fits and not plan.streaming and plan.bytes_per_step == 0
 
 
-def test_tight_ram_pins_partially_and_says_so():
-    plan = make_plan(get_task("t2v-A14B"), "832*480", 81, "bf16", vram_gib=16, ram_gib=64)
-    assert plan.fits
-    assert plan.streaming and 0 < plan.pinned_bytes < 2 * plan.streamed_blocks * plan.block_bytes
-    assert plan.pinned_bytes == int(0.6 * 64 * GIB)
+def test_pinning_is_capped_and_the_rest_stays_pageable(monkeypatch):
+    # With the shipped cap (60% of RAM) the supported A14B sizes all pin fully; a lower cap
+    # exercises the partial-pinning fallback.
+    monkeypatch.setattr(planner, "MAX_PINNED_FRACTION", 0.3)
+    plan = make_plan(get_task("t2v-A14B"), "832*480", 81, "bf16", vram_gib=18, ram_gib=60)
+    assert plan.fits and plan.streaming
+    assert plan.pinned_bytes == int(0.3 * 60 * GIB) < 2 * plan.streamed_blocks * plan.block_bytes
     assert any("partial pinning" in note for note in plan.notes)
 
 

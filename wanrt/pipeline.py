@@ -237,6 +237,7 @@ class Pipeline:
         self.plan: MemoryPlan | None = None
         self._streamer: BlockStreamer | None = None
         self._experts: dict[Expert, WanDiT] = {}
+        self._streamed_experts: set[Expert] = set()
         self._active_expert: Expert | None = None
         self._text_encoder = None
         self._vae = None
@@ -258,6 +259,17 @@ class Pipeline:
         return cls(spec, locate_checkpoint(Path(ckpt_dir), spec), device, dtype, text_device,
                    memory=memory)
 
+    @classmethod
+    def from_models(cls, task: TaskSpec, experts: dict[Expert, WanDiT], vae=None,
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    memory: MemoryBudget | None = None) -> "Pipeline":
+        """A pipeline over models already built (benchmarks with random full-size weights,
+        converted models); a run then needs text embeddings, and the VAE only to decode."""
+        pipeline = cls(task, None, torch.device(device), dtype, memory=memory)
+        pipeline._experts.update(experts)
+        pipeline._vae = vae
+        return pipeline
+
     # ------------------------------------------------------------------ components
 
     def _timed_load(self, name: str, load: Callable):
@@ -272,18 +284,20 @@ class Pipeline:
         return self.files
 
     def _load_expert(self, expert: Expert) -> WanDiT:
-        """Load to host memory; with streaming, hand the blocks to the streamer."""
+        """Load to host memory; with streaming, hand the blocks to the streamer (once)."""
         if expert not in self._experts:
             folder = self._require_files().dit_dirs[expert]
             model = self._timed_load(f"dit_{expert.value}", lambda: load_dit(
                 folder, expect=self.task.dit, dtype=self.dit_dtype))
             check_dit_matches_vae(model.config, self.task.vae, str(folder))
-            if self.streaming is not None:
-                if self._streamer is None:
-                    self._streamer = BlockStreamer(self.device, depth=self.streaming.depth,
-                                                   pin_limit_bytes=self.streaming.pin_limit_bytes)
-                self._streamer.register(expert, model, resident_blocks=self.streaming.resident_blocks)
             self._experts[expert] = model
+        if self.streaming is not None and expert not in self._streamed_experts:
+            if self._streamer is None:
+                self._streamer = BlockStreamer(self.device, depth=self.streaming.depth,
+                                               pin_limit_bytes=self.streaming.pin_limit_bytes)
+            self._streamer.register(expert, self._experts[expert],
+                                    resident_blocks=self.streaming.resident_blocks)
+            self._streamed_experts.add(expert)
         return self._experts[expert]
 
     def _place(self, expert: Expert, device: torch.device | str) -> None:
@@ -337,9 +351,8 @@ class Pipeline:
         if self._vae is None:
             files = self._require_files()
             # The official pipelines run the VAE in float32.
-            model = self._timed_load("vae", lambda: load_vae(files.vae, self.task.vae, dtype=torch.float32))
-            self._vae = model.to(self.device)
-        return self._vae
+            self._vae = self._timed_load("vae", lambda: load_vae(files.vae, self.task.vae, dtype=torch.float32))
+        return self._vae.to(self.device)  # a no-op once it is there
 
     # ------------------------------------------------------------------ stages
 
@@ -487,6 +500,6 @@ class Pipeline:
             self.task, request.size, request.frame_num, precision, self.memory.vram_gib,
             self.memory.ram_gib, image=request.image is not None,
             t5_cpu=self.text_device.type == "cpu"))
-        if self.plan.streaming and not self._experts:
+        if self.plan.streaming and self.streaming is None:
             self.streaming = StreamingConfig(self.plan.resident_blocks, self.plan.prefetch_depth,
                                              self.plan.pinned_bytes)

@@ -104,6 +104,7 @@ class BlockStreamer:
         self.pinned_bytes = 0
         self._blocks: dict[tuple[Hashable, int], _StreamedBlock] = {}
         self._resident: dict[Hashable, list[nn.Module]] = {}
+        self._resident_tensors: dict[Hashable, list[Tensor]] = {}
         self._slots: list[Tensor] = []
         self._slot_free: list[torch.cuda.Event | None] = []
         self._loaded: dict[tuple[Hashable, int], int] = {}       # block -> slot holding it
@@ -116,16 +117,13 @@ class BlockStreamer:
     # ------------------------------------------------------------------ setup
 
     def register(self, key: Hashable, model: nn.Module, resident_blocks: int = 0) -> None:
-        """Stream `model`'s repeated blocks; move everything else to the device."""
+        """Stream `model`'s repeated blocks; the rest (`move_resident`) is the caller's to place."""
         blocks_name = getattr(model, "repeated_blocks", "blocks")
-        for name, child in model.named_children():
-            if name != blocks_name:
-                child.to(self.device)
-        for tensor in [*model._parameters.values(), *model._buffers.values()]:
-            tensor.data = tensor.data.to(self.device)
+        resident = [child for name, child in model.named_children() if name != blocks_name]
+        self._resident[key] = resident + list(getattr(model, blocks_name)[:resident_blocks])
+        self._resident_tensors[key] = [*model._parameters.values(), *model._buffers.values()]
         for index, block in enumerate(getattr(model, blocks_name)):
             if index < resident_blocks:
-                self._resident.setdefault(key, []).append(block)
                 continue
             layout, nbytes = block_layout(block)
             streamed = _StreamedBlock((key, index), block, layout, nbytes, self._pin_next(nbytes))
@@ -136,9 +134,12 @@ class BlockStreamer:
             self.release()
 
     def move_resident(self, key: Hashable, device: torch.device | str) -> None:
-        """Move the blocks of model `key` that are not streamed (the MoE expert swap)."""
-        for block in self._resident.get(key, []):
-            block.to(device)
+        """Move what of model `key` is not streamed: its small modules and resident blocks
+        (the MoE expert swap, and clearing the device before the VAE decode)."""
+        for module in self._resident.get(key, []):
+            module.to(device)
+        for tensor in self._resident_tensors.get(key, []):
+            tensor.data = tensor.data.to(device)
 
     def _pin_next(self, nbytes: int) -> bool:
         if not self.pin or (self.pin_limit_bytes is not None
