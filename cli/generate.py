@@ -197,6 +197,9 @@ def generate_command(
     pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=parse_device(device),
                                         dtype=_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu,
                                         vram_gib=vram, ram_gib=ram)
+    plan = pipeline.plan_run(resolved)  # refuses a run that cannot fit, before loading
+    if plan is not None:
+        typer.echo("memory plan: " + "; ".join(plan.lines()[2:-1]), err=True)
     cache = None if no_embedding_cache else EmbeddingCache(embedding_cache)
     run_generation(pipeline, request, target, cache,
                    run_options={"offload_model": offload, "convert_model_dtype": convert_model_dtype,

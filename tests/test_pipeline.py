@@ -220,3 +220,17 @@ def test_streamed_sampling_equals_resident(dit_only_checkpoint, resident_blocks,
     # Each step runs both experts' streamed blocks twice (CFG); high 4 steps, low 2.
     block_bytes = streamed._streamer._blocks[(Expert.HIGH_NOISE, 1)].nbytes
     assert streamed._streamer.bytes_copied == 6 * 2 * (2 - resident_blocks) * block_bytes
+
+
+def test_plan_run_sets_up_streaming_or_refuses_before_loading():
+    from wanrt.pipeline import MemoryBudget
+
+    task = get_task("t2v-A14B")
+    pipeline = Pipeline(task, None, torch.device("cpu"), torch.bfloat16, memory=MemoryBudget(24, 64))
+    plan = pipeline.plan_run(GenerationRequest(prompt="", size="832*480"))
+    assert plan.streaming and pipeline.streaming.resident_blocks == plan.resident_blocks == 22
+    assert pipeline.streaming.pin_limit_bytes == plan.pinned_bytes
+    small = Pipeline(task, None, torch.device("cpu"), torch.bfloat16, memory=MemoryBudget(8, 64))
+    with pytest.raises(InputError, match="does not fit the budget"):
+        small.plan_run(GenerationRequest(prompt="", size="1280*720"))
+    assert not small._experts  # nothing was loaded

@@ -441,8 +441,8 @@ class Pipeline:
             request = request.resolved(self.task)
         if embeddings is None:
             embeddings = self.encode_text(request.prompt, request.negative_prompt)
-        if self.memory is not None and self.plan is None:
-            self._plan_for(request)
+        if self.plan is None:
+            self.plan_run(request)
         conditioning = self._condition(request, noise)
         scheduler = make_scheduler(request.solver, request.steps, request.shift,
                                    self.task.sample.num_train_timesteps, device=self.device)
@@ -491,15 +491,19 @@ class Pipeline:
             chunks = [frames.float().cpu() for frames in self.vae.iter_decode(latents[None].to(self.device).float())]
         return torch.cat(chunks, dim=2)[0]
 
-    def _plan_for(self, request: ResolvedRequest) -> None:
-        """Plan the run within the budget (refusing one that cannot fit) and set up streaming."""
-        precision = "bf16" if self.dit_dtype == torch.bfloat16 else "fp32"
-        if precision == "fp32":
-            return  # the planner counts bf16/fp8/int8 weights; a float32 GPU run is not planned
+    def plan_run(self, request: GenerationRequest | ResolvedRequest) -> MemoryPlan | None:
+        """Plan the run within the memory budget before anything loads, refusing one that
+        cannot fit, and set up streaming if the plan streams. None when there is no budget
+        (CPU runs) or the DiT runs in float32 (the planner counts bf16/fp8/int8 weights)."""
+        if isinstance(request, GenerationRequest):
+            request = request.resolved(self.task)
+        if self.memory is None or self.dit_dtype != torch.bfloat16:
+            return None
         self.plan = require_fit(make_plan(
-            self.task, request.size, request.frame_num, precision, self.memory.vram_gib,
+            self.task, request.size, request.frame_num, "bf16", self.memory.vram_gib,
             self.memory.ram_gib, image=request.image is not None,
             t5_cpu=self.text_device.type == "cpu"))
         if self.plan.streaming and self.streaming is None:
             self.streaming = StreamingConfig(self.plan.resident_blocks, self.plan.prefetch_depth,
                                              self.plan.pinned_bytes)
+        return self.plan
