@@ -69,16 +69,21 @@ def time_cpu(fn, warmup: int, iters: int) -> list[float]:
     return times
 
 
-def bench_block(config: DiTConfig, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype,
-                warmup: int, iters: int) -> dict:
-    seq_len = grid[0] * grid[1] * grid[2]
+def random_block(config: DiTConfig, device: torch.device, dtype: torch.dtype) -> DiTBlock:
+    """A random block in `dtype` except the float32 modulation table, as the loader does."""
     with torch.device("meta"):
         block = DiTBlock(config)
     randomize_(block, seed=0, device=device)
-    # bf16 weights except the float32 modulation table, as the loader does.
     for name, param in block.named_parameters():
         if name != "modulation":
             param.data = param.data.to(dtype)
+    return block.eval()
+
+
+def bench_block(config: DiTConfig, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype,
+                warmup: int, iters: int) -> dict:
+    seq_len = grid[0] * grid[1] * grid[2]
+    block = random_block(config, device, dtype)
     gen = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(1, seq_len, config.dim, generator=gen).to(device)
     time_mod = (torch.randn(1, 1, 6, config.dim, generator=gen) * 0.1).to(device)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dit_block_bench import TEXT_LEN, block_flops, time_cpu, time_cuda, tokens_for
+from dit_block_bench import TEXT_LEN, block_flops, random_block, time_cpu, time_cuda, tokens_for
 
 from wanrt.configs import DiTConfig, get_task
 from wanrt.export.quantize import (
@@ -72,14 +72,7 @@ def kernels_used(module: nn.Module, device: torch.device) -> dict[str, int]:
 
 
 def bf16_block(config: DiTConfig, device: torch.device) -> DiTBlock:
-    with torch.device("meta"):
-        block = DiTBlock(config)
-    randomize_(block, seed=0, device=device)
-    # bf16 weights except the float32 modulation table, as the loader does.
-    for name, param in block.named_parameters():
-        if name != "modulation":
-            param.data = param.data.to(DTYPE)
-    return block.eval()
+    return random_block(config, device, DTYPE)
 
 
 def bench_block(config: DiTConfig, grid: tuple[int, int, int], device: torch.device, warmup: int,

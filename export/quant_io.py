@@ -14,7 +14,6 @@ assigns the tensors: the round trip is bit-exact.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
@@ -35,7 +34,7 @@ from wanrt.export.quantize import (
     parse_scheme,
     quantize_layers,
 )
-from wanrt.loading.checkpoint import check_dit_variant
+from wanrt.loading.checkpoint import complete_dit_config
 from wanrt.loading.files import (
     TensorInfo,
     iter_safetensors,
@@ -171,11 +170,7 @@ def load_quantized(folder: Path, expect_config: DiTConfig | None = None,
         raise CheckpointError(str(exc)) from None
     shards = safetensors_shards(folder, DIT_WEIGHTS_STEM)
     infos = {key: info for shard in shards for key, info in read_safetensors_header(shard).items()}
-    # As in load_dit: the official config.json never stores text_dim; the weights say it.
-    if "text_embedding.0.weight" in infos:
-        config = dataclasses.replace(config, text_dim=infos["text_embedding.0.weight"].shape[1])
-    if expect_config is not None:
-        check_dit_variant(config, expect_config, str(folder))
+    config = complete_dit_config(config, infos, expect_config, str(folder))
     with torch.device("meta"):
         model = WanDiT(config)
     _check_report_layers(model, report, manifest_path)

@@ -116,6 +116,17 @@ def check_dit_variant(found: DiTConfig, expected: DiTConfig, source: str) -> Non
             "point --ckpt-dir at the checkpoint of the task you asked for")
 
 
+def complete_dit_config(config: DiTConfig, infos: Mapping[str, TensorInfo], expect: DiTConfig | None,
+                        source: str) -> DiTConfig:
+    """Fill text_dim from the weights (the official config.json never stores it), then
+    refuse a DiT of another variant than `expect`."""
+    if "text_embedding.0.weight" in infos:
+        config = dataclasses.replace(config, text_dim=infos["text_embedding.0.weight"].shape[1])
+    if expect is not None:
+        check_dit_variant(config, expect, source)
+    return config
+
+
 def _plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
@@ -137,11 +148,7 @@ def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype |
             raise CheckpointError(str(exc)) from None
     shards = safetensors_shards(folder, "diffusion_pytorch_model")
     infos = _renamed_headers(shards, rename)
-    # The official config.json never stores text_dim; the weights say what it is.
-    if "text_embedding.0.weight" in infos:
-        config = dataclasses.replace(config, text_dim=infos["text_embedding.0.weight"].shape[1])
-    if expect is not None:
-        check_dit_variant(config, expect, str(folder))
+    config = complete_dit_config(config, infos, expect, str(folder))
     with torch.device("meta"):
         model = WanDiT(config)
     check_state_keys(model, infos, str(folder))
