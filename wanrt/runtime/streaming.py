@@ -20,6 +20,7 @@ equivalence tests exercise.
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass
 from typing import Hashable, Iterable
 
@@ -183,10 +184,14 @@ class BlockStreamer:
         """The next forward runs every block of model `key` once."""
         self.expect((key, index) for index in self.streamed_blocks(key))
 
+    def _upcoming(self) -> list[tuple[Hashable, int]]:
+        """The next `depth + 1` blocks of the order (a whole run's order can be thousands)."""
+        return list(islice(self._order, self.depth + 1))
+
     def _prefetch(self) -> None:
         """Start copies for the next `depth + 1` blocks in the order that are not loaded."""
         self._ensure_slots()
-        for key in list(self._order)[:self.depth + 1]:
+        for key in self._upcoming():
             if key not in self._loaded:
                 slot = self._free_slot()
                 if slot is None:
@@ -195,7 +200,7 @@ class BlockStreamer:
 
     def _free_slot(self) -> int | None:
         busy = set(self._loaded.values())
-        needed = set(list(self._order)[:self.depth + 1])
+        needed = set(self._upcoming())
         for slot in range(len(self._slots)):
             if slot not in busy:
                 return slot
