@@ -23,6 +23,7 @@ from wanrt.errors import InputError
 from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
                             generate_video, generation_task, parse_device)
 from wanrt.pipeline import GenerationRequest, Pipeline, StepInfo
+from wanrt.runtime.planner import Precision as WeightPrecision
 from wanrt.video_io import load_image
 
 
@@ -116,6 +117,8 @@ def print_result(record: GenerationRecord) -> None:
     typer.echo(f"sidecar: {record.sidecar_path.absolute()}")
     typer.echo(f"latents: {record.latents_path.absolute()}")
     typer.echo(f"total:   {record.sidecar['timings_s']['total']:.1f} s")
+    for expert, summary in record.sidecar["runtime"]["quantization"].items():
+        typer.echo(f"quantized {expert}: {summary}")
 
 
 def run_generation(pipeline: Pipeline, request: GenerationRequest, output: Path,
@@ -171,6 +174,9 @@ def generate_command(
     = None,
     dtype: Annotated[Precision | None, typer.Option(
         "--dtype", help="DiT compute dtype (default: bf16 on GPU, fp32 on CPU).")] = None,
+    precision: Annotated[WeightPrecision, typer.Option(
+        "--precision", help="DiT weight precision: bf16, or fp8/int8 quantized at load time.")]
+    = WeightPrecision.BF16,
     vram: Annotated[float | None, typer.Option(
         "--vram", help="GPU memory budget in GiB for the memory planner (default: the device's).")] = None,
     ram: Annotated[float | None, typer.Option(
@@ -196,7 +202,7 @@ def generate_command(
                if offload_model_official is not None else offload_model or None)
     pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=parse_device(device),
                                         dtype=_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu,
-                                        vram_gib=vram, ram_gib=ram)
+                                        vram_gib=vram, ram_gib=ram, precision=precision.value)
     plan = pipeline.plan_run(resolved)  # refuses a run that cannot fit, before loading
     if plan is not None:
         typer.echo("memory plan: " + "; ".join(plan.lines()[2:-1]), err=True)

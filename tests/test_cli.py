@@ -164,3 +164,22 @@ def test_plan_json_and_refusal_with_remedy():
     plan = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
     assert plan["tokens"] == 75600 and plan["fits"] is False
     assert "error: t2v-A14B 1280*720 x81 does not fit the budget: the VAE decode needs" in result.stderr
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_precision_flag_quantizes_by_the_default_policy_and_reports_it(checkpoints, tmp_path, precision):
+    common = ["generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
+              "--steps", 3, "--seed", 5, "--no-embedding-cache"]
+    full = wanrt(*common, "--output", tmp_path / "full.mp4")
+    quantized = wanrt(*common, "--precision", precision, "--output", tmp_path / "q.mp4")
+    assert full.exit_code == 0 and quantized.exit_code == 0, quantized.output
+    sidecar = json.loads((tmp_path / "q.json").read_text())
+    assert sidecar["runtime"]["precision"] == precision
+    # The default policy keeps the first and the last block in high precision, which in
+    # the two-block tiny model is all of them: reported, and the latents are unchanged.
+    # (test_pipeline measures real quantization error on a four-block model.)
+    expected = f"{precision}: 0/26 linears quantized, 26 kept bf16 (0 guard, 26 policy)"
+    assert sidecar["runtime"]["quantization"]["high_noise"].startswith(expected)
+    assert f"quantized high_noise: {expected}" in quantized.stdout
+    reference, latents = (read_latents(tmp_path / f"{n}.latents.safetensors")[0] for n in ("full", "q"))
+    assert torch.equal(latents, reference)

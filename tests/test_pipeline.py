@@ -235,3 +235,19 @@ def test_plan_run_sets_up_streaming_or_refuses_before_loading():
     with pytest.raises(InputError, match="does not fit the budget"):
         small.plan_run(GenerationRequest(prompt="", size="1280*720"))
     assert not small._experts  # nothing was loaded
+
+
+@pytest.mark.parametrize("precision,budget", [("fp8", 5e-2), ("int8", 2e-2)])
+def test_quantized_experts_sample_within_budget(tmp_path, precision, budget):
+    """Four blocks: the default policy quantizes the middle two (20 of the 46 Linears)."""
+    tiny = get_task("tiny-t2v")
+    task = dataclasses.replace(tiny, dit=dataclasses.replace(tiny.dit, num_layers=4))
+    files = locate_checkpoint(write_tiny_checkpoint(tmp_path / "four_blocks", task), task)
+    request = GenerationRequest(prompt="", steps=3, seed=4)
+    embeddings = _embeddings(32)
+    reference = Pipeline(task, files, torch.device("cpu"), torch.float32).sample(request, embeddings=embeddings)
+    pipeline = Pipeline(task, files, torch.device("cpu"), torch.float32, precision=precision)
+    latents = pipeline.sample(request, embeddings=embeddings)
+    assert pipeline.quant_summaries["high_noise"].startswith(f"{precision}: 20/46 linears quantized")
+    error = ((latents - reference).norm() / reference.norm()).item()
+    assert 0 < error <= budget, error

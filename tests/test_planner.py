@@ -85,3 +85,12 @@ def test_impossible_plan_is_refused_with_a_remedy():
     decode_bound = make_plan(get_task("t2v-A14B"), "1280*720", 81, "fp8", vram_gib=24, ram_gib=64)
     assert not decode_bound.fits
     assert decode_bound.notes[-1].endswith("try a smaller --size or fewer --frame-num")
+
+
+def test_fp8_plan_counts_the_bf16_first_and_last_blocks():
+    bf16, fp8 = (dit_bytes(get_task("t2v-A14B").dit, p) for p in (Precision.BF16, Precision.FP8))
+    plan = make_plan(get_task("t2v-A14B"), "832*480", 81, "fp8", vram_gib=16, ram_gib=64)
+    assert plan.expert_bytes == fp8.total + 2 * (bf16.block - fp8.block)
+    # The last block (bf16) may stream, so the slots are bf16-block sized.
+    assert plan.streaming and plan.slot_bytes == bf16.block
+    assert plan.bytes_per_step == 2 * (plan.streamed_blocks * fp8.block + bf16.block - fp8.block)

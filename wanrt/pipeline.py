@@ -29,7 +29,7 @@ from wanrt.errors import InputError, WanrtError
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
                                       load_t5, load_vae, locate_checkpoint)
 from wanrt.models.dit import WanDiT
-from wanrt.runtime.planner import MemoryPlan, make_plan, require_fit
+from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
 from wanrt.runtime.streaming import BlockStreamer
 from wanrt.schedulers import Solver, make_scheduler
 
@@ -223,7 +223,7 @@ class Pipeline:
     def __init__(self, task: TaskSpec, files: CheckpointFiles | None, device: torch.device,
                  dit_dtype: torch.dtype, text_device: torch.device | None = None,
                  text_dtype: torch.dtype | None = None, memory: MemoryBudget | None = None,
-                 streaming: StreamingConfig | None = None) -> None:
+                 streaming: StreamingConfig | None = None, precision: str = "bf16") -> None:
         self.task = task
         self.files = files
         self.device = device
@@ -234,6 +234,10 @@ class Pipeline:
         # an explicit `streaming` config skips the planner (tests, benchmarks).
         self.memory = memory
         self.streaming = streaming
+        # DiT weight precision: "bf16" keeps the loaded weights; "fp8"/"int8" quantize the
+        # block Linears at load time with the default policy (wanrt.export.quantize).
+        self.precision = Precision(precision).value
+        self.quant_summaries: dict[str, str] = {}
         self.plan: MemoryPlan | None = None
         self._streamer: BlockStreamer | None = None
         self._experts: dict[Expert, WanDiT] = {}
@@ -246,7 +250,8 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | Path, task: str, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, t5_cpu: bool = False,
-                        vram_gib: float | None = None, ram_gib: float | None = None) -> "Pipeline":
+                        vram_gib: float | None = None, ram_gib: float | None = None,
+                        precision: str = "bf16") -> "Pipeline":
         """On a GPU the run is planned within `vram_gib`/`ram_gib` (default: what the
         machine has), streaming DiT blocks when the experts do not fit."""
         spec = get_task(task)
@@ -257,7 +262,7 @@ class Pipeline:
         text_device = torch.device("cpu") if t5_cpu else device
         memory = MemoryBudget.detect(device, vram_gib, ram_gib) if device.type == "cuda" else None
         return cls(spec, locate_checkpoint(Path(ckpt_dir), spec), device, dtype, text_device,
-                   memory=memory)
+                   memory=memory, precision=precision)
 
     @classmethod
     def from_models(cls, task: TaskSpec, experts: dict[Expert, WanDiT], vae=None,
@@ -290,6 +295,11 @@ class Pipeline:
             model = self._timed_load(f"dit_{expert.value}", lambda: load_dit(
                 folder, expect=self.task.dit, dtype=self.dit_dtype))
             check_dit_matches_vae(model.config, self.task.vae, str(folder))
+            if self.precision != Precision.BF16.value:
+                from wanrt.export.quantize import quantize
+
+                quantize(model, self.precision)
+                self.quant_summaries[expert.value] = model.quant_report.summary()
             self._experts[expert] = model
         if self.streaming is not None and expert not in self._streamed_experts:
             if self._streamer is None:
@@ -500,7 +510,7 @@ class Pipeline:
         if self.memory is None or self.dit_dtype != torch.bfloat16:
             return None
         self.plan = require_fit(make_plan(
-            self.task, request.size, request.frame_num, "bf16", self.memory.vram_gib,
+            self.task, request.size, request.frame_num, self.precision, self.memory.vram_gib,
             self.memory.ram_gib, image=request.image is not None,
             t5_cpu=self.text_device.type == "cpu"))
         if self.plan.streaming and self.streaming is None:

@@ -180,6 +180,11 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
     precision = Precision(precision)
     vram, ram = int(vram_gib * GIB), int(ram_gib * GIB)
     weights = dit_bytes(task.dit, precision)
+    # Quantized runs keep the first and the last block in bf16 (the default precision
+    # policy of wanrt.export.quantize): the first is resident, the last may stream, so the
+    # slots are bf16-block sized.
+    bf16_block = dit_bytes(task.dit, Precision.BF16).block
+    extra_high = 0 if precision is Precision.BF16 else bf16_block - weights.block
     grid = token_grid(task, size, frames)
     tokens = math.prod(grid)
     per_token_time = task.dit.model_type is ModelType.TI2V and image
@@ -188,14 +193,14 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
     notes: list[str] = []
 
     # One expert at a time is on the device: its small modules, resident blocks and slots.
-    fixed = VRAM_RESERVE + int(ALLOCATOR_SLACK_FRACTION * vram) + weights.other + activations
+    fixed = VRAM_RESERVE + int(ALLOCATOR_SLACK_FRACTION * vram) + weights.other + activations + extra_high
     room_for_blocks = vram - fixed
-    slots = (PREFETCH_DEPTH + 1) * weights.block
-    if room_for_blocks >= weights.block * weights.num_blocks:
+    slots = (PREFETCH_DEPTH + 1) * bf16_block if extra_high else (PREFETCH_DEPTH + 1) * weights.block
+    if room_for_blocks >= weights.block * weights.num_blocks + extra_high:
         resident, slot_bytes = weights.num_blocks, 0
     else:
         resident = max(0, min(weights.num_blocks - 1, (room_for_blocks - slots) // weights.block))
-        slot_bytes = weights.block
+        slot_bytes = slots // (PREFETCH_DEPTH + 1)
     streamed = weights.num_blocks - resident
     peak_sampling = fixed + resident * weights.block + (slots if streamed else 0)
 
@@ -204,13 +209,14 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
 
     # T5 on the GPU only when it fits beside nothing else (it is freed before sampling).
     t5_on_gpu = (not t5_cpu) if t5_cpu is not None else (T5_BYTES_BF16 + VRAM_RESERVE + GIB < vram)
-    host_weights = experts * weights.total + VAE_WEIGHT_BYTES + (0 if t5_on_gpu else T5_BYTES_BF16)
-    streamed_bytes = experts * streamed * weights.block
+    host_weights = experts * (weights.total + 2 * extra_high) + VAE_WEIGHT_BYTES + (0 if t5_on_gpu else T5_BYTES_BF16)
+    per_forward = streamed * weights.block + (extra_high if streamed else 0)
+    streamed_bytes = experts * per_forward
     pinned = min(streamed_bytes, int(MAX_PINNED_FRACTION * ram))
     if streamed and pinned < streamed_bytes:
         notes.append(f"partial pinning: {pinned / GIB:.1f} of {streamed_bytes / GIB:.1f} GiB of streamed "
                      "blocks pinned; the rest is copied from pageable memory (slower)")
-    bytes_per_step = 2 * streamed * weights.block if streamed else 0
+    bytes_per_step = 2 * per_forward
     if streamed:
         notes.append("streamed bytes per step are hidden behind compute when PCIe delivers "
                      f"{bytes_per_step / GIB:.1f} GiB within one step's compute")
@@ -231,7 +237,7 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
     fits = not problems
     return MemoryPlan(
         task=task.name, size=size, frames=frames, precision=precision.value, tokens=tokens,
-        vram_budget=vram, ram_budget=ram, experts=experts, expert_bytes=weights.total,
+        vram_budget=vram, ram_budget=ram, experts=experts, expert_bytes=weights.total + 2 * extra_high,
         block_bytes=weights.block, num_blocks=weights.num_blocks, resident_blocks=resident,
         streamed_blocks=streamed, prefetch_depth=PREFETCH_DEPTH, slot_bytes=slot_bytes,
         activation_bytes=activations, peak_vram_sampling=peak_sampling, peak_vram_decode=peak_decode,
