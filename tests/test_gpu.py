@@ -84,3 +84,33 @@ def test_partial_pinning_keeps_results_and_pins_up_to_the_limit():
         for _ in range(2):
             streamer.expect_forward("high")
             assert torch.equal(streamed(x, t, context), expected)
+
+
+def test_fp8_experts_stream_and_run_scaled_mm_on_cuda(tmp_path):
+    """Quantized blocks pack into the streamer's byte slots like bf16 ones."""
+    import dataclasses
+
+    from wanrt.configs import get_task
+    from wanrt.demo import write_tiny_checkpoint
+    from wanrt.export.quantize import Kernel, QuantizedLinear
+    from wanrt.loading.checkpoint import Expert, locate_checkpoint
+    from wanrt.pipeline import GenerationRequest, Pipeline, StreamingConfig, TextEmbeddings
+
+    tiny = get_task("tiny-t2v")
+    task = dataclasses.replace(tiny, dit=dataclasses.replace(tiny.dit, num_layers=4))
+    files = locate_checkpoint(write_tiny_checkpoint(tmp_path / "four_blocks", task), task)
+    generator = torch.Generator().manual_seed(0)
+    embeddings = TextEmbeddings(torch.randn(5, 32, generator=generator), torch.randn(9, 32, generator=generator))
+    request = GenerationRequest(prompt="", steps=4, seed=3)
+    cuda = torch.device("cuda")
+    reference = Pipeline(task, files, cuda, torch.bfloat16).sample(request, embeddings=embeddings)
+    resident = Pipeline(task, files, cuda, torch.bfloat16, precision="fp8")
+    streamed = Pipeline(task, files, cuda, torch.bfloat16, precision="fp8",
+                        streaming=StreamingConfig(resident_blocks=1, depth=1))
+    latents = resident.sample(request, embeddings=embeddings)
+    assert torch.equal(streamed.sample(request, embeddings=embeddings), latents)
+    kernels = {m.kernel_for(cuda) for m in resident.dit(Expert.LOW_NOISE).modules()
+               if isinstance(m, QuantizedLinear)}
+    assert kernels == {Kernel.SCALED_MM}
+    error = ((latents - reference).norm() / reference.norm()).item()
+    assert 0 < error <= 5e-2, error
