@@ -12,7 +12,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from wanrt.cli import decode, demo, generate, plan
+from wanrt.cli import decode, demo, generate, plan, quantize
 from wanrt.errors import WanrtError
 
 USER_ERROR_EXIT_CODE = 2
@@ -37,6 +37,7 @@ app.command("generate", no_args_is_help=True)(generate.generate_command)
 app.command("decode", no_args_is_help=True)(decode.decode_command)
 app.command("demo")(demo.demo_command)
 app.command("plan")(plan.plan_command)
+app.command("quantize", no_args_is_help=True)(quantize.quantize_command)
 
 
 def main() -> None:

@@ -177,6 +177,8 @@ def generate_command(
     precision: Annotated[WeightPrecision, typer.Option(
         "--precision", help="DiT weight precision: bf16, or fp8/int8 quantized at load time.")]
     = WeightPrecision.BF16,
+    quantized: Annotated[Path | None, typer.Option(
+        "--quantized", help="Folder written by `wanrt quantize`: its experts replace the checkpoint's.")] = None,
     vram: Annotated[float | None, typer.Option(
         "--vram", help="GPU memory budget in GiB for the memory planner (default: the device's).")] = None,
     ram: Annotated[float | None, typer.Option(
@@ -202,7 +204,8 @@ def generate_command(
                if offload_model_official is not None else offload_model or None)
     pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=parse_device(device),
                                         dtype=_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu,
-                                        vram_gib=vram, ram_gib=ram, precision=precision.value)
+                                        vram_gib=vram, ram_gib=ram, precision=precision.value,
+                                        quantized_dir=quantized)
     plan = pipeline.plan_run(resolved)  # refuses a run that cannot fit, before loading
     if plan is not None:
         typer.echo("memory plan: " + "; ".join(plan.lines()[2:-1]), err=True)

@@ -148,6 +148,15 @@ def _check_stored_dtypes(model: WanDiT, infos: Mapping[str, TensorInfo], source:
                               f"{', '.join(wrong[:MAX_LISTED_KEYS])}")
 
 
+def quantized_scheme(folder: Path) -> str:
+    """The scheme a quantized folder holds, read from its manifest before any loading."""
+    manifest_path = Path(folder) / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST_NAME}; not a quantized wanrt checkpoint, "
+                              "or its save did not finish")
+    return parse_scheme(_read_json(manifest_path, "quantization manifest").get("scheme", "")).value
+
+
 def load_quantized(folder: Path, expect_config: DiTConfig | None = None,
                    device: torch.device | str = "cpu", scheme: Scheme | str | None = None,
                    source_hash: str | None = None) -> WanDiT:

@@ -183,3 +183,24 @@ def test_precision_flag_quantizes_by_the_default_policy_and_reports_it(checkpoin
     assert f"quantized high_noise: {expected}" in quantized.stdout
     reference, latents = (read_latents(tmp_path / f"{n}.latents.safetensors")[0] for n in ("full", "q"))
     assert torch.equal(latents, reference)
+
+
+def test_quantize_then_generate_with_quantized_experts(checkpoints, tmp_path):
+    ckpt = checkpoints["tiny-t2v"]
+    result = wanrt("quantize", "--task", "tiny-t2v", "--ckpt-dir", ckpt, "--out", tmp_path / "q", "--scheme", "int8")
+    assert result.exit_code == 0, result.output
+    assert "high_noise: int8: 0/26 linears quantized" in result.stdout  # 2 blocks: policy keeps both
+    generated = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", ckpt, "--quantized", tmp_path / "q",
+                      "--prompt", PROMPT, "--steps", 2, "--output", tmp_path / "q.mp4")
+    assert generated.exit_code == 0, generated.output
+    sidecar = json.loads((tmp_path / "q.json").read_text())
+    assert sidecar["runtime"]["precision"] == "int8"
+    assert sidecar["runtime"]["quantization"]["high_noise"].startswith("int8: 0/26")
+
+
+def test_quantize_errors_are_one_line(checkpoints, tmp_path):
+    missing = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
+                    "--quantized", tmp_path / "nowhere", "--output", tmp_path / "x.mp4")
+    assert_one_line_error(missing, "--quantized folder not found")
+    i2v = wanrt("quantize", "--task", "tiny-i2v", "--ckpt-dir", checkpoints["tiny-i2v"], "--out", tmp_path / "q")
+    assert_one_line_error(i2v, "i2v calibration", after_phase_lines=True)

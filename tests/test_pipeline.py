@@ -251,3 +251,30 @@ def test_quantized_experts_sample_within_budget(tmp_path, precision, budget):
     assert pipeline.quant_summaries["high_noise"].startswith(f"{precision}: 20/46 linears quantized")
     error = ((latents - reference).norm() / reference.norm()).item()
     assert 0 < error <= budget, error
+
+
+def test_quantize_checkpoint_then_generate_from_it(tmp_path):
+    from wanrt.export.quantize import Float8Linear
+    from wanrt.quantize_checkpoint import quantize_checkpoint
+
+    tiny = get_task("tiny-t2v")
+    task = dataclasses.replace(tiny, dit=dataclasses.replace(tiny.dit, num_layers=4))
+    root = write_tiny_checkpoint(tmp_path / "four_blocks", task)
+    source = Pipeline(task, locate_checkpoint(root, task), torch.device("cpu"), torch.float32)
+    results = quantize_checkpoint(source, tmp_path / "fp8", "fp8", prompt="a cat on the beach")
+    assert [r.expert for r in results] == [Expert.HIGH_NOISE, Expert.LOW_NOISE]
+    for result in results:
+        assert (result.folder / "quantization.json").is_file()
+        quantized = [layer for layer in result.report.layers if layer.quantized]
+        assert len(quantized) + sum(layer.reason.startswith("guard") for layer in result.report.layers) == 20
+    pipeline = Pipeline(task, locate_checkpoint(root, task), torch.device("cpu"), torch.float32,
+                        quantized_dir=tmp_path / "fp8")
+    request = GenerationRequest(prompt="", steps=3, seed=4)
+    latents = pipeline.sample(request, embeddings=_embeddings(32))
+    assert pipeline.precision == "fp8"
+    assert any(isinstance(m, Float8Linear) for m in pipeline.dit(Expert.LOW_NOISE).modules())
+    reference = source.sample(request, embeddings=_embeddings(32))
+    error = ((latents - reference).norm() / reference.norm()).item()
+    assert 0 < error <= 5e-2, error
+    with pytest.raises(InputError, match="cannot be combined with --quantized"):
+        Pipeline(task, None, torch.device("cpu"), torch.float32, precision="int8", quantized_dir=tmp_path / "fp8")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wanrt.configs import SIZES, ModelType, TaskSpec, get_task, parse_size
-from wanrt.errors import InputError, WanrtError
+from wanrt.errors import CheckpointError, InputError, WanrtError
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
                                       load_t5, load_vae, locate_checkpoint)
 from wanrt.models.dit import WanDiT
@@ -223,7 +223,8 @@ class Pipeline:
     def __init__(self, task: TaskSpec, files: CheckpointFiles | None, device: torch.device,
                  dit_dtype: torch.dtype, text_device: torch.device | None = None,
                  text_dtype: torch.dtype | None = None, memory: MemoryBudget | None = None,
-                 streaming: StreamingConfig | None = None, precision: str = "bf16") -> None:
+                 streaming: StreamingConfig | None = None, precision: str = "bf16",
+                 quantized_dir: Path | None = None) -> None:
         self.task = task
         self.files = files
         self.device = device
@@ -238,6 +239,18 @@ class Pipeline:
         # block Linears at load time with the default policy (wanrt.export.quantize).
         self.precision = Precision(precision).value
         self.quant_summaries: dict[str, str] = {}
+        # Experts saved by `wanrt quantize` replace the checkpoint's DiT folders.
+        self.quantized_files = None
+        if quantized_dir is not None:
+            if not Path(quantized_dir).is_dir():
+                raise CheckpointError(f"{quantized_dir}: --quantized folder not found; write it with "
+                                      "`wanrt quantize --out`")
+            self.quantized_files = locate_checkpoint(Path(quantized_dir), task)
+            if self.precision != Precision.BF16.value:
+                raise InputError("--precision quantizes at load time; it cannot be combined with --quantized")
+            from wanrt.export.quant_io import quantized_scheme
+
+            self.precision = Precision(quantized_scheme(next(iter(self.quantized_files.dit_dirs.values())))).value
         self.plan: MemoryPlan | None = None
         self._streamer: BlockStreamer | None = None
         self._experts: dict[Expert, WanDiT] = {}
@@ -251,7 +264,7 @@ class Pipeline:
     def from_pretrained(cls, ckpt_dir: str | Path, task: str, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, t5_cpu: bool = False,
                         vram_gib: float | None = None, ram_gib: float | None = None,
-                        precision: str = "bf16") -> "Pipeline":
+                        precision: str = "bf16", quantized_dir: str | Path | None = None) -> "Pipeline":
         """On a GPU the run is planned within `vram_gib`/`ram_gib` (default: what the
         machine has), streaming DiT blocks when the experts do not fit."""
         spec = get_task(task)
@@ -262,7 +275,7 @@ class Pipeline:
         text_device = torch.device("cpu") if t5_cpu else device
         memory = MemoryBudget.detect(device, vram_gib, ram_gib) if device.type == "cuda" else None
         return cls(spec, locate_checkpoint(Path(ckpt_dir), spec), device, dtype, text_device,
-                   memory=memory, precision=precision)
+                   memory=memory, precision=precision, quantized_dir=quantized_dir)
 
     @classmethod
     def from_models(cls, task: TaskSpec, experts: dict[Expert, WanDiT], vae=None,
@@ -290,6 +303,13 @@ class Pipeline:
 
     def _load_expert(self, expert: Expert) -> WanDiT:
         """Load to host memory; with streaming, hand the blocks to the streamer (once)."""
+        if expert not in self._experts and self.quantized_files is not None:
+            from wanrt.export.quant_io import load_quantized
+
+            folder = self.quantized_files.dit_dirs[expert]
+            model = self._timed_load(f"dit_{expert.value}", lambda: load_quantized(folder, expect_config=self.task.dit))
+            self.quant_summaries[expert.value] = model.quant_report.summary()
+            self._experts[expert] = model
         if expert not in self._experts:
             folder = self._require_files().dit_dirs[expert]
             model = self._timed_load(f"dit_{expert.value}", lambda: load_dit(
@@ -377,14 +397,14 @@ class Pipeline:
             torch.cuda.empty_cache()
         return TextEmbeddings(cond.float().cpu(), uncond.float().cpu())
 
-    def _latent_grid(self, request: ResolvedRequest) -> tuple[int, int, int]:
+    def latent_grid(self, request: ResolvedRequest) -> tuple[int, int, int]:
         width, height = SIZES.get(request.size) or parse_size(request.size)
         stride_t, stride_h, stride_w = self.task.vae_stride
         return (request.frame_num - 1) // stride_t + 1, height // stride_h, width // stride_w
 
     def _condition(self, request: ResolvedRequest, noise: Tensor | None) -> _Conditioning:
         task, z_dim = self.task, self.task.vae.z_dim
-        frames, lat_h, lat_w = self._latent_grid(request)
+        frames, lat_h, lat_w = self.latent_grid(request)
         model_type = task.dit.model_type
         if model_type is ModelType.I2V:
             width, height = SIZES.get(request.size) or parse_size(request.size)
@@ -438,7 +458,7 @@ class Pipeline:
         conditioning.latents = conditioning.fix_up(latents)
         return conditioning
 
-    def _expert_for(self, t: int) -> Expert:
+    def expert_for(self, t: int) -> Expert:
         if not self.task.is_moe:
             return Expert.ONLY
         boundary = self.task.sample.boundary * self.task.sample.num_train_timesteps
@@ -462,7 +482,7 @@ class Pipeline:
         autocast = torch.autocast(self.device.type, dtype=self.dit_dtype,
                                   enabled=self.dit_dtype != torch.float32)
         timesteps = scheduler.timesteps.tolist()
-        experts = [self._expert_for(t) for t in timesteps]
+        experts = [self.expert_for(t) for t in timesteps]
         for expert in dict.fromkeys(experts):
             self._load_expert(expert)
         if self._streamer is not None:
