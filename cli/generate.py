@@ -27,12 +27,12 @@ from wanrt.runtime.planner import Precision as WeightPrecision
 from wanrt.video_io import load_image
 
 
-class Precision(str, Enum):
+class ComputeDtype(str, Enum):
     BF16 = "bf16"
     FP32 = "fp32"
 
 
-_DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP32: torch.float32}
+_DTYPES = {ComputeDtype.BF16: torch.bfloat16, ComputeDtype.FP32: torch.float32}
 # The official `str2bool` spellings.
 _TRUE_WORDS = ("yes", "true", "t", "y", "1")
 _FALSE_WORDS = ("no", "false", "f", "n", "0")
@@ -172,7 +172,7 @@ def generate_command(
     = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if present).")]
     = None,
-    dtype: Annotated[Precision | None, typer.Option(
+    dtype: Annotated[ComputeDtype | None, typer.Option(
         "--dtype", help="DiT compute dtype (default: bf16 on GPU, fp32 on CPU).")] = None,
     precision: Annotated[WeightPrecision, typer.Option(
         "--precision", help="DiT weight precision: bf16, or fp8/int8 quantized at load time.")]
