@@ -181,6 +181,43 @@ def test_seed_reproducible_and_noise_overridable(tiny_pipelines):
     assert torch.equal(pipeline.sample(request, noise=noise), first)
 
 
+def test_a_run_split_at_the_expert_boundary_equals_the_whole_run(dit_only_checkpoint):
+    """What a hand-over between devices or a refine relies on: `denoise` continues a state
+    (latents + multistep history) exactly, and the expert follows each step's timestep."""
+    pipeline = Pipeline(FIXTURE_T2V, locate_checkpoint(dit_only_checkpoint, FIXTURE_T2V),
+                        torch.device("cpu"), torch.float32)
+    embeddings = _embeddings(4096)
+    request = GenerationRequest(prompt="unused", size="64*64", frame_num=5, steps=6, seed=3)
+    whole = pipeline.sample(request, embeddings=embeddings)
+    state = pipeline.start(request.resolved(FIXTURE_T2V))
+    experts = [expert for _, expert in pipeline.schedule(state)]
+    boundary = experts.index(Expert.LOW_NOISE)
+    assert 0 < boundary < len(experts) and set(experts[:boundary]) == {Expert.HIGH_NOISE}
+    state = pipeline.denoise(state, embeddings, stop=boundary)
+    assert state.step == boundary
+    assert {expert for _, expert in pipeline.schedule(state)} == {Expert.LOW_NOISE}
+    state = pipeline.denoise(state, embeddings)
+    assert state.step == 6 and torch.equal(state.latents[0], whole)
+
+
+def test_wrap_expert_replaces_what_the_loop_calls(dit_only_checkpoint):
+    pipeline = Pipeline(FIXTURE_T2V, locate_checkpoint(dit_only_checkpoint, FIXTURE_T2V),
+                        torch.device("cpu"), torch.float32)
+    wrapped: list = []
+
+    def wrap(expert, model):
+        def run(latents, timestep, context, y=None):
+            wrapped.append(expert)
+            return model(latents, timestep, context, y=y)
+        return run
+    pipeline.wrap_expert = wrap
+    request = GenerationRequest(prompt="unused", size="64*64", frame_num=5, steps=4, seed=3)
+    pipeline.sample(request, embeddings=_embeddings(4096))
+    # Two forwards (cond, uncond) per step, each through the wrapper of that step's expert.
+    experts = [expert for _, expert in pipeline.schedule(pipeline.start(request))]
+    assert wrapped == [expert for expert in experts for _ in range(2)]
+
+
 def test_output_size_rules_match_hand_computed_values():
     # i2v-A14B, 832*480 area, 16:9 image: sqrt(399360*0.5625)=473.96 -> 59 -> 29*2 = 58 rows.
     assert i2v_latent_hw((720, 1280), 832 * 480, get_task("i2v-A14B")) == (58, 104)

@@ -13,6 +13,7 @@ Noise is drawn from a CPU generator so a seed gives the same video on any device
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches
 from wanrt.models.dit import WanDiT
 from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
 from wanrt.runtime.streaming import BlockStreamer
-from wanrt.schedulers import Solver, make_scheduler
+from wanrt.schedulers import FlowScheduler, Solver, make_scheduler
 
 
 class NonFiniteLatentsError(WanrtError):
@@ -145,6 +146,22 @@ class StepInfo:
     guide_scale: float
 
 
+class Guidance:
+    """Classifier-free guidance as the official code computes it: the conditional and the
+    unconditional forward in turn, combined as `uncond + scale * (cond - uncond)`.
+
+    A strategy object so that distributed runs can split the two forwards across ranks
+    (`forwards_per_step` is what each process runs, which the block streamer schedules)."""
+
+    forwards_per_step = 2
+
+    def __call__(self, forward: Callable[..., Tensor], latents: Tensor, timestep: Tensor, cond: Tensor,
+                 uncond: Tensor, y: Tensor | None, scale: float) -> Tensor:
+        pred_cond = forward(latents, timestep, cond, y=y)
+        pred_uncond = forward(latents, timestep, uncond, y=y)
+        return pred_uncond + scale * (pred_cond - pred_uncond)
+
+
 def noise_for(shape: tuple[int, ...], seed: int) -> Tensor:
     """Initial noise from a CPU generator: identical on every device for a given seed."""
     return torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(seed),
@@ -213,6 +230,17 @@ class _Conditioning:
         return (1.0 - self.frozen_mask) * self.frozen + self.frozen_mask * latents
 
 
+@dataclass(frozen=True)
+class SamplingState:
+    """A run between steps: what `Pipeline.denoise` continues from (steps `step..` remain)."""
+
+    request: ResolvedRequest
+    latents: Tensor                 # [1, C, F, h, w] on the pipeline's device
+    scheduler: FlowScheduler        # carries the multistep history across calls
+    step: int                       # index of the next step in `scheduler.timesteps`
+    conditioning: _Conditioning
+
+
 class Pipeline:
     """Loads components lazily from one checkpoint and runs the official sampling loop.
 
@@ -254,6 +282,11 @@ class Pipeline:
         self.plan: MemoryPlan | None = None
         self._streamer: BlockStreamer | None = None
         self._experts: dict[Expert, WanDiT] = {}
+        # What the loop calls for each expert: the model itself, or what `wrap_expert`
+        # makes of it once loaded (a compiled engine, a sequence-parallel wrapper).
+        self._runners: dict[Expert, Callable[..., Tensor]] = {}
+        self.wrap_expert: Callable[[Expert, WanDiT], Callable[..., Tensor]] | None = None
+        self.guidance = Guidance()
         self._streamed_experts: set[Expert] = set()
         self._active_expert: Expert | None = None
         self._text_encoder = None
@@ -328,6 +361,9 @@ class Pipeline:
             self._streamer.register(expert, self._experts[expert],
                                     resident_blocks=self.streaming.resident_blocks)
             self._streamed_experts.add(expert)
+        if expert not in self._runners:
+            model = self._experts[expert]
+            self._runners[expert] = model if self.wrap_expert is None else self.wrap_expert(expert, model)
         return self._experts[expert]
 
     def _place(self, expert: Expert, device: torch.device | str) -> None:
@@ -464,49 +500,73 @@ class Pipeline:
         boundary = self.task.sample.boundary * self.task.sample.num_train_timesteps
         return Expert.HIGH_NOISE if t >= boundary else Expert.LOW_NOISE
 
-    def sample(self, request: GenerationRequest | ResolvedRequest, embeddings: TextEmbeddings | None = None,
-               noise: Tensor | None = None, on_step: Callable[[StepInfo], None] | None = None) -> Tensor:
-        """Run the denoising loop; returns the final latents `[C, F, h, w]` (float32, CPU)."""
+    def start(self, request: GenerationRequest | ResolvedRequest,
+              noise: Tensor | None = None) -> SamplingState:
+        """Plan the run (once), prepare the first latents and conditioning, and a fresh
+        scheduler: the state before step 0."""
         if isinstance(request, GenerationRequest):
             request = request.resolved(self.task)
-        if embeddings is None:
-            embeddings = self.encode_text(request.prompt, request.negative_prompt)
         if self.plan is None:
             self.plan_run(request)
         conditioning = self._condition(request, noise)
         scheduler = make_scheduler(request.solver, request.steps, request.shift,
                                    self.task.sample.num_train_timesteps, device=self.device)
-        cond = embeddings.cond[None].to(self.device)
-        uncond = embeddings.uncond[None].to(self.device)
-        latents = conditioning.latents
-        autocast = torch.autocast(self.device.type, dtype=self.dit_dtype,
-                                  enabled=self.dit_dtype != torch.float32)
-        timesteps = scheduler.timesteps.tolist()
-        experts = [self.expert_for(t) for t in timesteps]
-        for expert in dict.fromkeys(experts):
+        return SamplingState(request, conditioning.latents, scheduler, 0, conditioning)
+
+    def schedule(self, state: SamplingState, stop: int | None = None) -> list[tuple[int, Expert]]:
+        """(timestep, expert) of the steps `state.step .. stop` (default: to the end)."""
+        timesteps = state.scheduler.timesteps.tolist()[state.step:stop]
+        return [(t, self.expert_for(t)) for t in timesteps]
+
+    def denoise(self, state: SamplingState, embeddings: TextEmbeddings, stop: int | None = None,
+                on_step: Callable[[StepInfo], None] | None = None) -> SamplingState:
+        """Run steps `state.step .. stop` (default: to the end) and return the state after them.
+
+        Starting mid-schedule (refining a video, handing a run to another device) continues
+        the scheduler it is given; its step counter is set from `state.step`."""
+        steps = self.schedule(state, stop)
+        total = len(state.scheduler.timesteps)
+        for expert in dict.fromkeys(expert for _, expert in steps):
             self._load_expert(expert)
         if self._streamer is not None:
             # The whole run's block order, so prefetching crosses forwards and the boundary.
-            for expert in experts:
-                self._streamer.expect_forward(expert)  # cond
-                self._streamer.expect_forward(expert)  # uncond
+            for _, expert in steps:
+                for _ in range(self.guidance.forwards_per_step):
+                    self._streamer.expect_forward(expert)
+        scheduler = state.scheduler
+        scheduler.step_index = state.step
+        cond = embeddings.cond[None].to(self.device)
+        uncond = embeddings.uncond[None].to(self.device)
+        conditioning, latents = state.conditioning, state.latents
+        guide_scale = state.request.guide_scale
+        autocast = torch.autocast(self.device.type, dtype=self.dit_dtype,
+                                  enabled=self.dit_dtype != torch.float32)
         with torch.no_grad(), autocast:
-            for index, (t, expert) in enumerate(zip(timesteps, experts)):
-                model = self.dit(expert)
-                scale = request.guide_scale[0 if expert is Expert.LOW_NOISE else 1]
+            for index, (t, expert) in enumerate(steps, start=state.step):
+                self.dit(expert)
+                scale = guide_scale[0 if expert is Expert.LOW_NOISE else 1]
                 timestep = conditioning.timestep(torch.tensor(t, device=self.device))
-                pred_cond = model(latents, timestep, cond, y=conditioning.y)
-                pred_uncond = model(latents, timestep, uncond, y=conditioning.y)
-                guided = pred_uncond + scale * (pred_cond - pred_uncond)
+                guided = self.guidance(self._runners[expert], latents, timestep, cond, uncond,
+                                       conditioning.y, scale)
                 latents = conditioning.fix_up(scheduler.step(guided, t, latents))
                 if not torch.isfinite(latents).all():
                     raise NonFiniteLatentsError(
-                        f"sampling diverged at step {index + 1}/{len(timesteps)} (t={t}): NaN/Inf "
+                        f"sampling diverged at step {index + 1}/{total} (t={t}): NaN/Inf "
                         "in the latents; nothing was written. Try float32/bf16 instead of a "
                         "quantized precision, or another seed")
                 if on_step is not None:
-                    on_step(StepInfo(index, len(timesteps), t, expert, scale))
-        return latents[0].float().cpu()
+                    on_step(StepInfo(index, total, t, expert, scale))
+        return dataclasses.replace(state, latents=latents, step=state.step + len(steps))
+
+    def sample(self, request: GenerationRequest | ResolvedRequest, embeddings: TextEmbeddings | None = None,
+               noise: Tensor | None = None, on_step: Callable[[StepInfo], None] | None = None) -> Tensor:
+        """Run the whole denoising loop; returns the final latents `[C, F, h, w]` (float32, CPU)."""
+        if isinstance(request, GenerationRequest):
+            request = request.resolved(self.task)
+        if embeddings is None:
+            embeddings = self.encode_text(request.prompt, request.negative_prompt)
+        state = self.denoise(self.start(request, noise), embeddings, on_step=on_step)
+        return state.latents[0].float().cpu()
 
     def decode(self, latents: Tensor) -> Tensor:
         """Latents `[C, F, h, w]` -> video `[3, T, H, W]` in [-1, 1] (float32, CPU).
