@@ -1,0 +1,1 @@
+"""`wanrt bench`: scenarios measured side by side, with reports and plots."""

@@ -1,0 +1,1 @@
+"""Multi-GPU execution under torchrun: sequence parallelism, sharding, CFG and expert parallelism."""
