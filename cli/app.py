@@ -15,6 +15,10 @@ from typer.core import TyperGroup
 from wanrt.cli import decode, demo, generate, plan, quantize
 from wanrt.errors import WanrtError
 
+# Recent Typer releases vendor click as `typer._click` and raise its exception classes;
+# older ones use click itself.
+_click = getattr(typer.core, "_click", click)
+
 USER_ERROR_EXIT_CODE = 2
 
 
@@ -29,6 +33,12 @@ class _WanrtGroup(TyperGroup):
         except WanrtError as error:
             click.echo(f"error: {one_line(str(error))}", err=True)
             ctx.exit(USER_ERROR_EXIT_CODE)
+        except _click.exceptions.UsageError as error:
+            # A value click itself rejects (`--steps abc`, an unknown option): the same one
+            # line as our own validation instead of Typer's boxed panel.
+            command = error.ctx.command_path if error.ctx is not None else ctx.command_path
+            click.echo(f"error: {one_line(error.format_message())} (see: {command} --help)", err=True)
+            ctx.exit(error.exit_code)
 
 
 app = typer.Typer(cls=_WanrtGroup, name="wanrt", no_args_is_help=True, add_completion=False,

@@ -84,6 +84,9 @@ VALIDATION_CASES: dict[str, tuple[str, Callable[[Path], list], str]] = {
     "empty-prompt": ("tiny-t2v", lambda tmp: ["--prompt", ""], "--prompt"),
     "seed-too-large": ("tiny-t2v", lambda tmp: ["--seed", 2**64], "--seed"),
     "unknown-task": ("t2v-XL", lambda tmp: [], "--task"),
+    # Values click itself rejects get the same one line, not Typer's boxed panel.
+    "steps-not-a-number": ("tiny-t2v", lambda tmp: ["--steps", "abc"], "--steps"),
+    "unknown-option": ("tiny-t2v", lambda tmp: ["--sampling-steps", 4], "--sampling-steps"),
     "image-for-t2v": ("tiny-t2v", lambda tmp: ["--image", _corrupt_image(tmp)], "--image"),
     "missing-image": ("tiny-i2v", lambda tmp: [], "--image"),
     "image-not-found": ("tiny-i2v", lambda tmp: ["--image", tmp / "nowhere.png"], "--image"),
