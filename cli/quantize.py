@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from wanrt.cli.generate import load_image_option
 from wanrt.generate import generation_task, parse_device
 from wanrt.pipeline import Pipeline
 from wanrt.quantize_checkpoint import quantize_checkpoint
@@ -18,7 +19,8 @@ CALIBRATION_PROMPT = "A cat walks on the grass, realistic style, daylight, a cit
 def quantize_command(
     ckpt_dir: Annotated[Path, typer.Option("--ckpt-dir", "--ckpt_dir", help="Checkpoint to quantize.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the quantized experts (official layout).")],
-    task: Annotated[str, typer.Option("--task", help="t2v-A14B or ti2v-5B (or a tiny-* test task).")] = "t2v-A14B",
+    task: Annotated[str, typer.Option("--task", help="t2v-A14B, i2v-A14B or ti2v-5B (or a tiny-* test task).")]
+    = "t2v-A14B",
     scheme: Annotated[Precision, typer.Option("--scheme", help="fp8 or int8.")] = Precision.FP8,
     threshold: Annotated[float | None, typer.Option(
         "--threshold", help="Relative error above which a layer stays bf16 (default: the scheme's).")] = None,
@@ -26,6 +28,8 @@ def quantize_command(
     size: Annotated[str | None, typer.Option("--size", help="Calibration size (default: the task's).")] = None,
     frame_num: Annotated[int, typer.Option("--frame-num", help="Calibration frames, 4n+1.")] = 5,
     steps: Annotated[int, typer.Option("--timesteps", help="Calibration timesteps per expert.")] = 3,
+    image: Annotated[Path | None, typer.Option(
+        "--image", help="Calibration first frame: required for i2v, optional for ti2v.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N.")] = None,
 ) -> None:
     """Quantize the DiT experts with the fidelity guard; use the result with `generate --quantized`."""
@@ -34,5 +38,6 @@ def quantize_command(
     spec = generation_task(task)
     pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=parse_device(device))
     for result in quantize_checkpoint(pipeline, out, scheme.value, prompt, size=size, frame_num=frame_num,
-                                      timesteps_per_expert=steps, threshold=threshold):
+                                      timesteps_per_expert=steps, threshold=threshold,
+                                      image=load_image_option(image)):
         typer.echo(f"{result.expert.value}: {result.report.summary()} -> {result.folder}")

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 from wanrt.cli.app import app
 
@@ -206,4 +208,22 @@ def test_quantize_errors_are_one_line(checkpoints, tmp_path):
                     "--quantized", tmp_path / "nowhere", "--output", tmp_path / "x.mp4")
     assert_one_line_error(missing, "--quantized folder not found")
     i2v = wanrt("quantize", "--task", "tiny-i2v", "--ckpt-dir", checkpoints["tiny-i2v"], "--out", tmp_path / "q")
-    assert_one_line_error(i2v, "i2v calibration", after_phase_lines=True)
+    assert_one_line_error(i2v, "--image")
+    assert not (tmp_path / "q").exists()
+
+
+def test_i2v_quantize_calibrates_on_the_image_conditioned_run(checkpoints, tmp_path):
+    """The guard sees what generation feeds the i2v experts (mask + encoded image in `y`),
+    and the saved experts generate."""
+    image = tmp_path / "first.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
+    ckpt = checkpoints["tiny-i2v"]
+    result = wanrt("quantize", "--task", "tiny-i2v", "--ckpt-dir", ckpt, "--out", tmp_path / "q",
+                   "--scheme", "fp8", "--image", image, "--frame-num", 5)
+    assert result.exit_code == 0, result.output
+    assert "high_noise: fp8:" in result.stdout and "low_noise: fp8:" in result.stdout
+    generated = wanrt("generate", "--task", "tiny-i2v", "--ckpt-dir", ckpt, "--quantized", tmp_path / "q",
+                      "--image", image, "--prompt", PROMPT, "--steps", 2, "--frame-num", 5,
+                      "--output", tmp_path / "q.mp4")
+    assert generated.exit_code == 0, generated.output
+    assert json.loads((tmp_path / "q.json").read_text())["runtime"]["precision"] == "fp8"
