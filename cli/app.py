@@ -13,6 +13,8 @@ import typer
 from typer.core import TyperGroup
 
 from wanrt.cli import decode, demo, generate, plan, quantize
+from wanrt.cli import bench
+from wanrt.cli import k8s, preview, refine
 from wanrt.errors import WanrtError
 
 # Recent Typer releases vendor click as `typer._click` and raise its exception classes;
@@ -48,6 +50,10 @@ app.command("decode", no_args_is_help=True)(decode.decode_command)
 app.command("demo")(demo.demo_command)
 app.command("plan")(plan.plan_command)
 app.command("quantize", no_args_is_help=True)(quantize.quantize_command)
+app.command("bench")(bench.bench_command)
+app.command("preview", no_args_is_help=True)(preview.preview_command)
+app.command("refine", no_args_is_help=True)(refine.refine_command)
+app.add_typer(k8s.k8s_app, name="k8s")
 
 
 def main() -> None:

@@ -281,16 +281,19 @@ def read_latents(path: Path) -> tuple[Tensor, dict[str, str]]:
 # ---------------------------------------------------------------------- runs
 
 
-def generate_video(pipeline: Pipeline, request: GenerationRequest, output: Path, *,
+def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequest, output: Path, *,
                    embedding_cache: EmbeddingCache | None,
                    on_step: Callable[[StepInfo], None] | None = None,
                    on_decode: Callable[[], None] | None = None,
-                   run_options: Mapping[str, Any] | None = None) -> GenerationRecord:
+                   run_options: Mapping[str, Any] | None = None,
+                   sample: Callable[..., Tensor] | None = None,
+                   fps: int | None = None) -> GenerationRecord:
     """Sample, save the latents, decode, write `output` (mp4) and its JSON sidecar.
 
     A negative seed draws a random one (as the official CLI), recorded in the sidecar.
     `run_options` are extra settings to record under "options" (e.g. the official
-    `offload_model`, the image path).
+    `offload_model`, the image path). `sample(resolved, embeddings, on_step=...)` replaces
+    `pipeline.sample` (a refine starts from an encoded video); `fps` replaces the task's.
     Raises `NonFiniteLatentsError` with nothing written if sampling diverges, and
     `DecodeFailedError` naming the saved latents if decoding or writing fails.
     """
@@ -308,7 +311,7 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest, output: Path,
     embeddings, cache_state = _text_embeddings(pipeline, resolved, embedding_cache)
     text_seconds = time.perf_counter() - text_start
     expert_timer = _ExpertTimer(on_step)
-    latents = pipeline.sample(resolved, embeddings, on_step=expert_timer)
+    latents = (sample or pipeline.sample)(resolved, embeddings, on_step=expert_timer)
 
     hash_start = time.perf_counter()
     checkpoint = _checkpoint_record(pipeline.files)
@@ -321,6 +324,7 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest, output: Path,
         "settings": resolved.settings(),
         "seed": seed,
         "seed_was_random": seed_was_random,
+        "fps": fps or pipeline.task.sample.fps,
         "runtime": {"device": str(pipeline.device), "dit_dtype": str(pipeline.dit_dtype).removeprefix("torch."),
                     "text_device": str(pipeline.text_device), "embedding_cache": cache_state,
                     "precision": pipeline.precision, "quantization": dict(pipeline.quant_summaries),
@@ -369,7 +373,8 @@ def _decode_and_write(pipeline: Pipeline, latents: Tensor, output: Path, latents
         video = pipeline.decode(latents)
         timings["decode"] = time.perf_counter() - decode_start
         write_start = time.perf_counter()
-        info = write_video(video, output, fps=pipeline.task.sample.fps)
+        # Latents files written before the sidecar recorded the fps play at the task's.
+        info = write_video(video, output, fps=sidecar.get("fps", pipeline.task.sample.fps))
         timings["write_video"] = time.perf_counter() - write_start
         # Loads of an earlier run (sampling, when this is `wanrt decode`) are kept.
         timings["load"] = {**timings.get("load", {}), **pipeline.load_seconds}

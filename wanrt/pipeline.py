@@ -101,6 +101,11 @@ class ResolvedRequest:
     negative_prompt: str
     image: Tensor | None = field(default=None, repr=False)
 
+    def resolved(self, task: TaskSpec) -> "ResolvedRequest":
+        """Already resolved: kept as is, so a caller that chose values beyond the official
+        ones (the low preview sizes of `wanrt.preview`) can run it through `generate_video`."""
+        return self
+
     def settings(self) -> dict:
         """JSON-serialisable record of the run options."""
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "size": self.size,
@@ -286,6 +291,12 @@ class Pipeline:
         # makes of it once loaded (a compiled engine, a sequence-parallel wrapper).
         self._runners: dict[Expert, Callable[..., Tensor]] = {}
         self.wrap_expert: Callable[[Expert, WanDiT], Callable[..., Tensor]] | None = None
+        # Experts whose weights `wrap_expert` has placed itself (FSDP shards on each rank's
+        # device): `dit` and `offload_dit` never move them.
+        self.wrapper_placed: set[Expert] = set()
+        # Applied once to the VAE before its first use (an engine routing its causal steps).
+        self.prepare_vae: Callable[[torch.nn.Module], None] | None = None
+        self._vae_prepared = False
         self.guidance = Guidance()
         self._streamed_experts: set[Expert] = set()
         self._active_expert: Expert | None = None
@@ -313,12 +324,14 @@ class Pipeline:
     @classmethod
     def from_models(cls, task: TaskSpec, experts: dict[Expert, WanDiT], vae=None,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    memory: MemoryBudget | None = None) -> "Pipeline":
+                    memory: MemoryBudget | None = None, text_encoder=None) -> "Pipeline":
         """A pipeline over models already built (benchmarks with random full-size weights,
-        converted models); a run then needs text embeddings, and the VAE only to decode."""
+        converted models); a run then needs text embeddings (or `text_encoder`, a
+        `wanrt.text_encoder.TextEncoder`), and the VAE only to decode."""
         pipeline = cls(task, None, torch.device(device), dtype, memory=memory)
         pipeline._experts.update(experts)
         pipeline._vae = vae
+        pipeline._text_encoder = text_encoder
         return pipeline
 
     # ------------------------------------------------------------------ components
@@ -368,6 +381,8 @@ class Pipeline:
 
     def _place(self, expert: Expert, device: torch.device | str) -> None:
         """Move what of `expert` is not streamed (all of it without streaming)."""
+        if expert in self.wrapper_placed:
+            return
         if self._streamer is not None:
             self._streamer.move_resident(expert, device)
         else:
@@ -418,6 +433,9 @@ class Pipeline:
             files = self._require_files()
             # The official pipelines run the VAE in float32.
             self._vae = self._timed_load("vae", lambda: load_vae(files.vae, self.task.vae, dtype=torch.float32))
+        if self.prepare_vae is not None and not self._vae_prepared:
+            self.prepare_vae(self._vae)
+            self._vae_prepared = True
         return self._vae.to(self.device)  # a no-op once it is there
 
     # ------------------------------------------------------------------ stages

@@ -1,0 +1,346 @@
+"""Preview many cheaply: N candidates of one prompt at a low resolution and step count.
+
+One loaded `Pipeline` and one prompt embedding serve every candidate; candidate i uses
+seed `base_seed + i`, so each is reproducible on its own (`wanrt generate --seed`, or
+`wanrt refine --from DIR --pick i`). The folder gets, per candidate, what `wanrt generate`
+writes (mp4, JSON sidecar, latents), plus a contact sheet (first/middle/last frame of each)
+and `index.json`, which `wanrt.refine` reads.
+
+Under torchrun the candidates are dealt round-robin over the ranks (each rank loads the
+models on its own GPU); rank 0 draws the base seed, gathers every rank's records and alone
+writes the contact sheet and the index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import secrets
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from wanrt.configs import TaskSpec, parse_size
+from wanrt.errors import ConfigError, InputError
+from wanrt.generate import EmbeddingCache, check_output_path, generate_video
+from wanrt.loading.save import write_atomic, write_json
+from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, StepInfo
+from wanrt.video_io import frames_to_uint8, read_video
+
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "wanrt-preview/1"
+CONTACT_SHEET_NAME = "contact_sheet.png"
+
+
+@dataclass(frozen=True)
+class PreviewDefaults:
+    size: str
+    steps: int
+
+
+# About a quarter of the smallest official area and half the official steps: a candidate
+# costs roughly 1/8 of a 480P generation. Sizes are multiples of the VAE stride x patch
+# (16 for Wan2.1's VAE, 32 for ti2v-5B's Wan2.2 VAE).
+PREVIEW_DEFAULTS: dict[str, PreviewDefaults] = {
+    "t2v-A14B": PreviewDefaults("416*240", 20),
+    "i2v-A14B": PreviewDefaults("416*240", 20),
+    "ti2v-5B": PreviewDefaults("640*352", 20),
+    "tiny-t2v": PreviewDefaults("32*32", 3),
+    "tiny-i2v": PreviewDefaults("32*32", 3),
+    "tiny-ti2v": PreviewDefaults("64*32", 3),
+}
+
+
+def preview_defaults(task: TaskSpec) -> PreviewDefaults:
+    try:
+        return PREVIEW_DEFAULTS[task.name]
+    except KeyError:
+        raise InputError(f"--task {task.name} has no preview defaults; choose one of "
+                         f"{', '.join(PREVIEW_DEFAULTS)}") from None
+
+
+def check_preview_size(task: TaskSpec, size: str) -> str:
+    """Any WIDTH*HEIGHT whose latent grid splits into whole DiT patches (previews are not
+    limited to the official sizes)."""
+    try:
+        width, height = parse_size(size)
+    except ConfigError:
+        raise InputError(f"--size {size!r} must be WIDTH*HEIGHT, e.g. 416*240") from None
+    multiple = task.vae_stride[1] * task.dit.patch_size[1]
+    if width <= 0 or height <= 0 or width % multiple or height % multiple:
+        raise InputError(f"--size {size}: width and height must be positive multiples of {multiple} "
+                         f"for {task.name}, e.g. {preview_defaults(task).size}")
+    return f"{width}*{height}"
+
+
+def preview_request(task: TaskSpec, request: GenerationRequest) -> ResolvedRequest:
+    """`request` with the preview defaults for what it leaves unset (size, steps); the
+    rest resolves exactly as `wanrt generate` would."""
+    defaults = preview_defaults(task)
+    size = check_preview_size(task, request.size or defaults.size)
+    steps = defaults.steps if request.steps is None else request.steps
+    resolved = dataclasses.replace(request, size=None, steps=steps).resolved(task)
+    return dataclasses.replace(resolved, size=size)
+
+
+# ---------------------------------------------------------------------- ranks
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    def share(self, count: int) -> range:
+        """The work items (of `count`) this rank runs: round-robin."""
+        return range(self.rank, count, self.world_size)
+
+    def device(self, requested: torch.device | None) -> torch.device | None:
+        """Each rank on its own GPU, unless the user named a device other than plain `cuda`."""
+        wants_cuda = requested is None or (requested.type == "cuda" and requested.index is None)
+        if wants_cuda and self.world_size > 1 and torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return requested
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank."""
+        if self.world_size == 1:
+            return value
+        holder = [value]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def gather(self, items: list) -> list:
+        """Every rank's `items`, concatenated in rank order, on every rank."""
+        if self.world_size == 1:
+            return list(items)
+        gathered: list[list] = [[] for _ in range(self.world_size)]
+        torch.distributed.all_gather_object(gathered, items)
+        return [item for part in gathered for item in part]
+
+
+@contextmanager
+def rank_group(ranks: Ranks) -> Iterator[None]:
+    """The process group the ranks exchange seeds and records through. Gloo on the host
+    whatever the device: only a few small Python objects cross it."""
+    if ranks.world_size == 1:
+        yield
+        return
+    torch.distributed.init_process_group("gloo")
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- embeddings
+
+
+class SharedEmbeddings(EmbeddingCache):
+    """Prompt embeddings held in memory for a whole preview, in front of the optional disk
+    cache: the N candidates run the text encoder (or read the disk) once, not N times."""
+
+    def __init__(self, disk: EmbeddingCache | None) -> None:
+        super().__init__(disk.folder if disk is not None else None)
+        self.disk = disk
+        self.memory: dict[str, Tensor] = {}
+
+    def get(self, pipeline: Pipeline, prompt: str) -> Tensor | None:
+        if prompt not in self.memory and self.disk is not None:
+            found = self.disk.get(pipeline, prompt)
+            if found is not None:
+                self.memory[prompt] = found
+        return self.memory.get(prompt)
+
+    def put(self, pipeline: Pipeline, prompt: str, embedding: Tensor) -> None:
+        self.memory[prompt] = embedding
+        if self.disk is not None:
+            self.disk.put(pipeline, prompt, embedding)
+
+
+# ---------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class PreviewCandidate:
+    index: int
+    seed: int
+    video: str      # file names relative to the preview folder
+    sidecar: str
+    latents: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class PreviewIndex:
+    """What `index.json` holds: the shared settings and one entry per candidate."""
+
+    folder: Path
+    task: str
+    ckpt_dir: str
+    settings: dict[str, Any]          # ResolvedRequest.settings() of candidate 0 (its seed is base_seed)
+    base_seed: int
+    seed_was_random: bool
+    image_path: str | None
+    candidates: tuple[PreviewCandidate, ...]
+    world_size: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": INDEX_FORMAT, "task": self.task, "ckpt_dir": self.ckpt_dir,
+                "settings": self.settings, "base_seed": self.base_seed,
+                "seed_was_random": self.seed_was_random, "image_path": self.image_path,
+                "contact_sheet": CONTACT_SHEET_NAME, "world_size": self.world_size,
+                "candidates": [candidate.to_dict() for candidate in self.candidates]}
+
+    @classmethod
+    def load(cls, folder: Path) -> "PreviewIndex":
+        """Read `<folder>/index.json`; InputError naming `--from` if it is not a preview."""
+        folder = Path(folder)
+        path = folder / INDEX_NAME
+        if not path.is_file():
+            raise InputError(f"--from {folder}: no {INDEX_NAME} there; pass a folder written by `wanrt preview`")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != INDEX_FORMAT:
+                raise ValueError(f"format {raw.get('format')!r}, expected {INDEX_FORMAT}")
+            candidates = tuple(PreviewCandidate(**entry) for entry in raw["candidates"])
+            return cls(folder, raw["task"], raw["ckpt_dir"], raw["settings"], raw["base_seed"],
+                       raw["seed_was_random"], raw["image_path"], candidates, raw["world_size"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise InputError(f"--from {folder}: {path} is not a wanrt preview index ({error}); "
+                             "write it again with `wanrt preview`") from None
+
+    def candidate(self, pick: int) -> PreviewCandidate:
+        """Candidate `pick`; InputError naming `--pick` and the valid range otherwise."""
+        if not 0 <= pick < len(self.candidates):
+            raise InputError(f"--pick {pick} is out of range: {self.folder} holds candidates "
+                             f"0..{len(self.candidates) - 1}")
+        return self.candidates[pick]
+
+
+def candidate_stem(index: int) -> str:
+    return f"candidate_{index:02d}"
+
+
+def check_preview_folder(folder: Path) -> Path:
+    """Refuse a folder that already holds a preview (it may be the one to refine) or
+    cannot be written, before any model loads."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out {folder} is a file; give a folder for the preview")
+    if (folder / INDEX_NAME).exists():
+        raise InputError(f"--out {folder} already holds a preview ({INDEX_NAME}); choose a new folder")
+    check_output_path(folder / f"{candidate_stem(0)}.mp4")
+    return folder
+
+
+def draw_base_seed(count: int) -> int:
+    """A random base seed whose candidates' seeds all stay within the official range."""
+    return secrets.randbelow(sys.maxsize - count + 2)
+
+
+def run_preview(pipeline: Pipeline, request: GenerationRequest, count: int, folder: Path, *,
+                embedding_cache: EmbeddingCache | None, ranks: Ranks = Ranks(),
+                image_path: Path | None = None,
+                on_candidate: Callable[[int, int], None] | None = None,
+                on_step: Callable[[StepInfo], None] | None = None) -> PreviewIndex:
+    """Write `count` candidates, the contact sheet and the index into `folder`.
+
+    `request` is resolved with the preview defaults (`preview_request`); a negative seed
+    draws the base seed at random (recorded). Under torchrun (`ranks`, with the process
+    group of `rank_group` set up) every rank calls this and each runs its share; rank 0
+    writes the contact sheet and the index. Returns the index on every rank.
+    """
+    if count < 1:
+        raise InputError(f"--count {count} must be at least 1")
+    folder = check_preview_folder(folder)
+    resolved = preview_request(pipeline.task, request)
+    seed_was_random = resolved.seed < 0
+    base_seed = ranks.broadcast(draw_base_seed(count) if seed_was_random else resolved.seed)
+    if base_seed + count - 1 > sys.maxsize:
+        raise InputError(f"--seed {base_seed}: the candidates' seeds {base_seed}..{base_seed + count - 1} "
+                         f"exceed {sys.maxsize}; use a smaller seed")
+    shared = SharedEmbeddings(embedding_cache)
+    options = {"preview": {"folder": str(folder.absolute()), "count": count, "base_seed": base_seed},
+               "image_path": str(image_path.absolute()) if image_path else None}
+    written = []
+    for index in ranks.share(count):
+        seed = base_seed + index
+        if on_candidate is not None:
+            on_candidate(index, seed)
+        record = generate_video(pipeline, dataclasses.replace(resolved, seed=seed),
+                                folder / f"{candidate_stem(index)}.mp4", embedding_cache=shared,
+                                on_step=on_step, run_options={**options, "candidate": index})
+        written.append(PreviewCandidate(index, seed, record.video_path.name, record.sidecar_path.name,
+                                        record.latents_path.name))
+    candidates = tuple(sorted(ranks.gather(written), key=lambda candidate: candidate.index))
+    index = PreviewIndex(folder, pipeline.task.name, str(pipeline.files.root.resolve()),
+                         dataclasses.replace(resolved, seed=base_seed).settings(), base_seed,
+                         seed_was_random, str(image_path.absolute()) if image_path else None,
+                         candidates, ranks.world_size)
+    if ranks.rank == 0:
+        write_contact_sheet(folder / CONTACT_SHEET_NAME,
+                            [(c.index, c.seed, read_video(folder / c.video)[0]) for c in candidates])
+        write_json(folder / INDEX_NAME, index.to_dict())
+    return index
+
+
+# ---------------------------------------------------------------------- contact sheet
+
+SHEET_PADDING = 4
+LABEL_HEIGHT = 14
+# Thumbnails are at least this wide (tiny previews are scaled up by a whole factor, so the
+# label fits and pixels stay exact) and at most the widest preview default.
+MIN_THUMB_WIDTH, MAX_THUMB_WIDTH = 96, 416
+
+
+def thumbnail_scale(width: int) -> float:
+    """Factor from a frame's width to its thumbnail's: a whole number when enlarging."""
+    if width < MIN_THUMB_WIDTH:
+        return float(math.ceil(MIN_THUMB_WIDTH / width))
+    return min(1.0, MAX_THUMB_WIDTH / width)
+
+
+def sheet_frame_indices(num_frames: int) -> tuple[int, int, int]:
+    return 0, num_frames // 2, num_frames - 1
+
+
+def write_contact_sheet(path: Path, videos: list[tuple[int, int, Tensor]]) -> None:
+    """One row per candidate (index, seed, video `[3, T, H, W]` in [-1, 1]): a label, then
+    its first, middle and last frame. Written atomically as a PNG."""
+    from PIL import Image, ImageDraw
+
+    _, _, height, width = videos[0][2].shape
+    scale = thumbnail_scale(width)
+    thumb_w, thumb_h = round(width * scale), round(height * scale)
+    row_h = LABEL_HEIGHT + thumb_h + SHEET_PADDING
+    sheet = Image.new("RGB", (3 * thumb_w + 4 * SHEET_PADDING, len(videos) * row_h + SHEET_PADDING), "white")
+    draw = ImageDraw.Draw(sheet)
+    # Enlarged thumbnails repeat pixels (exact); reduced ones are filtered.
+    resample = Image.NEAREST if scale >= 1 else Image.LANCZOS
+    for row, (index, seed, video) in enumerate(videos):
+        top = SHEET_PADDING + row * row_h
+        frames = ",".join(str(f) for f in sheet_frame_indices(video.shape[1]))
+        draw.text((SHEET_PADDING, top), f"#{index} | seed {seed} | frames {frames}", fill="black")
+        for column, frame in enumerate(sheet_frame_indices(video.shape[1])):
+            pixels = frames_to_uint8(video[:, frame]).permute(1, 2, 0).contiguous().numpy()
+            thumb = Image.fromarray(pixels).resize((thumb_w, thumb_h), resample)
+            sheet.paste(thumb, (SHEET_PADDING + column * (thumb_w + SHEET_PADDING), top + LABEL_HEIGHT))
+    write_atomic(Path(path), lambda tmp: sheet.save(tmp, format="PNG"))
