@@ -527,9 +527,12 @@ class Pipeline:
         if self.plan is None:
             self.plan_run(request)
         conditioning = self._condition(request, noise)
-        scheduler = make_scheduler(request.solver, request.steps, request.shift,
-                                   self.task.sample.num_train_timesteps, device=self.device)
-        return SamplingState(request, conditioning.latents, scheduler, 0, conditioning)
+        return SamplingState(request, conditioning.latents, self.new_scheduler(request), 0, conditioning)
+
+    def new_scheduler(self, request: ResolvedRequest) -> FlowScheduler:
+        """A fresh scheduler for `request`'s schedule, its timesteps on this pipeline's device."""
+        return make_scheduler(request.solver, request.steps, request.shift,
+                              self.task.sample.num_train_timesteps, device=self.device)
 
     def schedule(self, state: SamplingState, stop: int | None = None) -> list[tuple[int, Expert]]:
         """(timestep, expert) of the steps `state.step .. stop` (default: to the end)."""

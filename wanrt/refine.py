@@ -36,7 +36,6 @@ from wanrt.loading.checkpoint import Expert
 from wanrt.pipeline import (GenerationRequest, Pipeline, ResolvedRequest, SamplingState, StepInfo,
                             TextEmbeddings)
 from wanrt.preview import PreviewIndex
-from wanrt.schedulers import make_scheduler
 from wanrt.video_io import read_video
 
 DEFAULT_STRENGTH = 0.8
@@ -82,8 +81,7 @@ class RefineSchedule:
 
 def refine_schedule(pipeline: Pipeline, request: ResolvedRequest, strength: float) -> RefineSchedule:
     """What `refine_latents` will run for `request` at `strength`, without running it."""
-    scheduler = make_scheduler(request.solver, request.steps, request.shift,
-                               pipeline.task.sample.num_train_timesteps)
+    scheduler = pipeline.new_scheduler(request)
     first = start_step(scheduler.sigmas, strength)
     steps = tuple((t, pipeline.expert_for(t)) for t in scheduler.timesteps.tolist()[first:])
     return RefineSchedule(float(strength), first, request.steps, scheduler.sigmas[first].item(), steps)

@@ -129,11 +129,15 @@ class SelfAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.num_heads, -1))
 
-    def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor,
-                key_mask: Tensor | None) -> Tensor:
+    def rotated_qkv(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q and k normed and rotated (float32), v as projected; `[B, L, N, D]` each."""
         q = apply_rope(self._heads(self.norm_q(self.q(x))), rope_cos, rope_sin)
         k = apply_rope(self._heads(self.norm_k(self.k(x))), rope_cos, rope_sin)
-        v = self._heads(self.v(x))
+        return q, k, self._heads(self.v(x))
+
+    def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor,
+                key_mask: Tensor | None) -> Tensor:
+        q, k, v = self.rotated_qkv(x, rope_cos, rope_sin)
         return self.o(attention(q, k, v, key_mask).flatten(2))
 
 
