@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from wanrt.bench.flops import block_flops
 from wanrt.configs import DiTConfig, get_task
 from wanrt.models.dit import DiTBlock, rope_tables
 from wanrt.random_weights import randomize_
@@ -32,15 +33,6 @@ def tokens_for(size: tuple[int, int], frames: int, vae_stride: tuple[int, int, i
     width, height = size
     st, sh, sw = vae_stride
     return (frames - 1) // st + 1, height // sh // 2, width // sw // 2
-
-
-def block_flops(config: DiTConfig, seq_len: int, text_len: int = TEXT_LEN) -> int:
-    """Multiply-adds x2 of one block: the projections, both attentions and the FFN."""
-    d, f = config.dim, config.ffn_dim
-    self_attention = 4 * 2 * seq_len * d * d + 2 * 2 * seq_len * seq_len * d
-    cross_attention = 2 * 2 * seq_len * d * d + 2 * 2 * text_len * d * d + 2 * 2 * seq_len * text_len * d
-    ffn = 2 * 2 * seq_len * d * f
-    return self_attention + cross_attention + ffn
 
 
 def time_cuda(fn, warmup: int, iters: int) -> list[float]:
@@ -103,7 +95,7 @@ def bench_block(config: DiTConfig, grid: tuple[int, int, int], device: torch.dev
         times = time_cpu(forward, warmup, iters)
         peak_extra = None
     out = forward()
-    flops = block_flops(config, seq_len)
+    flops = block_flops(config, seq_len, TEXT_LEN)
     median = sorted(times)[len(times) // 2]
     return {
         "grid_fhw": list(grid), "seq_len": seq_len, "dtype": str(dtype).removeprefix("torch."),

@@ -90,7 +90,7 @@ def bench_block(config: DiTConfig, grid: tuple[int, int, int], device: torch.dev
             return candidate(x, time_mod, context, cos, sin)
 
     reference = forward(block)
-    flops = block_flops(config, seq_len)
+    flops = block_flops(config, seq_len, TEXT_LEN)
     results = []
     for scheme in SCHEMES:
         candidate = block if scheme is Scheme.BF16 else quantize(copy.deepcopy(block), scheme)

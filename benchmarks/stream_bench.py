@@ -25,24 +25,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from dit_block_bench import tokens_for  # noqa: E402
 
+from wanrt.bench.models import random_dit  # noqa: E402
 from wanrt.configs import get_task  # noqa: E402
 from wanrt.models.dit import WanDiT  # noqa: E402
-from wanrt.random_weights import randomize_  # noqa: E402
 from wanrt.runtime.streaming import BlockStreamer  # noqa: E402
 
 GIB = 2**30
 
 
 def build_expert(config, device: torch.device, seed: int = 0) -> WanDiT:
-    with torch.device("meta"):
-        model = WanDiT(config)
-    # Choose dtypes on meta so the full expert never exists in float32 (57 GB): bf16
-    # weights, float32 modulation/time MLPs/head, as the loader does.
-    for name, param in model.named_parameters():
-        keep_fp32 = any(part in model.keep_in_fp32 for part in name.split("."))
-        param.data = param.data.to(torch.float32 if keep_fp32 else torch.bfloat16)
-    randomize_(model, seed=seed, device=device)
-    return model.eval().requires_grad_(False)
+    """bf16 weights with the loader's float32 islands, never materialised in float32."""
+    return random_dit(config, seed, device, torch.bfloat16)
 
 
 def inputs_for(config, grid, device):
