@@ -15,6 +15,7 @@ from typer.core import TyperGroup
 from wanrt.cli import decode, demo, generate, plan, quantize
 from wanrt.cli import bench
 from wanrt.cli import k8s, preview, refine
+from wanrt.cli import export
 from wanrt.errors import WanrtError
 
 # Recent Typer releases vendor click as `typer._click` and raise its exception classes;
@@ -50,6 +51,7 @@ app.command("decode", no_args_is_help=True)(decode.decode_command)
 app.command("demo")(demo.demo_command)
 app.command("plan")(plan.plan_command)
 app.command("quantize", no_args_is_help=True)(quantize.quantize_command)
+app.command("export", no_args_is_help=True)(export.export_command)
 app.command("bench")(bench.bench_command)
 app.command("preview", no_args_is_help=True)(preview.preview_command)
 app.command("refine", no_args_is_help=True)(refine.refine_command)

@@ -19,6 +19,9 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeRemainingColumn)
 from rich.text import Text
 
+from wanrt.distributed.config import ParallelConfig
+from wanrt.distributed.launch import check_gpu_count, is_rank_zero, launched_world_size, relaunch, run_rank
+from wanrt.engines.base import EngineKind, use_engine
 from wanrt.errors import InputError
 from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
                             generate_video, generation_task, parse_device)
@@ -134,7 +137,23 @@ def run_generation(pipeline: Pipeline, request: GenerationRequest, output: Path,
 # ---------------------------------------------------------------------- command
 
 
+def torchrun_arguments(ctx: typer.Context, dropped: str) -> list[str]:
+    """The command as parsed, in canonical spellings and without option `dropped`: what
+    each process started under torchrun is given."""
+    arguments = [ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name == dropped or value is None or value == param.default:
+            continue
+        if param.is_flag:
+            arguments.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            arguments += [param.opts[0], str(value.value if isinstance(value, Enum) else value)]
+    return arguments
+
+
 def generate_command(
+    ctx: typer.Context,
     prompt: Annotated[str | None, typer.Option("--prompt", help="What the video shows.")] = None,
     ckpt_dir: Annotated[Path | None, typer.Option(
         "--ckpt-dir", "--ckpt_dir", help="Checkpoint folder (official or diffusers layout).")] = None,
@@ -187,6 +206,26 @@ def generate_command(
         "--embedding-cache", help="Prompt-embedding cache folder (default: $WANRT_CACHE_DIR/embeddings).")] = None,
     no_embedding_cache: Annotated[bool, typer.Option(
         "--no-embedding-cache", help="Always run the text encoder.")] = False,
+    engine: Annotated[EngineKind, typer.Option(
+        "--engine", help="eager, compile (torch.compile of the block), aoti, tensorrt, or auto (the best "
+        "available, named on stderr).")] = EngineKind.EAGER,
+    engine_dir: Annotated[Path | None, typer.Option(
+        "--engine-dir", help="Artifacts written by `wanrt export` (default: build into "
+        "$WANRT_CACHE_DIR/engines on first use).")] = None,
+    gpus: Annotated[int, typer.Option(
+        "--gpus", help="Run on N GPUs: re-launches itself under torchrun with the same arguments.")] = 1,
+    ulysses: Annotated[int | None, typer.Option(
+        "--ulysses", "--ulysses-size", "--ulysses_size",
+        help="Ulysses sequence-parallel ranks (default: all the GPUs --cfg-parallel leaves).")] = None,
+    cfg_parallel: Annotated[bool, typer.Option(
+        "--cfg-parallel", help="Run the prompt and the negative-prompt forwards on two GPUs at once.")] = False,
+    dit_fsdp: Annotated[bool, typer.Option(
+        "--dit-fsdp", "--dit_fsdp", help="Shard the DiT experts' weights over the GPUs (FSDP2).")] = False,
+    t5_fsdp: Annotated[bool, typer.Option(
+        "--t5-fsdp", "--t5_fsdp", help="Shard the T5 encoder's weights over the GPUs (FSDP2).")] = False,
+    expert_per_gpu: Annotated[bool, typer.Option(
+        "--expert-per-gpu", help="A14B on 2 GPUs: the high-noise expert on one, the low-noise one on the other.")]
+    = False,
 ) -> None:
     """Generate a video from a prompt (and an image for i2v/ti2v)."""
     spec = generation_task(task)
@@ -202,14 +241,44 @@ def generate_command(
     target = check_output_path(output or default_output_path(spec, resolved))
     offload = (parse_official_bool(offload_model_official, "--offload_model")
                if offload_model_official is not None else offload_model or None)
-    pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=parse_device(device),
-                                        dtype=_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu,
-                                        vram_gib=vram, ram_gib=ram, precision=precision.value,
-                                        quantized_dir=quantized)
-    plan = pipeline.plan_run(resolved)  # refuses a run that cannot fit, before loading
-    if plan is not None:
-        typer.echo("memory plan: " + "; ".join(plan.lines()[2:-1]), err=True)
+    world_size = launched_world_size()
+    if world_size > 1 and gpus not in (1, world_size):
+        raise InputError(f"--gpus {gpus} differs from the {world_size} processes torchrun started; drop --gpus")
+    if gpus > 1 and world_size == 1:
+        check_gpu_count(gpus, parse_device(device))
+    parallel = ParallelConfig.from_options(
+        world_size if world_size > 1 else gpus, ulysses, cfg_parallel, dit_fsdp, t5_fsdp,
+        expert_per_gpu).check(spec, precision.value, quantized is not None, t5_cpu)
+    if parallel.distributed and engine is not EngineKind.EAGER:
+        raise InputError(f"--engine {engine.value} runs on one GPU; leave it out with --gpus/torchrun")
+
+    def build_pipeline(on_device: torch.device | None, show_plan: bool = True) -> Pipeline:
+        pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=on_device,
+                                            dtype=_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu,
+                                            vram_gib=vram, ram_gib=ram, precision=precision.value,
+                                            quantized_dir=quantized)
+        # Refuses a run that cannot fit, before loading; FSDP shards are not what it sizes.
+        plan = None if parallel.dit_fsdp else pipeline.plan_run(resolved)
+        if plan is not None and show_plan and is_rank_zero():
+            typer.echo("memory plan: " + "; ".join(plan.lines()[2:-1]), err=True)
+        return pipeline
+    if gpus > 1 and world_size == 1:
+        # The checkpoint and the plan are checked here, before launching; rank 0 shows the plan.
+        build_pipeline(parse_device(device), show_plan=False)
+        raise typer.Exit(relaunch(gpus, torchrun_arguments(ctx, dropped="gpus")))
     cache = None if no_embedding_cache else EmbeddingCache(embedding_cache)
-    run_generation(pipeline, request, target, cache,
-                   run_options={"offload_model": offload, "convert_model_dtype": convert_model_dtype,
-                                "image_path": str(image.absolute()) if image else None})
+    run_options = {"offload_model": offload, "convert_model_dtype": convert_model_dtype,
+                   "image_path": str(image.absolute()) if image else None}
+    if parallel.distributed:
+        # Imported here: FSDP's modules take half a second to import.
+        from wanrt.distributed.generation import run_on_ranks
+
+        run_rank(lambda context: run_on_ranks(
+            context, parallel, build_pipeline(context.device), request, ctx.params, run_options,
+            lead=lambda leader, agreed, options: run_generation(leader, agreed, target, cache, options)),
+            parse_device(device))
+    pipeline = build_pipeline(parse_device(device))
+    run_options["engine"] = use_engine(pipeline, engine, engine_dir).describe()
+    if engine is not EngineKind.EAGER:  # what was asked for, and for auto what it picked
+        typer.echo(f"engine: {run_options['engine']}", err=True)
+    run_generation(pipeline, request, target, cache, run_options)
