@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from wanrt.configs import TaskSpec
-from wanrt.errors import InputError
+from wanrt.errors import InputError, parse_choice
 from wanrt.export.build import Backend, require_backend
 from wanrt.export.manifest import MANIFEST_FILE, ArtifactError, device_arch, read_manifest
 from wanrt.hashing import cache_root
@@ -131,11 +131,7 @@ ENGINE_BACKENDS: dict[EngineKind, Backend] = {EngineKind.AOTI: Backend.AOTI, Eng
 
 
 def parse_engine_kind(value: EngineKind | str) -> EngineKind:
-    try:
-        return EngineKind(value)
-    except ValueError:
-        raise InputError(f"--engine {value!r} is unknown; choose one of "
-                         f"{', '.join(k.value for k in EngineKind)}") from None
+    return parse_choice(EngineKind, value, "--engine")
 
 
 def engine_class(kind: EngineKind) -> type[Engine]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from wanrt.configs import TaskSpec
-from wanrt.errors import InputError
+from wanrt.errors import InputError, parse_choice
 from wanrt.export.manifest import (ArtifactStore, BuiltFiles, Identity, Manifest, device_arch,
                                    interface_sha256, tensors_sha256)
 from wanrt.export.specs import Component, ExportSpec, compute_dtype_of, export_module, make_spec
@@ -95,11 +95,7 @@ BACKEND_VERSIONS: dict[Backend, Callable[[], str]] = {
 
 
 def parse_backend(value: Backend | str) -> Backend:
-    try:
-        return Backend(value)
-    except ValueError:
-        raise InputError(f"--backend {value!r} is unknown; choose one of "
-                         f"{', '.join(b.value for b in Backend)}") from None
+    return parse_choice(Backend, value, "--backend")
 
 
 def require_backend(backend: Backend, device: torch.device) -> str:

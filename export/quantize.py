@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wanrt.errors import ConfigError
+from wanrt.errors import ConfigError, parse_choice
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -54,11 +54,7 @@ class Scheme(str, Enum):
 
 
 def parse_scheme(scheme: Scheme | str) -> Scheme:
-    try:
-        return Scheme(scheme)
-    except ValueError:
-        raise ConfigError(f"unknown quantization scheme {scheme!r}; choose one of "
-                          f"{', '.join(s.value for s in Scheme)}") from None
+    return parse_choice(Scheme, scheme, "quantization scheme", error=ConfigError)
 
 
 class Kernel(str, Enum):

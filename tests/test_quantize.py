@@ -194,7 +194,7 @@ def test_policy_patterns_override_defaults():
 def test_policy_and_scheme_errors():
     with pytest.raises(ConfigError, match="matches no Linear"):
         quantize(tiny_dit(), "fp8", PrecisionPolicy(keep=("blocks.*.atn.q",)))
-    with pytest.raises(ConfigError, match="unknown quantization scheme 'fp4'"):
+    with pytest.raises(ConfigError, match="quantization scheme 'fp4' is unknown"):
         quantize(tiny_dit(), "fp4")
     with pytest.raises(ConfigError, match=">= 0"):
         PrecisionPolicy(keep_first_blocks=-1)
@@ -449,7 +449,7 @@ def _keep_layer(manifest):
     (_set("wanrt_version", "0.0.1"), {}, "written by wanrt '0.0.1'"),
     (_set("format_version", 2), {}, "not a wanrt-quantized-dit v1 manifest"),
     (_set("scheme", "int8"), {}, "quantized tensors stored with the wrong dtype"),
-    (_set("scheme", "fp4"), {}, "unknown quantization scheme 'fp4'"),
+    (_set("scheme", "fp4"), {}, "quantization scheme 'fp4' is unknown"),
     (_keep_layer, {}, "unexpected keys: blocks.0.self_attn.q.weight_scale"),
     (lambda m: m["layers"].pop(), {}, "does not list the model's Linear layers"),
     (None, {"scheme": "int8"}, "holds fp8 weights but int8 was asked for"),

@@ -139,7 +139,7 @@ def test_make_scheduler_accepts_names_and_members():
 
 
 def test_input_errors():
-    with pytest.raises(InputError, match=r"unknown solver 'heun'; choose one of 'unipc', 'dpm\+\+', 'euler'"):
+    with pytest.raises(InputError, match=r"solver 'heun' is unknown; choose one of unipc, dpm\+\+, euler"):
         make_scheduler("heun", 10, 5.0)
     with pytest.raises(InputError, match="at least 1, got 0"):
         make_scheduler(Solver.UNIPC, 0, 5.0)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wanrt.configs import SIZES, ModelType, TaskSpec, get_task, parse_size
-from wanrt.errors import CheckpointError, InputError, WanrtError
+from wanrt.errors import CheckpointError, InputError, WanrtError, parse_choice
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
                                       load_t5, load_vae, locate_checkpoint)
 from wanrt.models.dit import WanDiT
@@ -68,11 +68,7 @@ class GenerationRequest:
         steps = defaults.steps if self.steps is None else self.steps
         if steps < 1:
             raise InputError(f"--steps {steps} must be at least 1")
-        try:
-            solver = Solver(self.solver)
-        except ValueError:
-            raise InputError(f"--solver {self.solver!r} is unknown; choose one of "
-                             f"{', '.join(s.value for s in Solver)}") from None
+        solver = parse_choice(Solver, self.solver, "--solver")
         guide = defaults.guide_scale if self.guide_scale is None else self.guide_scale
         if isinstance(guide, (int, float)):
             guide = (float(guide), float(guide))

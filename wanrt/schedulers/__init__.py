@@ -11,7 +11,7 @@ from enum import Enum
 
 import torch
 
-from wanrt.errors import InputError
+from wanrt.errors import parse_choice
 from wanrt.schedulers.base import FlowScheduler
 from wanrt.schedulers.dpmpp import DPMPPScheduler
 from wanrt.schedulers.euler import EulerScheduler
@@ -39,9 +39,4 @@ _SCHEDULERS: dict[Solver, type[FlowScheduler]] = {
 def make_scheduler(solver: Solver | str, steps: int, shift: float, num_train_timesteps: int = 1000,
                    device: torch.device | str | None = None) -> FlowScheduler:
     """A scheduler configured as the official pipelines do; `timesteps` live on `device`."""
-    try:
-        solver = Solver(solver)
-    except ValueError:
-        choices = ", ".join(repr(known.value) for known in Solver)
-        raise InputError(f"unknown solver {solver!r}; choose one of {choices}") from None
-    return _SCHEDULERS[solver](steps, shift, num_train_timesteps, device)
+    return _SCHEDULERS[parse_choice(Solver, solver, "solver")](steps, shift, num_train_timesteps, device)
