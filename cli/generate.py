@@ -35,7 +35,7 @@ class ComputeDtype(str, Enum):
     FP32 = "fp32"
 
 
-_DTYPES = {ComputeDtype.BF16: torch.bfloat16, ComputeDtype.FP32: torch.float32}
+COMPUTE_DTYPES = {ComputeDtype.BF16: torch.bfloat16, ComputeDtype.FP32: torch.float32}
 # The official `str2bool` spellings.
 _TRUE_WORDS = ("yes", "true", "t", "y", "1")
 _FALSE_WORDS = ("no", "false", "f", "n", "0")
@@ -254,7 +254,7 @@ def generate_command(
 
     def build_pipeline(on_device: torch.device | None, show_plan: bool = True) -> Pipeline:
         pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=on_device,
-                                            dtype=_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu,
+                                            dtype=COMPUTE_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu,
                                             vram_gib=vram, ram_gib=ram, precision=precision.value,
                                             quantized_dir=quantized)
         # Refuses a run that cannot fit, before loading; FSDP shards are not what it sizes.

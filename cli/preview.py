@@ -3,18 +3,20 @@ refine from. Also the sampling/runtime options `wanrt refine` shares with it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from wanrt.cli.generate import ComputeDtype, _DTYPES, load_image_option, parse_guide_scale
+from wanrt.cli.generate import COMPUTE_DTYPES, ComputeDtype, load_image_option, parse_guide_scale
 from wanrt.configs import TaskSpec
 from wanrt.errors import InputError
 from wanrt.generate import EmbeddingCache, generation_task, parse_device
 from wanrt.pipeline import GenerationRequest, Pipeline
-from wanrt.preview import INDEX_NAME, Ranks, check_preview_folder, preview_request, rank_group, run_preview
+from wanrt.distributed.launch import launched_world_size, run_rank
+from wanrt.preview import INDEX_NAME, Ranks, check_preview_folder, preview_request, run_preview
 from wanrt.runtime.planner import Precision as WeightPrecision
 
 # Options shared with `wanrt refine`, spelled as `wanrt generate` spells them.
@@ -43,12 +45,24 @@ EmbeddingCacheOption = Annotated[Path | None, typer.Option(
 NoEmbeddingCacheOption = Annotated[bool, typer.Option("--no-embedding-cache", help="Always run the text encoder.")]
 
 
-def load_pipeline(ckpt_dir: Path, task: str, device: str | None, dtype: ComputeDtype | None, t5_cpu: bool,
-                  vram: float | None, ram: float | None, precision: WeightPrecision,
-                  ranks: Ranks = Ranks()) -> Pipeline:
-    return Pipeline.from_pretrained(ckpt_dir, task, device=ranks.device(parse_device(device)),
-                                    dtype=_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu,
-                                    vram_gib=vram, ram_gib=ram, precision=precision.value)
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """Where and how the models run (shared by preview and refine)."""
+
+    device: str | None
+    dtype: ComputeDtype | None
+    t5_cpu: bool
+    vram: float | None
+    ram: float | None
+    precision: WeightPrecision
+
+    def load_pipeline(self, ckpt_dir: Path, task: str, ranks: Ranks = Ranks()) -> Pipeline:
+        """Under torchrun each rank runs on its own device (`ranks.context.device`)."""
+        device = ranks.context.device if ranks.context is not None else parse_device(self.device)
+        return Pipeline.from_pretrained(ckpt_dir, task, device=device,
+                                        dtype=COMPUTE_DTYPES[self.dtype] if self.dtype else None,
+                                        t5_cpu=self.t5_cpu, vram_gib=self.vram, ram_gib=self.ram,
+                                        precision=self.precision.value)
 
 
 def embedding_cache_option(folder: Path | None, disabled: bool) -> EmbeddingCache | None:
@@ -109,22 +123,27 @@ def preview_command(
     resolved = preview_request(spec, request)  # validates every option before anything loads
     if count < 1:
         raise InputError(f"--count {count} must be at least 1")
-    ranks = Ranks.from_env()
-    with rank_group(ranks):
+    runtime = RuntimeOptions(device, dtype, t5_cpu, vram, ram, precision)
+    cache = embedding_cache_option(embedding_cache, no_embedding_cache)
+
+    def preview_on(ranks: Ranks) -> None:
         # One folder for all ranks (a default named by each rank's clock could differ).
         default_folder = Path(f"preview_{spec.name}_{datetime.now():%Y%m%d_%H%M%S}")
         folder = check_preview_folder(ranks.broadcast(out or default_folder))
-        pipeline = load_pipeline(ckpt_dir, spec.name, device, dtype, t5_cpu, vram, ram, precision, ranks)
+        pipeline = runtime.load_pipeline(ckpt_dir, spec.name, ranks)
 
         def announce(index: int, seed: int) -> None:
             typer.echo(f"candidate {index + 1}/{count} (seed {seed}): {resolved.size}, {resolved.steps} steps, "
                        f"{resolved.frame_num} frames", err=True)
-        index = run_preview(pipeline, request, count, folder,
-                            embedding_cache=embedding_cache_option(embedding_cache, no_embedding_cache),
-                            ranks=ranks, image_path=image, on_candidate=announce)
-    if ranks.rank == 0:
-        for candidate in index.candidates:
-            typer.echo(f"candidate {candidate.index}: seed {candidate.seed}  {(folder / candidate.video).absolute()}")
-        typer.echo(f"contact sheet: {(folder / 'contact_sheet.png').absolute()}")
-        typer.echo(f"index:   {(folder / INDEX_NAME).absolute()}")
-        typer.echo(f"refine one with: wanrt refine --from {folder} --pick K")
+        index = run_preview(pipeline, request, count, folder, embedding_cache=cache, ranks=ranks,
+                            image_path=image, on_candidate=announce)
+        if ranks.rank == 0:
+            for candidate in index.candidates:
+                typer.echo(f"candidate {candidate.index}: seed {candidate.seed}  "
+                           f"{(folder / candidate.video).absolute()}")
+            typer.echo(f"contact sheet: {(folder / 'contact_sheet.png').absolute()}")
+            typer.echo(f"index:   {(folder / INDEX_NAME).absolute()}")
+            typer.echo(f"refine one with: wanrt refine --from {folder} --pick K")
+    if launched_world_size() > 1:
+        run_rank(lambda context: preview_on(Ranks(context)), parse_device(device))  # never returns
+    preview_on(Ranks())

@@ -13,11 +13,11 @@ from wanrt.cli.generate import RunDisplay, print_result
 from wanrt.cli.preview import (CkptDirOption, DeviceOption, DtypeOption, EmbeddingCacheOption, FrameNumOption,
                                GuideScaleOption, ImageOption, NegativePromptOption, NoEmbeddingCacheOption,
                                PrecisionOption, PromptOption, RamOption, ShiftOption, SolverOption, StepsOption,
-                               T5CpuOption, VramOption, embedding_cache_option, load_pipeline,
+                               T5CpuOption, VramOption, RuntimeOptions, embedding_cache_option,
                                sampling_request)
 from wanrt.errors import InputError
+from wanrt.distributed.launch import launched_world_size
 from wanrt.generate import check_output_path, generation_task
-from wanrt.preview import Ranks
 from wanrt.refine import (DEFAULT_STRENGTH, check_strength, read_preview_pick, read_source, refine_request,
                           refine_schedule, refine_video)
 from wanrt.runtime.planner import Precision as WeightPrecision
@@ -60,7 +60,7 @@ def refine_command(
     no_embedding_cache: NoEmbeddingCacheOption = False,
 ) -> None:
     """Refine a preview candidate or a video at full quality from --strength."""
-    if Ranks.from_env().world_size > 1:
+    if launched_world_size() > 1:
         raise InputError("wanrt refine renders one video on one GPU; run it without torchrun (--gpus 1)")
     strength = check_strength(strength)
     if (from_dir is None) == (init_video is None):
@@ -91,7 +91,7 @@ def refine_command(
     request = refine_request(spec, request, source)
     resolved = request.resolved(spec)  # validates every option before anything loads
     target = check_output_path(output or default_output)
-    pipeline = load_pipeline(ckpt_dir, spec.name, device, dtype, t5_cpu, vram, ram, precision)
+    pipeline = RuntimeOptions(device, dtype, t5_cpu, vram, ram, precision).load_pipeline(ckpt_dir, spec.name)
     schedule = refine_schedule(pipeline, resolved, strength)
     typer.echo(f"refining {source.path} at strength {strength:g}: {schedule.describe()}", err=True)
     with RunDisplay(schedule.total_steps) as display:

@@ -8,7 +8,8 @@ and `index.json`, which `wanrt.refine` reads.
 
 Under torchrun the candidates are dealt round-robin over the ranks (each rank loads the
 models on its own GPU); rank 0 draws the base seed, gathers every rank's records and alone
-writes the contact sheet and the index.
+writes the contact sheet and the index. A rank that fails stops every rank with its message
+(`wanrt.distributed.launch.run_rank`).
 """
 
 from __future__ import annotations
@@ -16,18 +17,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import secrets
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import torch
 from torch import Tensor
 
 from wanrt.configs import TaskSpec, parse_size
+from wanrt.distributed.launch import RankContext
 from wanrt.errors import ConfigError, InputError
 from wanrt.generate import EmbeddingCache, check_output_path, generate_video
 from wanrt.loading.save import write_atomic, write_json
@@ -95,57 +94,31 @@ def preview_request(task: TaskSpec, request: GenerationRequest) -> ResolvedReque
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
+    """What the candidates are dealt over: this process alone, or every rank of a torchrun
+    launch (`context`, from `wanrt.distributed.launch.run_rank`, which also stops every
+    rank within seconds when one fails)."""
 
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+    context: RankContext | None = None
 
-    @classmethod
-    def from_env(cls) -> "Ranks":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+    @property
+    def rank(self) -> int:
+        return self.context.rank if self.context is not None else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.context.world_size if self.context is not None else 1
 
     def share(self, count: int) -> range:
         """The work items (of `count`) this rank runs: round-robin."""
         return range(self.rank, count, self.world_size)
 
-    def device(self, requested: torch.device | None) -> torch.device | None:
-        """Each rank on its own GPU, unless the user named a device other than plain `cuda`."""
-        wants_cuda = requested is None or (requested.type == "cuda" and requested.index is None)
-        if wants_cuda and self.world_size > 1 and torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank)
-        return requested
-
     def broadcast(self, value: Any) -> Any:
         """Rank 0's `value` on every rank."""
-        if self.world_size == 1:
-            return value
-        holder = [value]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        return holder[0]
+        return value if self.context is None else self.context.broadcast(value if self.rank == 0 else None)
 
     def gather(self, items: list) -> list:
         """Every rank's `items`, concatenated in rank order, on every rank."""
-        if self.world_size == 1:
-            return list(items)
-        gathered: list[list] = [[] for _ in range(self.world_size)]
-        torch.distributed.all_gather_object(gathered, items)
-        return [item for part in gathered for item in part]
-
-
-@contextmanager
-def rank_group(ranks: Ranks) -> Iterator[None]:
-    """The process group the ranks exchange seeds and records through. Gloo on the host
-    whatever the device: only a few small Python objects cross it."""
-    if ranks.world_size == 1:
-        yield
-        return
-    torch.distributed.init_process_group("gloo")
-    try:
-        yield
-    finally:
-        torch.distributed.destroy_process_group()
+        return list(items) if self.context is None else self.context.gather(items)
 
 
 # ---------------------------------------------------------------------- embeddings

@@ -220,6 +220,13 @@ class RankContext:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def gather(self, items: list) -> list:
+        """Every rank's `items`, concatenated in rank order, on every rank."""
+        self._meet("gather", range(self.world_size))
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
+
     def send(self, message: Any, dst: int) -> None:
         self._meet(f"p2p/{self.rank}-{dst}", (self.rank, dst))
         dist.send_object_list([message], dst=dst)
