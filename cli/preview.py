@@ -114,6 +114,9 @@ def preview_command(
     ram: RamOption = None,
     embedding_cache: EmbeddingCacheOption = None,
     no_embedding_cache: NoEmbeddingCacheOption = False,
+    expert_per_gpu: Annotated[bool, typer.Option(
+        "--expert-per-gpu", help="Under torchrun on 2 GPUs (A14B): one expert per GPU, candidates pipelined.")]
+    = False,
 ) -> None:
     """Preview N candidates of one prompt cheaply (low size and steps), to refine the best."""
     spec = generation_task(task)
@@ -144,6 +147,8 @@ def preview_command(
             typer.echo(f"contact sheet: {(folder / 'contact_sheet.png').absolute()}")
             typer.echo(f"index:   {(folder / INDEX_NAME).absolute()}")
             typer.echo(f"refine one with: wanrt refine --from {folder} --pick K")
+    if expert_per_gpu and not spec.is_moe:
+        raise InputError(f"--expert-per-gpu splits the two A14B experts; {spec.name} has one")
     if launched_world_size() > 1:
-        run_rank(lambda context: preview_on(Ranks(context)), parse_device(device))  # never returns
-    preview_on(Ranks())
+        run_rank(lambda context: preview_on(Ranks(context, expert_per_gpu)), parse_device(device))  # never returns
+    preview_on(Ranks(expert_per_gpu=expert_per_gpu))

@@ -127,22 +127,30 @@ def test_contact_sheet_shows_first_middle_last_frame_of_each_candidate(preview):
             assert np.array_equal(tile, expected), f"candidate {row}, frame {frame}"
 
 
-def test_preview_over_two_torchrun_ranks_equals_one_process(preview, checkpoints, tmp_path):
-    """Candidates dealt over 2 ranks (gloo, CPU); rank 0 alone writes the sheet and index."""
+@pytest.mark.parametrize("mode", ["candidates-dealt", "expert-per-gpu"])
+def test_preview_over_two_torchrun_ranks_equals_one_process(preview, checkpoints, tmp_path, mode):
+    """2 ranks (gloo, CPU): candidates dealt round-robin, or the two experts split across the
+    ranks with the candidates pipelined through them; rank 0 alone writes the sheet and index."""
     index, _ = preview
     folder = tmp_path / "p2"
     env = {**os.environ, "WANRT_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", 2, "-m", "wanrt",
                "preview", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
                "--count", COUNT, "--seed", BASE_SEED, "--device", "cpu", "--out", folder, "--no-embedding-cache"]
+    if mode == "expert-per-gpu":
+        command.append("--expert-per-gpu")
     result = subprocess.run([str(part) for part in command], env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     raw = json.loads((folder / INDEX_NAME).read_text())
     assert raw["world_size"] == 2 and [c["seed"] for c in raw["candidates"]] == [5, 6, 7]
     assert (folder / CONTACT_SHEET_NAME).is_file()
-    ranks_of = {c["index"]: json.loads((folder / c["sidecar"]).read_text())["options"]["candidate"]
-                for c in raw["candidates"]}
-    assert ranks_of == {0: 0, 1: 1, 2: 2}
+    options = [json.loads((folder / c["sidecar"]).read_text())["options"] for c in raw["candidates"]]
+    assert [o["candidate"] for o in options] == [0, 1, 2]
+    assert all(o["preview"]["expert_per_gpu"] is (mode == "expert-per-gpu") for o in options)
+    # Split experts: rank 0 only decodes latents the two stages sampled (no local sampling).
+    sampled_locally = [json.loads((folder / c["sidecar"]).read_text())["timings_s"]["sampling"]
+                       for c in raw["candidates"]]
+    assert all(bool(timings) is (mode == "candidates-dealt") for timings in sampled_locally)
     for number, candidate in enumerate(raw["candidates"]):
         distributed = read_latents(folder / candidate["latents"])[0]
         error = (distributed - candidate_latents(index, number)).abs().max().item()
@@ -347,4 +355,8 @@ def test_preview_errors_are_one_line_with_exit_2(preview, checkpoints, tmp_path,
     assert_one_line_error(wanrt(*common, "--size", "40*40", "--out", tmp_path / "a"), "--size")
     assert_one_line_error(wanrt(*common, "--count", 0, "--out", tmp_path / "b"), "--count")
     assert_one_line_error(wanrt(*common, "--out", preview[0].folder), "already holds a preview")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert_one_line_error(wanrt(*common, "--expert-per-gpu", "--out", tmp_path / "c"), "--expert-per-gpu",
+                          "exactly 2 processes")
+    ti2v = ["preview", "--task", "tiny-ti2v", "--ckpt-dir", checkpoints["tiny-ti2v"], "--prompt", PROMPT]
+    assert_one_line_error(wanrt(*ti2v, "--expert-per-gpu", "--out", tmp_path / "d"), "--expert-per-gpu")
+    assert not any((tmp_path / name).exists() for name in "abcd")

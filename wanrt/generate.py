@@ -162,7 +162,7 @@ class EmbeddingCache:
             pass  # an unwritable cache only costs the next run a T5 load; the run goes on
 
 
-def _text_embeddings(pipeline: Pipeline, request: ResolvedRequest,
+def text_embeddings(pipeline: Pipeline, request: ResolvedRequest,
                      cache: EmbeddingCache | None) -> tuple[TextEmbeddings, str]:
     """The prompt pair's embeddings and how they were obtained: 'hit', 'miss' or 'off'."""
     if cache is None:
@@ -308,7 +308,7 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
         torch.cuda.reset_peak_memory_stats(pipeline.device)
 
     text_start = time.perf_counter()
-    embeddings, cache_state = _text_embeddings(pipeline, resolved, embedding_cache)
+    embeddings, cache_state = text_embeddings(pipeline, resolved, embedding_cache)
     text_seconds = time.perf_counter() - text_start
     expert_timer = _ExpertTimer(on_step)
     latents = (sample or pipeline.sample)(resolved, embeddings, on_step=expert_timer)

@@ -9,7 +9,8 @@ and `index.json`, which `wanrt.refine` reads.
 Under torchrun the candidates are dealt round-robin over the ranks (each rank loads the
 models on its own GPU); rank 0 draws the base seed, gathers every rank's records and alone
 writes the contact sheet and the index. A rank that fails stops every rank with its message
-(`wanrt.distributed.launch.run_rank`).
+(`wanrt.distributed.launch.run_rank`). With `--expert-per-gpu` two ranks split the A14B
+experts instead and pipeline the candidates, so both cards stay busy.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import Tensor
 from wanrt.configs import TaskSpec, parse_size
 from wanrt.distributed.launch import RankContext
 from wanrt.errors import ConfigError, InputError
-from wanrt.generate import EmbeddingCache, check_output_path, generate_video
+from wanrt.generate import EmbeddingCache, check_output_path, generate_video, text_embeddings
 from wanrt.loading.save import write_atomic, write_json
 from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, StepInfo
 from wanrt.video_io import frames_to_uint8, read_video
@@ -99,6 +100,14 @@ class Ranks:
     rank within seconds when one fails)."""
 
     context: RankContext | None = None
+    # Two ranks, one A14B expert each: rank 0 runs every candidate's high-noise steps while
+    # rank 1 runs the previous candidate's low-noise ones, then rank 0 decodes and writes.
+    expert_per_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.expert_per_gpu and self.world_size != 2:
+            raise InputError(f"--expert-per-gpu needs exactly 2 processes, got {self.world_size}: "
+                             "torchrun --nproc_per_node 2 -m wanrt preview ... --expert-per-gpu")
 
     @property
     def rank(self) -> int:
@@ -109,7 +118,10 @@ class Ranks:
         return self.context.world_size if self.context is not None else 1
 
     def share(self, count: int) -> range:
-        """The work items (of `count`) this rank runs: round-robin."""
+        """The candidates (of `count`) this rank decodes and writes: round-robin, or all on
+        rank 0 when the ranks split the experts instead."""
+        if self.expert_per_gpu:
+            return range(count) if self.rank == 0 else range(0)
         return range(self.rank, count, self.world_size)
 
     def broadcast(self, value: Any) -> Any:
@@ -237,9 +249,9 @@ def run_preview(pipeline: Pipeline, request: GenerationRequest, count: int, fold
     """Write `count` candidates, the contact sheet and the index into `folder`.
 
     `request` is resolved with the preview defaults (`preview_request`); a negative seed
-    draws the base seed at random (recorded). Under torchrun (`ranks`, with the process
-    group of `rank_group` set up) every rank calls this and each runs its share; rank 0
-    writes the contact sheet and the index. Returns the index on every rank.
+    draws the base seed at random (recorded). Under torchrun (`ranks` holding the run's
+    `RankContext`) every rank calls this and each runs its share; rank 0 writes the
+    contact sheet and the index. Returns the index on every rank.
     """
     if count < 1:
         raise InputError(f"--count {count} must be at least 1")
@@ -251,16 +263,21 @@ def run_preview(pipeline: Pipeline, request: GenerationRequest, count: int, fold
         raise InputError(f"--seed {base_seed}: the candidates' seeds {base_seed}..{base_seed + count - 1} "
                          f"exceed {sys.maxsize}; use a smaller seed")
     shared = SharedEmbeddings(embedding_cache)
-    options = {"preview": {"folder": str(folder.absolute()), "count": count, "base_seed": base_seed},
+    options = {"preview": {"folder": str(folder.absolute()), "count": count, "base_seed": base_seed,
+                           "expert_per_gpu": ranks.expert_per_gpu},
                "image_path": str(image_path.absolute()) if image_path else None}
+    sampled = (sample_expert_stages(pipeline, ranks, resolved, base_seed, count, shared, on_step)
+               if ranks.expert_per_gpu else {})
     written = []
     for index in ranks.share(count):
         seed = base_seed + index
         if on_candidate is not None:
             on_candidate(index, seed)
+        # Latents the expert stages already sampled are only decoded and written here.
+        sample = (lambda *_, latents=sampled[index], **__: latents) if index in sampled else None
         record = generate_video(pipeline, dataclasses.replace(resolved, seed=seed),
                                 folder / f"{candidate_stem(index)}.mp4", embedding_cache=shared,
-                                on_step=on_step, run_options={**options, "candidate": index})
+                                on_step=on_step, run_options={**options, "candidate": index}, sample=sample)
         written.append(PreviewCandidate(index, seed, record.video_path.name, record.sidecar_path.name,
                                         record.latents_path.name))
     candidates = tuple(sorted(ranks.gather(written), key=lambda candidate: candidate.index))
@@ -273,6 +290,19 @@ def run_preview(pipeline: Pipeline, request: GenerationRequest, count: int, fold
                             [(c.index, c.seed, read_video(folder / c.video)[0]) for c in candidates])
         write_json(folder / INDEX_NAME, index.to_dict())
     return index
+
+
+def sample_expert_stages(pipeline: Pipeline, ranks: Ranks, request: ResolvedRequest, base_seed: int, count: int,
+                         embeddings: EmbeddingCache, on_step: Callable[[StepInfo], None] | None) -> dict[int, Tensor]:
+    """Every candidate's final latents on rank 0 (by index; {} on rank 1), sampled by the
+    two expert stages overlapped (`wanrt.distributed.expert_parallel.sample_pipelined`).
+    Rank 0 encodes the prompts once (through `embeddings`) and hands them over."""
+    from wanrt.distributed.expert_parallel import SamplingJob, sample_pipelined
+
+    encoded = text_embeddings(pipeline, request, embeddings)[0] if ranks.rank == 0 else None
+    encoded = ranks.broadcast(encoded)
+    jobs = [SamplingJob(dataclasses.replace(request, seed=base_seed + index), encoded) for index in range(count)]
+    return dict(enumerate(sample_pipelined(pipeline, ranks.context, jobs, on_step)))
 
 
 # ---------------------------------------------------------------------- contact sheet
