@@ -94,7 +94,7 @@ class SequenceParallelDiT:
             fill = timestep.amax(dim=1, keepdim=True).expand(-1, seq_len - timestep.shape[1])
             timestep = torch.cat([timestep, fill], dim=1)
         # Embedding the whole input on every rank is cheap next to the blocks, and gives each
-        # rank the full key mask and time embedding (the head needs the latter after the gather).
+        # rank the full key mask and the time embeddings to slice.
         inputs = model.embed(x, timestep, context, y, seq_len=seq_len)
         local = slice(rank * seq_len // size, (rank + 1) * seq_len // size)
         per_token_time = inputs.time_mod.shape[1] > 1
@@ -104,6 +104,10 @@ class SequenceParallelDiT:
         tokens = shard.tokens
         for block in getattr(model, model.repeated_blocks):
             tokens = model.run_block(block, tokens, shard)
-        gathered = [torch.empty_like(tokens) for _ in range(size)]
-        dist.all_gather(gathered, tokens.contiguous(), group=self.group)
-        return model.unembed(torch.cat(gathered, dim=1), inputs)
+        # The head is per token too: gather its outputs (prod(patch) * out_dim channels, 64
+        # for A14B) rather than the blocks' (dim = 5120), 80x less to exchange.
+        time_emb = inputs.time_emb[:, local] if inputs.time_emb.shape[1] > 1 else inputs.time_emb
+        out = model.head(tokens, time_emb)
+        gathered = [torch.empty_like(out) for _ in range(size)]
+        dist.all_gather(gathered, out.contiguous(), group=self.group)
+        return model.unpatchify(torch.cat(gathered, dim=1), inputs.grid)

@@ -274,8 +274,12 @@ class WanDiT(nn.Module):
 
     def unembed(self, tokens: Tensor, inputs: DiTInputs) -> Tensor:
         """Head + unpatchify: `[B, L, dim]` -> `[B, out_dim, F, H, W]` float32."""
-        out = self.head(tokens, inputs.time_emb)
-        f, h, w = inputs.grid
+        return self.unpatchify(self.head(tokens, inputs.time_emb), inputs.grid)
+
+    def unpatchify(self, out: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """Per-token head outputs `[B, L, prod(patch) * out_dim]` -> `[B, out_dim, F, H, W]`
+        float32; rows past the F*H*W real tokens (padding) are dropped."""
+        f, h, w = grid
         p, q, r = self.config.patch_size
         # Per-token channels are laid out (p, q, r, c) with c fastest ('fhwpqrc->cfphqwr').
         out = out[:, :f * h * w].float().reshape(-1, f, h, w, p, q, r, self.config.out_dim)
