@@ -56,7 +56,7 @@ class ArtifactEngine(Engine):
         # True for `auto`, which found artifacts but cannot know they cover this run.
         self.missing_runs_eager = missing_runs_eager
         self.eager_components: set[str] = set()
-        self._identities: dict[tuple[Component, int], Identity] = {}
+        self._identities: dict[tuple[Component, int], tuple[Identity, str]] = {}
         self._runners: dict[tuple, ArtifactRunner | None] = {}
 
     def load(self, directory: Path, manifest: Manifest, spec: ExportSpec) -> ArtifactRunner:
@@ -70,20 +70,22 @@ class ArtifactEngine(Engine):
 
     # ------------------------------------------------------------------ lookup
 
-    def _identity(self, component: Component, model: nn.Module) -> Identity:
-        """Hashing baked-in weights reads them once per model, not per call."""
+    def _identity(self, component: Component, model: nn.Module) -> tuple[Identity, str]:
+        """The identity and its slot, once per model, not per call: hashing baked-in weights
+        reads them, and the blocks look their runner up 80 times per step."""
         key = (component, id(model))
         if key not in self._identities:
-            self._identities[key] = artifact_identity(component, self.backend, model, self.options.device,
-                                                      self.options.precision, self.backend_version)
+            identity = artifact_identity(component, self.backend, model, self.options.device,
+                                         self.options.precision, self.backend_version)
+            self._identities[key] = identity, identity.slot()
         return self._identities[key]
 
     def runner(self, component: Component, model: nn.Module, inputs: Sequence[Tensor],
                grid: tuple[int, int, int]) -> ArtifactRunner | None:
         """The artifact runner for these inputs (`grid` = latent frames, rows, cols), or None
         when this component runs eagerly (not exported, with `missing_runs_eager`)."""
-        identity = self._identity(component, model)
-        key = (identity.slot(), tuple(t.shape for t in inputs))
+        identity, slot = self._identity(component, model)
+        key = (slot, tuple(t.shape for t in inputs))
         if key not in self._runners:
             self._runners[key] = self._resolve(component, model, identity, grid)
         return self._runners[key]
