@@ -3,12 +3,14 @@ engines) of the DiT experts and the VAE into a folder that `generate --engine-di
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
 
+from wanrt.configs import ModelType, TaskSpec
 from wanrt.errors import InputError
 from wanrt.export.build import Backend, ExportTarget, export_all, export_targets, require_backend
 from wanrt.export.manifest import ArtifactStore, Manifest
@@ -17,8 +19,39 @@ from wanrt.generate import generation_task, parse_device
 from wanrt.pipeline import Pipeline
 from wanrt.runtime.planner import Precision
 
-DEFAULT_COMPONENTS = "dit_pre,dit_block,dit_post,vae_decoder_step"
 _DIT_COMPONENTS = (Component.DIT_PRE, Component.DIT_BLOCK, Component.DIT_POST)
+
+
+def default_components(task: TaskSpec) -> list[Component]:
+    """What a generation of `task` runs: the DiT graphs, the decoder's steps, and the
+    encoder's where the task encodes an image (i2v always, every frame of its conditioning
+    video; ti2v with --image, the one image frame, which is a first step alone)."""
+    components = [*_DIT_COMPONENTS, Component.VAE_DECODER_FIRST_STEP, Component.VAE_DECODER_STEP]
+    if task.dit.model_type is ModelType.I2V:
+        components += [Component.VAE_ENCODER_FIRST_STEP, Component.VAE_ENCODER]
+    elif task.dit.model_type is ModelType.TI2V:
+        components.append(Component.VAE_ENCODER_FIRST_STEP)
+    return components
+
+
+class TimestepGraphs(str, Enum):
+    """Which variants of the DiT graphs to build: one timestep for all tokens (every task),
+    per-token timesteps (ti2v with an image), or both."""
+
+    SHARED = "shared"
+    PER_TOKEN = "per-token"
+    BOTH = "both"
+
+
+def timestep_variants(task: TaskSpec, graphs: TimestepGraphs | None) -> tuple[bool, ...]:
+    """The `per_token_timesteps` values to build; the default is every variant the task runs."""
+    ti2v = task.dit.model_type is ModelType.TI2V
+    graphs = graphs or (TimestepGraphs.BOTH if ti2v else TimestepGraphs.SHARED)
+    if graphs is not TimestepGraphs.SHARED and not ti2v:
+        raise InputError(f"--timesteps {graphs.value}: only ti2v tasks give tokens their own timesteps "
+                         f"(ti2v with --image); {task.name} needs --timesteps shared")
+    return {TimestepGraphs.SHARED: (False,), TimestepGraphs.PER_TOKEN: (True,),
+            TimestepGraphs.BOTH: (False, True)}[graphs]
 
 
 def parse_components(text: str) -> list[Component]:
@@ -53,9 +86,13 @@ def export_command(
     task: Annotated[str, typer.Option("--task", help="t2v-A14B, i2v-A14B, ti2v-5B or a tiny-* test task.")]
     = "t2v-A14B",
     backend: Annotated[Backend, typer.Option("--backend", help="aoti, onnx or tensorrt.")] = Backend.AOTI,
-    components: Annotated[str, typer.Option(
-        "--components", help="Comma-separated: dit_pre, dit_block, dit_post, vae_decoder_step, vae_encoder.")]
-    = DEFAULT_COMPONENTS,
+    components: Annotated[str | None, typer.Option(
+        "--components", help="Comma-separated: dit_pre, dit_block, dit_post, vae_decoder_first_step, "
+                             "vae_decoder_step, vae_encoder_first_step, vae_encoder (default: what the "
+                             "task's generation runs).")] = None,
+    timesteps: Annotated[TimestepGraphs | None, typer.Option(
+        "--timesteps", help="DiT graphs for one timestep per step (shared), per token (per-token: ti2v "
+                            "with an image) or both (default: both for ti2v, shared otherwise).")] = None,
     sizes: Annotated[str | None, typer.Option(
         "--sizes", help="Comma-separated WIDTH*HEIGHT the artifacts must serve (default: the task's sizes).")]
     = None,
@@ -74,7 +111,8 @@ def export_command(
     spec = generation_task(task)
     target_device = parse_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     require_backend(backend, target_device)  # a missing TensorRT is reported before any loading
-    wanted = parse_components(components)
+    wanted = parse_components(components) if components is not None else default_components(spec)
+    variants = timestep_variants(spec, timesteps)
     size_list = [s.strip() for s in sizes.split(",") if s.strip()] if sizes else list(spec.sample.sizes)
     frames = parse_frame_nums(frame_nums) if frame_nums else [spec.sample.frame_num]
     latent_grids(spec, size_list, frames)  # bad sizes and frame counts fail before loading
@@ -86,6 +124,6 @@ def export_command(
     experts = ({expert: pipeline.dit(expert) for expert in pipeline.files.dit_dirs}
                if any(c in _DIT_COMPONENTS for c in wanted) else {})
     vae = pipeline.vae if any(c not in _DIT_COMPONENTS for c in wanted) else None
-    targets = export_targets(wanted, experts, vae)
+    targets = export_targets(wanted, experts, vae, variants)
     export_all(targets, spec, backend, ArtifactStore(out), size_list, frames, target_device,
                pipeline.precision, on_built=_report)

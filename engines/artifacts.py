@@ -10,15 +10,17 @@ a `wanrt export` folder), loads it once and reuses it.
 The expert runs as pre -> blocks -> post (`StagedExpert`). Each block keeps its `__call__`
 and only its `forward` is replaced, by a call to the shared DIT_BLOCK artifact with that
 block's current tensors: the block streamer's pre-hook binds the streamed weights before the
-call and releases them after, so streaming composes unchanged. What the specs do not cover
-runs eagerly: per-token timesteps (ti2v with an image), padded sequences, the first causal
-VAE step.
+call and releases them after, so streaming composes unchanged. Per-token timesteps (ti2v
+with an image) run the per-token variants of the DiT graphs, and the first causal VAE step
+its own graph. What the specs do not cover runs eagerly: padded sequences (sequence
+parallelism), text longer than the model's text length, non-float32 VAE inputs.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,7 +32,8 @@ from wanrt.engines.base import Engine, EngineOptions
 from wanrt.export.build import Backend, artifact_identity, build_artifact, require_backend
 from wanrt.export.manifest import (ArtifactStore, Identity, Manifest, MissingArtifactError,
                                    StaleArtifactError)
-from wanrt.export.specs import Component, ExportSpec, block_tensor_names, make_spec
+from wanrt.export.specs import (Component, ExportSpec, block_tensor_names, make_spec, timestep_spec,
+                                vae_step_component)
 from wanrt.loading.checkpoint import Expert
 from wanrt.models.dit import DiTBlock, DiTInputs, WanDiT, rope_tables
 from wanrt.models.vae import WanVAE
@@ -81,22 +84,22 @@ class ArtifactEngine(Engine):
         return self._identities[key]
 
     def runner(self, component: Component, model: nn.Module, inputs: Sequence[Tensor],
-               grid: tuple[int, int, int]) -> ArtifactRunner | None:
+               grid: tuple[int, int, int], per_token_timesteps: bool = False) -> ArtifactRunner | None:
         """The artifact runner for these inputs (`grid` = latent frames, rows, cols), or None
         when this component runs eagerly (not exported, with `missing_runs_eager`)."""
         identity, slot = self._identity(component, model)
         key = (slot, tuple(t.shape for t in inputs))
         if key not in self._runners:
-            self._runners[key] = self._resolve(component, model, identity, grid)
+            self._runners[key] = self._resolve(component, model, identity, grid, per_token_timesteps)
         return self._runners[key]
 
     def _resolve(self, component: Component, model: nn.Module, identity: Identity,
-                 grid: tuple[int, int, int]) -> ArtifactRunner | None:
+                 grid: tuple[int, int, int], per_token_timesteps: bool) -> ArtifactRunner | None:
         task = self.options.task
         stride_t, stride_h, stride_w = task.vae_stride
         frames, rows, cols = grid
         spec = make_spec(component, model, task, [f"{cols * stride_w}*{rows * stride_h}"],
-                         [(frames - 1) * stride_t + 1])
+                         [(frames - 1) * stride_t + 1], per_token_timesteps)
         def announce() -> None:  # a build takes minutes at full size: say what is happening
             log.warning("building %s %s for %s in %s (first use; reused afterwards)", self.backend.value,
                         component.value, spec.profiles[0].name, self.store.root)
@@ -119,19 +122,20 @@ class ArtifactEngine(Engine):
 
     def prepare_vae(self, vae: WanVAE) -> None:
         # Instance attributes: `iter_decode` and `encode` call these for every causal step.
-        vae.decode_step = functools.partial(self._vae_step, vae, Component.VAE_DECODER_STEP)
-        vae.encode_step = functools.partial(self._vae_step, vae, Component.VAE_ENCODER)
+        vae.decode_step = functools.partial(self._vae_step, vae, True)
+        vae.encode_step = functools.partial(self._vae_step, vae, False)
 
-    def _vae_step(self, vae: WanVAE, component: Component, x: Tensor,
+    def _vae_step(self, vae: WanVAE, decode: bool, x: Tensor,
                   cache: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
-        decode = component is Component.VAE_DECODER_STEP
         eager = WanVAE.decode_step if decode else WanVAE.encode_step
-        if cache is None or x.dtype != torch.float32:
-            return eager(vae, x, cache)  # the first step: another graph, once per video
+        first = cache is None
+        # A first step of several frames is refused by the eager step, with its message.
+        if x.dtype != torch.float32 or (first and x.shape[2] != 1):
+            return eager(vae, x, cache)
         _, spatial, _ = vae.config.stride
         rows, cols = x.shape[3:] if decode else (x.shape[3] // spatial, x.shape[4] // spatial)
-        inputs = [x, *cache]
-        run = self.runner(component, vae, inputs, (1, rows, cols))
+        inputs = [x, *(cache or [])]
+        run = self.runner(vae_step_component(decode, first), vae, inputs, (1, rows, cols))
         if run is None:
             return eager(vae, x, cache)
         outputs = run(*(t.contiguous() for t in inputs))
@@ -174,27 +178,32 @@ class StagedExpert:
 
     def _embed(self, latents: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None) -> DiTInputs:
         model, cfg = self.model, self.model.config
-        if timestep.dim() != 1 or timestep.dtype != torch.int64 or context.shape[1] > cfg.text_len:
+        _, patch_h, patch_w = cfg.patch_size
+        frames, rows, cols = latents.shape[2:]
+        grid = (frames, rows // patch_h, cols // patch_w)
+        # One timestep `[1]`, or one per video token `[1, tokens]` (ti2v with an image).
+        per_token = timestep.dim() == 2
+        expected = timestep_spec(per_token)
+        if (timestep.dtype != expected.dtype or timestep.shape not in ((1,), (1, math.prod(grid)))
+                or context.shape[1] > cfg.text_len):
             return model.embed(latents, timestep, context, y)
         # embed zero-pads the text to text_len itself; the artifact takes it padded.
         context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         inputs = [latents, timestep, context] + ([y] if y is not None else [])
-        run = self.engine.runner(Component.DIT_PRE, model, inputs, tuple(latents.shape[2:]))
+        run = self.engine.runner(Component.DIT_PRE, model, inputs, tuple(latents.shape[2:]), per_token)
         if run is None:
             return model.embed(latents, timestep, context, y)
         tokens, time_emb, time_mod, context_emb = run(*(t.contiguous() for t in inputs))
-        _, patch_h, patch_w = cfg.patch_size
-        frames, rows, cols = latents.shape[2:]
-        grid = (frames, rows // patch_h, cols // patch_w)
         rope_cos, rope_sin = self._rope_tables(grid, tokens.shape[1], latents.device)
         return DiTInputs(tokens, time_emb, time_mod, context_emb, rope_cos, rope_sin, None, grid)
 
     def _block_forward(self, block: DiTBlock, getters: list[tuple[nn.Module, str]], x: Tensor,
                        time_mod: Tensor, context: Tensor, rope_cos: Tensor, rope_sin: Tensor,
                        key_mask: Tensor | None = None) -> Tensor:
-        if key_mask is None and time_mod.shape[1] == 1:
+        if key_mask is None and time_mod.shape[1] in (1, x.shape[1]):
             inputs = [x, time_mod, context, rope_cos, rope_sin, *(getattr(m, a) for m, a in getters)]
-            run = self.engine.runner(Component.DIT_BLOCK, block, inputs, self._token_grid(x.shape[1]))
+            run = self.engine.runner(Component.DIT_BLOCK, block, inputs, self._token_grid(x.shape[1]),
+                                     per_token_timesteps=time_mod.shape[1] != 1)
             if run is not None:
                 return run(*(t.contiguous() for t in inputs))[0]
         return DiTBlock.forward(block, x, time_mod, context, rope_cos, rope_sin, key_mask)
@@ -206,12 +215,13 @@ class StagedExpert:
         return 1, patch_h, tokens * patch_w
 
     def _unembed(self, tokens: Tensor, inputs: DiTInputs, latent_grid: tuple[int, int, int]) -> Tensor:
-        if inputs.time_emb.shape[1] != 1:
+        if inputs.time_emb.shape[1] not in (1, tokens.shape[1]):
             return self.model.unembed(tokens, inputs)
         # Only the shape of `grid` is read: it tells the graph how to unpatchify.
         carrier = torch.empty(inputs.grid, device=tokens.device)
         run_inputs = [tokens, inputs.time_emb, carrier]
-        run = self.engine.runner(Component.DIT_POST, self.model, run_inputs, latent_grid)
+        run = self.engine.runner(Component.DIT_POST, self.model, run_inputs, latent_grid,
+                                 per_token_timesteps=inputs.time_emb.shape[1] != 1)
         if run is None:
             return self.model.unembed(tokens, inputs)
         return run(*(t.contiguous() for t in run_inputs))[0]

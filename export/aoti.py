@@ -4,7 +4,7 @@ tracing or compiling again.
 
 Dynamic shapes: every named axis of the spec becomes a `torch.export.Dim` whose range is the
 profile's min..max, and a scaled axis (`latent_rows_x16`) a derived dim (16 * latent_rows),
-so one package serves the whole profile. All five components export with dynamic shapes on
+so one package serves the whole profile. Every component exports with dynamic shapes on
 torch 2.13 (SDPA over a dynamic token count included). An axis whose min equals its max is
 exported static; a profile of one run is then a fully static package (`dynamic: false` in the
 manifest), which is what the runtime's on-demand cache builds.

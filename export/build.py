@@ -22,7 +22,7 @@ from wanrt.configs import TaskSpec
 from wanrt.errors import InputError, parse_choice
 from wanrt.export.manifest import (ArtifactStore, BuiltFiles, Identity, Manifest, device_arch,
                                    interface_sha256, tensors_sha256)
-from wanrt.export.specs import Component, ExportSpec, compute_dtype_of, export_module, make_spec
+from wanrt.export.specs import VAE_STEPS, Component, ExportSpec, compute_dtype_of, export_module, make_spec
 from wanrt.loading.checkpoint import Expert
 from wanrt.models.dit import WanDiT
 
@@ -109,7 +109,7 @@ def require_backend(backend: Backend, device: torch.device) -> str:
 def precision_label(component: Component, model: nn.Module, scheme: str) -> str:
     """Weight scheme and compute dtype (the VAE always runs float32, unquantized)."""
     dtype = str(compute_dtype_of(model)).removeprefix("torch.")
-    if component in (Component.VAE_DECODER_STEP, Component.VAE_ENCODER):
+    if component in VAE_STEPS:
         return dtype
     return f"{scheme}/{dtype}"
 
@@ -155,6 +155,7 @@ class ExportTarget:
     component: Component
     label: str          # "high_noise", "blocks 0-39", "vae"
     model: nn.Module    # what export_module takes
+    per_token_timesteps: bool = False  # the DiT graphs' per-token variant (ti2v with an image)
 
 
 def block_groups(experts: Mapping[Expert, WanDiT]) -> list[tuple[str, nn.Module]]:
@@ -189,15 +190,21 @@ def _ranges(names: Sequence[str]) -> Iterator[str]:
 
 
 def export_targets(components: Sequence[Component], experts: Mapping[Expert, WanDiT],
-                   vae: nn.Module | None) -> list[ExportTarget]:
+                   vae: nn.Module | None, timestep_variants: Sequence[bool] = (False,)) -> list[ExportTarget]:
+    """What to build; each DiT component once per timestep variant (False: one timestep for
+    all tokens, True: per-token timesteps)."""
     targets = []
     for component in components:
-        if component is Component.DIT_BLOCK:
-            targets += [ExportTarget(component, label, block) for label, block in block_groups(experts)]
-        elif component in (Component.DIT_PRE, Component.DIT_POST):
-            targets += [ExportTarget(component, expert.value, model) for expert, model in experts.items()]
-        else:
+        if component in VAE_STEPS:
             targets.append(ExportTarget(component, "vae", vae))
+            continue
+        if component is Component.DIT_BLOCK:
+            models = block_groups(experts)
+        else:
+            models = [(expert.value, model) for expert, model in experts.items()]
+        for per_token in timestep_variants:
+            suffix = ", per-token timesteps" if per_token else ""
+            targets += [ExportTarget(component, label + suffix, model, per_token) for label, model in models]
     return targets
 
 
@@ -209,7 +216,7 @@ def export_all(targets: Sequence[ExportTarget], task: TaskSpec, backend: Backend
     built = []
     for target in targets:
         model = on_device(target, device)
-        spec = make_spec(target.component, model, task, sizes, frame_nums)
+        spec = make_spec(target.component, model, task, sizes, frame_nums, target.per_token_timesteps)
         identity = artifact_identity(target.component, backend, model, device, scheme, version)
         directory, manifest = build_artifact(store, spec, backend, model, device, scheme, identity)
         built.append(directory)

@@ -13,17 +13,19 @@ axes (torch.export derived dims) can rebuild it with `parse_axis`. The batch is 
 runs the conditional and unconditional forwards one after the other.
 
 Components and what the runtime does around them:
-* DIT_PRE covers a timestep shared by all tokens; the per-token timesteps of ti2v with an
-  image run the model's own `embed`. The RoPE tables are computed outside (float64 math) by
-  `rope_tables` and fed to every block.
+* DIT_PRE, DIT_BLOCK and DIT_POST come in two variants of the same graph (`make_spec`'s
+  `per_token_timesteps`): one timestep for all tokens (time tensors with a time axis of 1),
+  or one per token (ti2v with an image: the time axis is the token axis). The RoPE tables
+  are computed outside (float64 math) by `rope_tables` and fed to every block.
 * DIT_BLOCK takes the block's weights as inputs, so one artifact serves every block of both
   experts and the block streamer's weights flow straight in.
 * DIT_POST receives the patch grid through the shape of `grid` (its values are never read):
   shapes alone then fix the unpatchified output.
 * VAE_DECODER_STEP / VAE_ENCODER are the steady-state causal steps (one latent frame in, 4
-  frames out; 4 frames in, one latent frame out), the feature cache explicit. The first step
-  of a video (one frame, no cache) has another graph and runs in eager mode: it is one step
-  per video and produces the first cache.
+  frames out; 4 frames in, one latent frame out), the feature cache explicit.
+  VAE_DECODER_FIRST_STEP / VAE_ENCODER_FIRST_STEP are the first step of a video: one frame
+  in, no cache in (the causal padding is zeros and the temporal resamplers pass the first
+  frame through), the first cache out. Every later step takes a cache of the same shapes.
 """
 
 from __future__ import annotations
@@ -56,6 +58,28 @@ class Component(str, Enum):
     DIT_POST = "dit_post"
     VAE_DECODER_STEP = "vae_decoder_step"
     VAE_ENCODER = "vae_encoder"
+    VAE_DECODER_FIRST_STEP = "vae_decoder_first_step"
+    VAE_ENCODER_FIRST_STEP = "vae_encoder_first_step"
+
+
+@dataclass(frozen=True)
+class VAEStep:
+    """Which causal step of the VAE a component is."""
+
+    decode: bool
+    first: bool
+
+
+VAE_STEPS: Mapping[Component, VAEStep] = {
+    Component.VAE_DECODER_STEP: VAEStep(decode=True, first=False),
+    Component.VAE_ENCODER: VAEStep(decode=False, first=False),
+    Component.VAE_DECODER_FIRST_STEP: VAEStep(decode=True, first=True),
+    Component.VAE_ENCODER_FIRST_STEP: VAEStep(decode=False, first=True),
+}
+
+
+def vae_step_component(decode: bool, first: bool) -> Component:
+    return next(c for c, step in VAE_STEPS.items() if step == VAEStep(decode, first))
 
 
 @dataclass(frozen=True)
@@ -143,8 +167,8 @@ def scaled_axis(base: str, factor: int) -> str:
 
 
 def _random_tensor(spec: TensorSpec, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-    if spec.dtype == torch.int64:  # the timestep
-        return torch.randint(0, 1000, shape, generator=generator)
+    if spec.name == "timestep":
+        return torch.randint(0, 1000, shape, generator=generator).to(spec.dtype)
     if spec.dtype == torch.int8:
         return torch.randint(-127, 128, shape, generator=generator, dtype=torch.int8)
     if spec.name.endswith("weight_scale"):
@@ -243,15 +267,15 @@ class _DiTPost(nn.Module):
 
 
 class _VAEStep(nn.Module):
-    def __init__(self, vae: WanVAE, decode: bool) -> None:
+    def __init__(self, vae: WanVAE, step: VAEStep) -> None:
         super().__init__()
-        self.vae = sharing(vae, VAE_DECODE_CHILDREN if decode else VAE_ENCODE_CHILDREN)
-        self.decode = decode
+        self.vae = sharing(vae, VAE_DECODE_CHILDREN if step.decode else VAE_ENCODE_CHILDREN)
+        self.step = step
 
     def forward(self, x: Tensor, *cache: Tensor) -> tuple[Tensor, ...]:
         # Class functions: an engine may route the instance's steps to artifacts.
-        step = WanVAE.decode_step if self.decode else WanVAE.encode_step
-        out, next_cache = step(self.vae, x, list(cache))
+        run = WanVAE.decode_step if self.step.decode else WanVAE.encode_step
+        out, next_cache = run(self.vae, x, None if self.step.first else list(cache))
         return (out, *next_cache)
 
 
@@ -278,7 +302,7 @@ def export_module(component: Component, model: nn.Module) -> nn.Module:
         _expect(model, WanDiT, component)
         return _DiTPre(model) if component is Component.DIT_PRE else _DiTPost(model)
     _expect(model, WanVAE, component)
-    return _VAEStep(model, decode=component is Component.VAE_DECODER_STEP)
+    return _VAEStep(model, VAE_STEPS[component])
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -342,8 +366,16 @@ def _build(component: Component, inputs: list[TensorSpec], outputs: list[TensorS
     return ExportSpec(component, tuple(inputs), tuple(outputs), (profile,))
 
 
+def timestep_spec(per_token: bool) -> TensorSpec:
+    """The sampler's int64 timestep, or per token the float32 product of the frozen-frame
+    mask and that timestep (as the official ti2v code forms it; exact for t < 2**24)."""
+    if per_token:
+        return TensorSpec("timestep", (BATCH, TOKENS_AXIS), torch.float32)
+    return TensorSpec("timestep", (BATCH,), torch.int64)
+
+
 def _dit_spec(component: Component, model: nn.Module, task: TaskSpec,
-              grids: list[tuple[int, int, int]], name: str) -> ExportSpec:
+              grids: list[tuple[int, int, int]], name: str, per_token_timesteps: bool) -> ExportSpec:
     cfg = task.dit
     _, patch_h, patch_w = cfg.patch_size
     patch_grids = [(f, h // patch_h, w // patch_w) for f, h, w in grids]
@@ -358,11 +390,13 @@ def _dit_spec(component: Component, model: nn.Module, task: TaskSpec,
     f32 = torch.float32
     tokens = (BATCH, TOKENS_AXIS, cfg.dim)
     latent = (BATCH, FRAMES_AXIS, scaled_axis("patch_rows", patch_h), scaled_axis("patch_cols", patch_w))
-    time_emb = TensorSpec("time_emb", (BATCH, 1, cfg.dim), f32)
-    time_mod = TensorSpec("time_mod", (BATCH, 1, 6, cfg.dim), f32)
+    # One time embedding for all tokens, or one per token (the time axis is the token axis).
+    time_axis = TOKENS_AXIS if per_token_timesteps else 1
+    time_emb = TensorSpec("time_emb", (BATCH, time_axis, cfg.dim), f32)
+    time_mod = TensorSpec("time_mod", (BATCH, time_axis, 6, cfg.dim), f32)
     if component is Component.DIT_PRE:
         inputs = [TensorSpec("x", (latent[0], cfg.out_dim, *latent[1:]), f32),
-                  TensorSpec("timestep", (BATCH,), torch.int64),
+                  timestep_spec(per_token_timesteps),
                   TensorSpec("context", (BATCH, cfg.text_len, cfg.text_dim), f32)]
         if cfg.model_type is ModelType.I2V:
             inputs.append(TensorSpec("y", (latent[0], cfg.in_dim - cfg.out_dim, *latent[1:]), f32))
@@ -385,6 +419,8 @@ def _dit_spec(component: Component, model: nn.Module, task: TaskSpec,
         # A block sees token counts only: runs of different grids share its artifact.
         tokens_range = ranges[TOKENS_AXIS]
         name = f"tokens={tokens_range.low}..{tokens_range.high}"
+    if per_token_timesteps:
+        name += ";per-token timesteps"
     return _build(component, inputs, outputs, ranges, name)
 
 
@@ -397,18 +433,21 @@ def _meta_step(vae: WanVAE, decode: bool, x: Tensor, cache: list[Tensor] | None)
         return step(vae, x, cache)
 
 
-def _vae_step_shapes(vae: WanVAE, decode: bool, rows: int, cols: int):
-    """(input, output, cache shapes) of the steady-state step at latent size rows x cols."""
+def _vae_step_shapes(vae: WanVAE, step: VAEStep, rows: int, cols: int):
+    """(input, output, cache shapes) of the step at latent size rows x cols; the cache is
+    what the step returns (a steady step also takes one of the same shapes)."""
     _, spatial, _ = vae.config.stride
     channels = vae.config.z_dim
-    if decode:
+    if step.decode:
         first = torch.empty(BATCH, channels, 1, rows, cols, device="meta")
         step_in = first
     else:
         first = torch.empty(BATCH, 3, 1, rows * spatial, cols * spatial, device="meta")
         step_in = torch.empty(BATCH, 3, FRAMES_PER_ENCODE_STEP, rows * spatial, cols * spatial, device="meta")
-    _, cache = _meta_step(vae, decode, first, None)
-    out, next_cache = _meta_step(vae, decode, step_in, cache)
+    out, cache = _meta_step(vae, step.decode, first, None)
+    if step.first:
+        return tuple(first.shape), tuple(out.shape), [tuple(c.shape) for c in cache]
+    out, next_cache = _meta_step(vae, step.decode, step_in, cache)
     return tuple(step_in.shape), tuple(out.shape), [tuple(c.shape) for c in next_cache]
 
 
@@ -421,32 +460,36 @@ def _spatial_names(shape: tuple[int, ...], rows: int, cols: int) -> tuple[int | 
 
 
 def _vae_spec(component: Component, vae: WanVAE, grids: list[tuple[int, int, int]], name: str) -> ExportSpec:
-    decode = component is Component.VAE_DECODER_STEP
+    step = VAE_STEPS[component]
     ranges = {"latent_rows": _Range.of([g[1] for g in grids]),
               "latent_cols": _Range.of([g[2] for g in grids])}
     # Shapes from a meta run at a probe size; the axis factors do not depend on the size.
     rows, cols = 2, 3
-    step_in, out, cache = _vae_step_shapes(vae, decode, rows, cols)
+    step_in, out, cache = _vae_step_shapes(vae, step, rows, cols)
     f32 = torch.float32
-    in_name, out_name = ("latent", "frames") if decode else ("frames", "latent")
+    in_name, out_name = ("latent", "frames") if step.decode else ("frames", "latent")
     inputs = [TensorSpec(in_name, _spatial_names(step_in, rows, cols), f32)]
-    inputs += [TensorSpec(f"cache_{i}", _spatial_names(s, rows, cols), f32) for i, s in enumerate(cache)]
+    if not step.first:
+        inputs += [TensorSpec(f"cache_{i}", _spatial_names(s, rows, cols), f32) for i, s in enumerate(cache)]
     outputs = [TensorSpec(out_name, _spatial_names(out, rows, cols), f32)]
     outputs += [TensorSpec(f"next_cache_{i}", _spatial_names(s, rows, cols), f32) for i, s in enumerate(cache)]
     return _build(component, inputs, outputs, ranges, name)
 
 
 def make_spec(component: Component, model: nn.Module, task: TaskSpec, sizes: Sequence[str],
-              frame_nums: Sequence[int]) -> ExportSpec:
+              frame_nums: Sequence[int], per_token_timesteps: bool = False) -> ExportSpec:
     """Dynamic axes and one profile covering the token counts / latent sizes implied by the
     requested sizes and frame counts (min = smallest, opt = first requested, max = largest).
 
     `model` is what `export_module` takes for the component (WanDiT, DiTBlock or WanVAE).
+    `per_token_timesteps` selects the DiT graphs' per-token variant (ti2v with an image).
     """
     component = Component(component)
     grids = latent_grids(task, list(sizes), list(frame_nums))
     name = _profile_name(sizes, frame_nums)
-    if component in (Component.VAE_DECODER_STEP, Component.VAE_ENCODER):
+    if component in VAE_STEPS:
+        if per_token_timesteps:
+            raise ValueError(f"{component.value} has no timesteps")
         _expect(model, WanVAE, component)
         return _vae_spec(component, model, grids, name)
-    return _dit_spec(component, model, task, grids, name)
+    return _dit_spec(component, model, task, grids, name, per_token_timesteps)

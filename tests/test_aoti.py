@@ -21,10 +21,13 @@ from wanrt.export.aoti import PACKAGE_FILE, build_package, load_package
 from wanrt.export.build import Backend, artifact_identity
 from wanrt.export.manifest import MANIFEST_FILE, ArtifactStore
 from wanrt.export.quantize import PrecisionPolicy, quantize
-from wanrt.export.specs import Component, block_tensor_names, export_module, make_spec
+from wanrt.export.specs import VAE_STEPS, Component, block_tensor_names, export_module, make_spec
 from wanrt.generate import read_latents
 from wanrt.loading.checkpoint import Expert
+from wanrt.models.dit import WanDiT
+from wanrt.models.vae import WanVAE
 from wanrt.pipeline import GenerationRequest, Pipeline, StreamingConfig, TextEmbeddings
+from wanrt.random_weights import randomize_
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -63,6 +66,7 @@ def test_export_writes_one_block_package_for_both_experts(exported):
     assert len([line for line in lines if line.startswith("dit_pre")]) == 2
     assert len([line for line in lines if line.startswith("dit_post")]) == 2
     assert len([line for line in lines if line.startswith("vae_decoder_step")]) == 1
+    assert len([line for line in lines if line.startswith("vae_decoder_first_step")]) == 1
     for manifest_path in out.glob(f"*/{MANIFEST_FILE}"):
         manifest = json.loads(manifest_path.read_text())
         assert manifest["identity"]["backend"] == "aoti" and manifest["identity"]["device_arch"] == "cpu"
@@ -78,6 +82,7 @@ def _cases(models):
         yield Component.DIT_PRE, expert
         yield Component.DIT_POST, expert
     yield Component.VAE_DECODER_STEP, vae
+    yield Component.VAE_DECODER_FIRST_STEP, vae
 
 
 def test_each_package_matches_eager_at_both_ends_of_its_profile(exported, models):
@@ -212,3 +217,30 @@ def test_an_fp8_block_package_matches_the_eager_quantized_block(models, tmp_path
     error = assert_parity(got, expected, "fp8 block")
     print(f"fp8 block package vs eager (dequantized weights): max abs diff {error:.2g}")
 
+
+
+@pytest.mark.parametrize("component, per_token", [
+    (Component.DIT_PRE, True), (Component.DIT_BLOCK, True), (Component.DIT_POST, True),
+    (Component.VAE_ENCODER_FIRST_STEP, False),
+])
+def test_ti2v_image_packages_match_eager_at_both_ends_of_their_profile(component, per_token, tmp_path):
+    """What ti2v with an image runs: the DiT graphs with per-token (float32) timesteps, and
+    the one-frame encode of the image."""
+    task = get_task("tiny-ti2v")
+    model = randomize_(WanVAE(task.vae) if component in VAE_STEPS else WanDiT(task.dit), seed=5).eval()
+    spec = make_spec(component, model, task, ["128*64", "128*128"], [5, 9], per_token_timesteps=per_token)
+    built = build_package(spec, model, tmp_path, CPU)
+    assert built.dynamic
+    package, graph = load_package(tmp_path, CPU), export_module(component, model)
+    errors = []
+    for which in ("min", "max"):
+        inputs = list(spec.example_inputs(which=which, seed=9))
+        if component is Component.DIT_BLOCK:
+            state = model.blocks[0].state_dict(keep_vars=True)
+            inputs[5:] = [state[name] for name in block_tensor_names(model.blocks[0])]
+        with torch.no_grad():
+            expected = graph(*inputs)
+        for name, want, have in zip(spec.output_names(), expected, package(*inputs), strict=True):
+            errors.append(assert_parity(have, want, f"{component.value} {which} {name}"))
+    print(f"ti2v {component.value}{' per-token' if per_token else ''} package vs eager: "
+          f"max abs diff {max(errors):.2g}")

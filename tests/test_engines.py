@@ -9,9 +9,11 @@ import importlib.util
 import shutil
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_parity
+from PIL import Image
 from test_cli import assert_one_line_error, wanrt
 
 from wanrt.configs import get_task
@@ -21,6 +23,7 @@ from wanrt.engines.compiled import CompiledEngine
 from wanrt.export.build import BUILDERS, Backend, weights_digest
 from wanrt.export.manifest import BuiltFiles
 from wanrt.export.specs import export_module
+from wanrt.generate import read_latents
 from wanrt.loading.checkpoint import Expert
 from wanrt.models.dit import WanDiT
 from wanrt.models.vae import WanVAE
@@ -118,6 +121,7 @@ class EagerGraphEngine(AOTIEngine):
 
     built: Counter = Counter()
     loaded: Counter = Counter()
+    per_token: set = set()  # components built in their per-token-timestep variant
     models: dict = {}
 
     def load(self, directory, manifest, spec):
@@ -128,6 +132,9 @@ class EagerGraphEngine(AOTIEngine):
 
 def _eager_graph_builder(spec, model, out_dir, device, scheme, root) -> BuiltFiles:
     EagerGraphEngine.built[spec.component.value] += 1
+    time_inputs = [t for t in spec.inputs if t.name in ("timestep", "time_mod", "time_emb")]
+    if any("tokens" in t.shape for t in time_inputs):
+        EagerGraphEngine.per_token.add(spec.component.value)
     EagerGraphEngine.models[weights_digest(spec.component, model)] = model
     (out_dir / "graph.txt").write_text(spec.component.value)
     return BuiltFiles(("graph.txt",), dynamic=False)
@@ -137,7 +144,7 @@ def _eager_graph_builder(spec, model, out_dir, device, scheme, root) -> BuiltFil
 def eager_graph_backend(monkeypatch, cache_dir):
     monkeypatch.setitem(BUILDERS, Backend.AOTI, _eager_graph_builder)
     monkeypatch.setitem(ENGINES, EngineKind.AOTI, f"{__name__}:EagerGraphEngine")
-    EagerGraphEngine.built, EagerGraphEngine.loaded = Counter(), Counter()
+    EagerGraphEngine.built, EagerGraphEngine.loaded, EagerGraphEngine.per_token = Counter(), Counter(), set()
     return cache_dir / "engines"
 
 
@@ -147,15 +154,17 @@ def test_the_cache_builds_each_artifact_once_and_shares_the_block_across_experts
     use_engine(first, "aoti")
     got = _generate(first, REQUEST)
     # Both experts' blocks share one artifact; pre and post bake weights, so one per expert.
-    assert EagerGraphEngine.built == {"dit_pre": 2, "dit_post": 2, "dit_block": 1, "vae_decoder_step": 1}
+    assert EagerGraphEngine.built == {"dit_pre": 2, "dit_post": 2, "dit_block": 1, "vae_decoder_first_step": 1,
+                                      "vae_decoder_step": 1}
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     assert sorted(p.name.split("-")[0] for p in eager_graph_backend.iterdir() if not p.name.startswith(".")) == [
-        "dit_block", "dit_post", "dit_post", "dit_pre", "dit_pre", "vae_decoder_step"]
+        "dit_block", "dit_post", "dit_post", "dit_pre", "dit_pre", "vae_decoder_first_step", "vae_decoder_step"]
     # A new process (new pipeline, new engine) finds and verifies them: nothing is rebuilt.
     second = _pipeline()
     use_engine(second, "aoti")
     _generate(second, REQUEST)
-    assert sum(EagerGraphEngine.built.values()) == 6 and sum(EagerGraphEngine.loaded.values()) == 12
+    assert sum(EagerGraphEngine.built.values()) == 7 and sum(EagerGraphEngine.loaded.values()) == 14
+    assert not EagerGraphEngine.per_token
 
 
 def test_auto_runs_what_an_exported_folder_lacks_eagerly(eager_graph_backend, tmp_path):
@@ -164,18 +173,19 @@ def test_auto_runs_what_an_exported_folder_lacks_eagerly(eager_graph_backend, tm
     use_engine(only_blocks := _pipeline(), "aoti")
     _generate(only_blocks, REQUEST)
     for path in eager_graph_backend.iterdir():
-        if path.name.split("-")[0] in ("dit_pre", "dit_post", "vae_decoder_step"):
+        if path.name.split("-")[0] in ("dit_pre", "dit_post", "vae_decoder_first_step", "vae_decoder_step"):
             shutil.rmtree(path)
     pipeline = _pipeline()
     engine = use_engine(pipeline, "auto", eager_graph_backend)
     got = _generate(pipeline, REQUEST)
     assert engine.kind is EngineKind.AOTI and "auto: AOTInductor packages found" in engine.describe()
-    assert engine.eager_components == {"dit_pre", "dit_post", "vae_decoder_step"}
+    assert engine.eager_components == {"dit_pre", "dit_post", "vae_decoder_first_step", "vae_decoder_step"}
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-def test_per_token_timesteps_run_eagerly(eager_graph_backend):
-    """ti2v with an image gives every token its own timestep, which the specs do not cover."""
+def test_per_token_timesteps_run_the_per_token_graphs(eager_graph_backend):
+    """ti2v with an image gives every token its own timestep: pre, blocks and post run their
+    per-token variants, and the image's encode (one frame) the first encoder step."""
     task = get_task("tiny-ti2v")
     image = torch.rand(3, 64, 128) * 2 - 1
     request = GenerationRequest("unused", size="128*64", frame_num=5, steps=2, seed=1, image=image)
@@ -184,8 +194,9 @@ def test_per_token_timesteps_run_eagerly(eager_graph_backend):
     use_engine(pipeline, "aoti")
     got = _generate(pipeline, request)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-    # The image is one frame: its encode is the first causal step alone, which runs eagerly.
-    assert set(EagerGraphEngine.built) == {"vae_decoder_step"}
+    assert EagerGraphEngine.built == {"dit_pre": 1, "dit_block": 1, "dit_post": 1, "vae_encoder_first_step": 1,
+                                      "vae_decoder_first_step": 1, "vae_decoder_step": 1}
+    assert EagerGraphEngine.per_token == {"dit_pre", "dit_block", "dit_post"}
 
 
 def test_i2v_runs_its_conditioning_through_pre_and_the_encoder_step(eager_graph_backend):
@@ -197,8 +208,37 @@ def test_i2v_runs_its_conditioning_through_pre_and_the_encoder_step(eager_graph_
     use_engine(pipeline, "aoti")
     got = _generate(pipeline, request)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-    assert EagerGraphEngine.built == {"dit_pre": 2, "dit_post": 2, "dit_block": 1, "vae_decoder_step": 1,
-                                      "vae_encoder": 1}
+    assert EagerGraphEngine.built == {"dit_pre": 2, "dit_post": 2, "dit_block": 1, "vae_decoder_first_step": 1,
+                                      "vae_decoder_step": 1, "vae_encoder_first_step": 1, "vae_encoder": 1}
+
+
+def test_ti2v_export_serves_generate_with_an_image(eager_graph_backend, checkpoints, tmp_path, cache_dir):
+    """`wanrt export` of ti2v builds both timestep variants and the one-frame image encode by
+    default, so `generate --image --engine-dir` finds every graph it runs."""
+    out, image = tmp_path / "engines", tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8)).save(image)
+    result = wanrt("export", "--task", "tiny-ti2v", "--ckpt-dir", checkpoints["tiny-ti2v"], "--device", "cpu",
+                   "--backend", "aoti", "--sizes", "128*64", "--frame-nums", 5, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert EagerGraphEngine.built == {"dit_pre": 2, "dit_block": 2, "dit_post": 2, "vae_decoder_first_step": 1,
+                                      "vae_decoder_step": 1, "vae_encoder_first_step": 1}
+    assert EagerGraphEngine.per_token == {"dit_pre", "dit_block", "dit_post"}
+    assert "dit_block [blocks only 0-1, per-token timesteps]" in result.stdout
+    common = ("generate", "--task", "tiny-ti2v", "--ckpt-dir", checkpoints["tiny-ti2v"], "--prompt", "a red fox",
+              "--image", image, "--size", "128*64", "--frame-num", 5, "--steps", 2, "--seed", 3)
+    eager = wanrt(*common, "--output", tmp_path / "eager.mp4")
+    engine = wanrt(*common, "--engine", "aoti", "--engine-dir", out, "--output", tmp_path / "engine.mp4")
+    assert eager.exit_code == 0 and engine.exit_code == 0, engine.output
+    assert sum(EagerGraphEngine.built.values()) == 9, "the exported folder is read, never built into"
+    latents = {name: read_latents(tmp_path / f"{name}.latents.safetensors")[0] for name in ("eager", "engine")}
+    assert torch.equal(latents["engine"], latents["eager"])
+
+
+def test_per_token_graphs_are_refused_for_tasks_that_have_none(checkpoints, tmp_path, cache_dir):
+    result = wanrt("export", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--device", "cpu",
+                   "--timesteps", "both", "--out", tmp_path / "engines")
+    assert_one_line_error(result, "--timesteps both: only ti2v tasks give tokens their own timesteps")
+    assert not (tmp_path / "engines").exists()
 
 
 @pytest.mark.parametrize("option, value, needle", [

@@ -12,14 +12,16 @@ import torch
 from wanrt.configs import get_task
 from wanrt.errors import InputError
 from wanrt.export.quantize import PrecisionPolicy, quantize
-from wanrt.export.specs import (Component, block_tensor_names, export_module, make_spec, parse_axis,
-                                scaled_axis)
+from wanrt.export.specs import (VAE_STEPS, Component, block_tensor_names, export_module, make_spec,
+                                parse_axis, scaled_axis)
 from wanrt.models.dit import WanDiT, rope_tables
 from wanrt.models.vae import WanVAE
 from wanrt.random_weights import randomize_
 
 TASKS = ("tiny-t2v", "tiny-i2v", "tiny-ti2v")
-VAE_COMPONENTS = (Component.VAE_DECODER_STEP, Component.VAE_ENCODER)
+DIT_COMPONENTS = (Component.DIT_PRE, Component.DIT_BLOCK, Component.DIT_POST)
+# (component, per-token timesteps): every graph variant there is.
+VARIANTS = [*((c, False) for c in Component), *((c, True) for c in DIT_COMPONENTS)]
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +34,15 @@ def models():
 
 
 def _model_for(component, dit, vae):
-    return vae if component in VAE_COMPONENTS else dit
+    return vae if component in VAE_STEPS else dit
 
 
 @pytest.mark.parametrize("task_name", TASKS)
-@pytest.mark.parametrize("component", list(Component))
-def test_outputs_have_the_spec_dtypes_and_named_axes_at_every_profile_end(models, task_name, component):
+@pytest.mark.parametrize("component, per_token", VARIANTS)
+def test_outputs_have_the_spec_dtypes_and_named_axes_at_every_profile_end(models, task_name, component, per_token):
     task, dit, vae = models[task_name]
     model = _model_for(component, dit, vae)
-    spec = make_spec(component, model, task, task.sample.sizes, [9, 5])
+    spec = make_spec(component, model, task, task.sample.sizes, [9, 5], per_token_timesteps=per_token)
     module = export_module(component, model)
     for which in ("min", "opt", "max"):
         inputs = spec.example_inputs(which=which)
@@ -74,6 +76,38 @@ def test_the_profile_covers_the_requested_runs_with_the_first_as_opt(models):
     assert pre.profiles[0].shapes["x"] == ((1, 16, 2, 8, 8), (1, 16, 3, 8, 12), (1, 16, 3, 8, 12))
     assert pre.dynamic_axes()["x"] == {2: "latent_frames", 3: scaled_axis("patch_rows", 2),
                                        4: scaled_axis("patch_cols", 2)}
+    assert pre.profiles[0].shapes["timestep"] == ((1,), (1,), (1,))
+    assert spec.profiles[0].shapes["time_mod"] == ((1, 1, 6, 64),) * 3
+
+
+def test_per_token_variants_give_the_time_tensors_the_token_axis(models):
+    task, dit, _ = models["tiny-ti2v"]
+    block = make_spec(Component.DIT_BLOCK, dit, task, ["96*64", "64*64"], [9, 5], per_token_timesteps=True)
+    shared = make_spec(Component.DIT_BLOCK, dit, task, ["96*64", "64*64"], [9, 5])
+    tokens = [shape[1] for shape in block.profiles[0].shapes["x"]]
+    assert [shape[1] for shape in block.profiles[0].shapes["time_mod"]] == tokens
+    assert block.dynamic_axes()["time_mod"] == {1: "tokens"} and "time_mod" not in shared.dynamic_axes()
+    assert block.profiles[0].name == shared.profiles[0].name + ";per-token timesteps"
+    pre = make_spec(Component.DIT_PRE, dit, task, ["96*64", "64*64"], [9, 5], per_token_timesteps=True)
+    assert [shape[1] for shape in pre.profiles[0].shapes["timestep"]] == tokens
+    assert pre.dynamic_axes()["time_emb"] == {1: "tokens"}
+    post = make_spec(Component.DIT_POST, dit, task, ["96*64", "64*64"], [9, 5], per_token_timesteps=True)
+    assert [shape[1] for shape in post.profiles[0].shapes["time_emb"]] == tokens
+    with pytest.raises(ValueError, match="has no timesteps"):
+        make_spec(Component.VAE_DECODER_STEP, models["tiny-ti2v"][2], task, ["64*64"], [9], per_token_timesteps=True)
+
+
+def test_the_first_vae_steps_take_one_frame_and_no_cache(models):
+    task, _, vae = models["tiny-t2v"]
+    first = make_spec(Component.VAE_DECODER_FIRST_STEP, vae, task, ["64*64"], [9])
+    steady = make_spec(Component.VAE_DECODER_STEP, vae, task, ["64*64"], [9])
+    assert first.input_names() == ["latent"] and first.profiles[0].shapes["latent"][0] == (1, 16, 1, 8, 8)
+    # Its cache out is what the steady step takes in, one for one.
+    caches = [t for t in steady.inputs if t.name.startswith("cache_")]
+    assert [(t.shape, t.dtype) for t in first.outputs[1:]] == [(t.shape, t.dtype) for t in caches]
+    assert first.profiles[0].shapes["latent"][0][2] == 1 and first.outputs[0].shape[2] == 1
+    encoder = make_spec(Component.VAE_ENCODER_FIRST_STEP, vae, task, ["64*64"], [9])
+    assert encoder.input_names() == ["frames"] and encoder.profiles[0].shapes["frames"][0] == (1, 3, 1, 64, 64)
 
 
 def test_bad_sizes_and_frame_counts_are_input_errors(models):
@@ -86,15 +120,17 @@ def test_bad_sizes_and_frame_counts_are_input_errors(models):
         make_spec(Component.DIT_BLOCK, dit, task, [], [9])
 
 
-@pytest.mark.parametrize("task_name", TASKS)
-def test_the_dit_graphs_compute_exactly_the_models_forward(models, task_name):
+@pytest.mark.parametrize("task_name, per_token", [*((name, False) for name in TASKS), ("tiny-ti2v", True)])
+def test_the_dit_graphs_compute_exactly_the_models_forward(models, task_name, per_token):
     task, dit, _ = models[task_name]
     generator = torch.Generator().manual_seed(3)
     frames, rows, cols = 3, 8, 8
     x = torch.randn(1, task.dit.out_dim, frames, rows, cols, generator=generator)
     y = (torch.randn(1, task.dit.in_dim - task.dit.out_dim, frames, rows, cols, generator=generator)
          if task.dit.in_dim != task.dit.out_dim else None)
-    timestep = torch.tensor([731])
+    # ti2v with an image: the first latent frame's tokens at timestep 0, the others at t.
+    timestep = (torch.tensor([731]) if not per_token
+                else (torch.arange(frames * rows * cols // 4) >= rows * cols // 4)[None].float() * 731)
     context = torch.randn(1, 5, task.dit.text_dim, generator=generator)
     with torch.no_grad():
         expected = dit(x, timestep, context, y)
@@ -124,6 +160,11 @@ def test_the_vae_step_graphs_compute_exactly_the_models_steps(models, task_name)
     with torch.no_grad():
         decoded, cache = vae.decode_step(latent[:, :, :1])
         encoded, encode_cache = vae.encode_step(video[:, :, :1])
+        for component, x, want_out, want_cache in [
+                (Component.VAE_DECODER_FIRST_STEP, latent[:, :, :1], decoded, cache),
+                (Component.VAE_ENCODER_FIRST_STEP, video[:, :, :1], encoded, encode_cache)]:
+            got, *got_cache = export_module(component, vae)(x)
+            assert torch.equal(got, want_out) and all(map(torch.equal, got_cache, want_cache))
         for step in (1, 2):
             want, want_cache = vae.decode_step(latent[:, :, step:step + 1], cache)
             got, *got_cache = decoder_graph(latent[:, :, step:step + 1], *cache)
@@ -144,8 +185,10 @@ def test_graphs_hold_only_the_weights_they_bake_in(models):
     assert held[Component.DIT_BLOCK] == set()
     assert held[Component.DIT_PRE] and not any(".blocks." in k or ".head." in k for k in held[Component.DIT_PRE])
     assert held[Component.DIT_POST] == {f"dit.{k}" for k in dit.head.state_dict(prefix="head.")}
-    assert not any(".encoder." in k for k in held[Component.VAE_DECODER_STEP])
-    assert not any(".decoder." in k for k in held[Component.VAE_ENCODER])
+    for decoder in (Component.VAE_DECODER_STEP, Component.VAE_DECODER_FIRST_STEP):
+        assert held[decoder] and not any(".encoder." in k for k in held[decoder])
+    for encoder in (Component.VAE_ENCODER, Component.VAE_ENCODER_FIRST_STEP):
+        assert held[encoder] and not any(".decoder." in k for k in held[encoder])
     # The model itself is untouched by the shallow copies.
     assert len(dit.blocks) == get_task("tiny-t2v").dit.num_layers and hasattr(vae, "encoder")
 

@@ -25,7 +25,7 @@ from wanrt.export.quantize import (  # noqa: E402
     pin_kernel,
     quantize,
 )
-from wanrt.export.specs import Component, export_module, make_spec  # noqa: E402
+from wanrt.export.specs import VAE_STEPS, Component, export_module, make_spec  # noqa: E402
 from wanrt.models.dit import WanDiT  # noqa: E402
 from wanrt.models.vae import WanVAE  # noqa: E402
 from wanrt.random_weights import randomize_  # noqa: E402
@@ -34,19 +34,18 @@ from wanrt.random_weights import randomize_  # noqa: E402
 # dynamic axis (latent frames, rows or columns, tokens).
 RUNS = {"tiny-t2v": (["64*64", "96*64"], [5, 9]), "tiny-i2v": (["64*64", "96*64"], [5, 9]),
         "tiny-ti2v": (["128*64", "128*128"], [5, 9])}
-VAE_COMPONENTS = (Component.VAE_DECODER_STEP, Component.VAE_ENCODER)
 
 
 def _model(task_name: str, component: Component):
     task = get_task(task_name)
     with torch.device("meta"):
-        model = WanVAE(task.vae) if component in VAE_COMPONENTS else WanDiT(task.dit)
+        model = WanVAE(task.vae) if component in VAE_STEPS else WanDiT(task.dit)
     return task, randomize_(model, 0).eval()
 
 
-def _spec(task, component: Component, model):
+def _spec(task, component: Component, model, per_token: bool = False):
     sizes, frame_nums = RUNS[task.name]
-    return make_spec(component, model, task, sizes, frame_nums)
+    return make_spec(component, model, task, sizes, frame_nums, per_token_timesteps=per_token)
 
 
 def _inputs(spec, component: Component, model, which: str) -> tuple[torch.Tensor, ...]:
@@ -72,16 +71,20 @@ def _check_against_eager(path, spec, component, model, whiches=("min", "max")) -
     return errors
 
 
-@pytest.mark.parametrize("task_name,component", [
-    *(("tiny-t2v", component) for component in Component),
-    ("tiny-i2v", Component.DIT_PRE),           # the image conditioning input y
-    ("tiny-ti2v", Component.DIT_POST),         # 48 latent channels, the Wan2.2 patch grid
-    ("tiny-ti2v", Component.VAE_DECODER_STEP),  # Wan2.2 VAE: patchify, DupUp3D
-    ("tiny-ti2v", Component.VAE_ENCODER),       # AvgDown3D
+@pytest.mark.parametrize("task_name,component,per_token", [
+    *(("tiny-t2v", component, False) for component in Component),
+    ("tiny-i2v", Component.DIT_PRE, False),           # the image conditioning input y
+    ("tiny-ti2v", Component.DIT_POST, False),         # 48 latent channels, the Wan2.2 patch grid
+    ("tiny-ti2v", Component.VAE_DECODER_STEP, False),  # Wan2.2 VAE: patchify, DupUp3D
+    ("tiny-ti2v", Component.VAE_ENCODER, False),       # AvgDown3D
+    ("tiny-ti2v", Component.VAE_DECODER_FIRST_STEP, False),  # DupUp3D dropping the first chunk's copies
+    ("tiny-ti2v", Component.VAE_ENCODER_FIRST_STEP, False),
+    # ti2v with an image: per-token timesteps through the sinusoid, blocks and head.
+    *(("tiny-ti2v", component, True) for component in (Component.DIT_PRE, Component.DIT_BLOCK, Component.DIT_POST)),
 ])
-def test_component_matches_eager_in_onnxruntime(task_name, component, tmp_path):
+def test_component_matches_eager_in_onnxruntime(task_name, component, per_token, tmp_path):
     task, model = _model(task_name, component)
-    spec = _spec(task, component, model)
+    spec = _spec(task, component, model, per_token)
     low, _, high = spec.profiles[0].shapes[spec.inputs[0].name]
     assert low != high, "the test needs two different shapes"
     path = export_onnx(spec, model, tmp_path / f"{component.value}.onnx")
@@ -91,7 +94,8 @@ def test_component_matches_eager_in_onnxruntime(task_name, component, tmp_path):
     assert [v.name for v in proto.graph.input] == spec.input_names()
     errors = _check_against_eager(path, spec, component, model)
     # float32 graphs land at float32 rounding: ~1e-6 of the output scale.
-    print(f"{task_name} {component.value}: max abs diff vs eager {max(errors):.2e}")
+    variant = " (per-token timesteps)" if per_token else ""
+    print(f"{task_name} {component.value}{variant}: max abs diff vs eager {max(errors):.2e}")
 
 
 @pytest.mark.parametrize("scheme,onnx_type", [("int8", "INT8"), ("fp8", "FLOAT8E4M3FN")])
