@@ -32,8 +32,7 @@ from wanrt.engines.base import Engine, EngineOptions
 from wanrt.export.build import Backend, artifact_identity, build_artifact, require_backend
 from wanrt.export.manifest import (ArtifactStore, Identity, Manifest, MissingArtifactError,
                                    StaleArtifactError)
-from wanrt.export.specs import (Component, ExportSpec, block_tensor_names, make_spec, timestep_spec,
-                                vae_step_component)
+from wanrt.export.specs import Component, ExportSpec, block_tensor_names, make_spec, vae_step_component
 from wanrt.loading.checkpoint import Expert
 from wanrt.models.dit import DiTBlock, DiTInputs, WanDiT, rope_tables
 from wanrt.models.vae import WanVAE
@@ -182,15 +181,14 @@ class StagedExpert:
         frames, rows, cols = latents.shape[2:]
         grid = (frames, rows // patch_h, cols // patch_w)
         # One timestep `[1]`, or one per video token `[1, tokens]` (ti2v with an image).
-        per_token = timestep.dim() == 2
-        expected = timestep_spec(per_token)
-        if (timestep.dtype != expected.dtype or timestep.shape not in ((1,), (1, math.prod(grid)))
-                or context.shape[1] > cfg.text_len):
+        if timestep.shape not in ((1,), (1, math.prod(grid))) or context.shape[1] > cfg.text_len:
             return model.embed(latents, timestep, context, y)
         # embed zero-pads the text to text_len itself; the artifact takes it padded.
         context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
-        inputs = [latents, timestep, context] + ([y] if y is not None else [])
-        run = self.engine.runner(Component.DIT_PRE, model, inputs, tuple(latents.shape[2:]), per_token)
+        # The sinusoid is float64 math, done here: the graph takes its float32 result.
+        inputs = [latents, model.time_sinusoid(timestep), context] + ([y] if y is not None else [])
+        run = self.engine.runner(Component.DIT_PRE, model, inputs, tuple(latents.shape[2:]),
+                                 per_token_timesteps=timestep.dim() == 2)
         if run is None:
             return model.embed(latents, timestep, context, y)
         tokens, time_emb, time_mod, context_emb = run(*(t.contiguous() for t in inputs))

@@ -15,8 +15,11 @@ runs the conditional and unconditional forwards one after the other.
 Components and what the runtime does around them:
 * DIT_PRE, DIT_BLOCK and DIT_POST come in two variants of the same graph (`make_spec`'s
   `per_token_timesteps`): one timestep for all tokens (time tensors with a time axis of 1),
-  or one per token (ti2v with an image: the time axis is the token axis). The RoPE tables
-  are computed outside (float64 math) by `rope_tables` and fed to every block.
+  or one per token (ti2v with an image: the time axis is the token axis).
+* No graph computes in float64, which TensorRT lacks (its ONNX parser silently casts DOUBLE
+  to FLOAT): the float64 math is done outside and its float32 results are inputs, the
+  timestep sinusoid of DIT_PRE (`WanDiT.time_sinusoid`) and the RoPE tables of every block
+  (`rope_tables`). A float32 sinusoid would be off by ~1e-4 rad at t≈1000.
 * DIT_BLOCK takes the block's weights as inputs, so one artifact serves every block of both
   experts and the block streamer's weights flow straight in.
 * DIT_POST receives the patch grid through the shape of `grid` (its values are never read):
@@ -144,8 +147,8 @@ class ExportSpec:
                        device: torch.device | str = "cpu", seed: int = 0) -> tuple[Tensor, ...]:
         """Random inputs of one profile shape, positional in `inputs` order.
 
-        Values are in plausible ranges (timesteps in [0, 1000), positive quantization
-        scales, RoPE cos/sin of real angles) so that traced graphs see no degenerate input.
+        Values are in plausible ranges (sinusoids in [-1, 1], positive quantization scales,
+        RoPE cos/sin of real angles) so that traced graphs see no degenerate input.
         """
         profile = profile or self.profiles[0]
         generator = torch.Generator().manual_seed(seed)
@@ -167,8 +170,8 @@ def scaled_axis(base: str, factor: int) -> str:
 
 
 def _random_tensor(spec: TensorSpec, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
-    if spec.name == "timestep":
-        return torch.randint(0, 1000, shape, generator=generator).to(spec.dtype)
+    if spec.name == "time_sinusoid":
+        return (torch.rand(shape, generator=generator) * 2 - 1).to(spec.dtype)
     if spec.dtype == torch.int8:
         return torch.randint(-127, 128, shape, generator=generator, dtype=torch.int8)
     if spec.name.endswith("weight_scale"):
@@ -226,11 +229,12 @@ class _DiTPre(nn.Module):
         self.dit = sharing(dit, DIT_PRE_CHILDREN)
         self.dtype = compute_dtype_of(self.dit)
 
-    def forward(self, x: Tensor, timestep: Tensor, context: Tensor, y: Tensor | None = None):
+    def forward(self, x: Tensor, time_sinusoid: Tensor, context: Tensor, y: Tensor | None = None):
+        # WanDiT.embed without its float64 parts (the sinusoid is an input, RoPE is outside).
         with _autocast(x.device, self.dtype):
-            inputs = WanDiT.embed(self.dit, x, timestep, context, y)
-        # The RoPE tables embed computes are not outputs, so tracing drops them.
-        return inputs.tokens, inputs.time_emb, inputs.time_mod, inputs.context
+            tokens, _, _ = WanDiT.embed_video(self.dit, x, y)
+            time_emb, time_mod = WanDiT.embed_time(self.dit, time_sinusoid)
+            return tokens, time_emb, time_mod, WanDiT.embed_text(self.dit, context)
 
 
 class _DiTBlockWithWeightInputs(nn.Module):
@@ -366,14 +370,6 @@ def _build(component: Component, inputs: list[TensorSpec], outputs: list[TensorS
     return ExportSpec(component, tuple(inputs), tuple(outputs), (profile,))
 
 
-def timestep_spec(per_token: bool) -> TensorSpec:
-    """The sampler's int64 timestep, or per token the float32 product of the frozen-frame
-    mask and that timestep (as the official ti2v code forms it; exact for t < 2**24)."""
-    if per_token:
-        return TensorSpec("timestep", (BATCH, TOKENS_AXIS), torch.float32)
-    return TensorSpec("timestep", (BATCH,), torch.int64)
-
-
 def _dit_spec(component: Component, model: nn.Module, task: TaskSpec,
               grids: list[tuple[int, int, int]], name: str, per_token_timesteps: bool) -> ExportSpec:
     cfg = task.dit
@@ -395,8 +391,9 @@ def _dit_spec(component: Component, model: nn.Module, task: TaskSpec,
     time_emb = TensorSpec("time_emb", (BATCH, time_axis, cfg.dim), f32)
     time_mod = TensorSpec("time_mod", (BATCH, time_axis, 6, cfg.dim), f32)
     if component is Component.DIT_PRE:
+        sinusoid_dtype = model.time_embedding[0].weight.dtype  # what WanDiT.time_sinusoid gives
         inputs = [TensorSpec("x", (latent[0], cfg.out_dim, *latent[1:]), f32),
-                  timestep_spec(per_token_timesteps),
+                  TensorSpec("time_sinusoid", (BATCH, time_axis, cfg.freq_dim), sinusoid_dtype),
                   TensorSpec("context", (BATCH, cfg.text_len, cfg.text_dim), f32)]
         if cfg.model_type is ModelType.I2V:
             inputs.append(TensorSpec("y", (latent[0], cfg.in_dim - cfg.out_dim, *latent[1:]), f32))

@@ -224,8 +224,8 @@ def test_an_fp8_block_package_matches_the_eager_quantized_block(models, tmp_path
     (Component.VAE_ENCODER_FIRST_STEP, False),
 ])
 def test_ti2v_image_packages_match_eager_at_both_ends_of_their_profile(component, per_token, tmp_path):
-    """What ti2v with an image runs: the DiT graphs with per-token (float32) timesteps, and
-    the one-frame encode of the image."""
+    """What ti2v with an image runs: the DiT graphs with per-token timesteps, and the
+    one-frame encode of the image."""
     task = get_task("tiny-ti2v")
     model = randomize_(WanVAE(task.vae) if component in VAE_STEPS else WanDiT(task.dit), seed=5).eval()
     spec = make_spec(component, model, task, ["128*64", "128*128"], [5, 9], per_token_timesteps=per_token)

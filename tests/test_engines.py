@@ -132,7 +132,7 @@ class EagerGraphEngine(AOTIEngine):
 
 def _eager_graph_builder(spec, model, out_dir, device, scheme, root) -> BuiltFiles:
     EagerGraphEngine.built[spec.component.value] += 1
-    time_inputs = [t for t in spec.inputs if t.name in ("timestep", "time_mod", "time_emb")]
+    time_inputs = [t for t in spec.inputs if t.name in ("time_sinusoid", "time_mod", "time_emb")]
     if any("tokens" in t.shape for t in time_inputs):
         EagerGraphEngine.per_token.add(spec.component.value)
     EagerGraphEngine.models[weights_digest(spec.component, model)] = model

@@ -76,7 +76,7 @@ def test_the_profile_covers_the_requested_runs_with_the_first_as_opt(models):
     assert pre.profiles[0].shapes["x"] == ((1, 16, 2, 8, 8), (1, 16, 3, 8, 12), (1, 16, 3, 8, 12))
     assert pre.dynamic_axes()["x"] == {2: "latent_frames", 3: scaled_axis("patch_rows", 2),
                                        4: scaled_axis("patch_cols", 2)}
-    assert pre.profiles[0].shapes["timestep"] == ((1,), (1,), (1,))
+    assert pre.profiles[0].shapes["time_sinusoid"] == ((1, 1, task.dit.freq_dim),) * 3
     assert spec.profiles[0].shapes["time_mod"] == ((1, 1, 6, 64),) * 3
 
 
@@ -89,7 +89,7 @@ def test_per_token_variants_give_the_time_tensors_the_token_axis(models):
     assert block.dynamic_axes()["time_mod"] == {1: "tokens"} and "time_mod" not in shared.dynamic_axes()
     assert block.profiles[0].name == shared.profiles[0].name + ";per-token timesteps"
     pre = make_spec(Component.DIT_PRE, dit, task, ["96*64", "64*64"], [9, 5], per_token_timesteps=True)
-    assert [shape[1] for shape in pre.profiles[0].shapes["timestep"]] == tokens
+    assert [shape[1] for shape in pre.profiles[0].shapes["time_sinusoid"]] == tokens
     assert pre.dynamic_axes()["time_emb"] == {1: "tokens"}
     post = make_spec(Component.DIT_POST, dit, task, ["96*64", "64*64"], [9, 5], per_token_timesteps=True)
     assert [shape[1] for shape in post.profiles[0].shapes["time_emb"]] == tokens
@@ -136,7 +136,7 @@ def test_the_dit_graphs_compute_exactly_the_models_forward(models, task_name, pe
         expected = dit(x, timestep, context, y)
         padded = torch.nn.functional.pad(context, (0, 0, 0, task.dit.text_len - 5))
         tokens, time_emb, time_mod, context_emb = export_module(Component.DIT_PRE, dit)(
-            *[t for t in (x, timestep, padded, y) if t is not None])
+            *[t for t in (x, dit.time_sinusoid(timestep), padded, y) if t is not None])
         grid = (frames, rows // 2, cols // 2)
         cos, sin = rope_tables(grid, task.dit.head_dim, tokens.shape[1])
         block_graph = export_module(Component.DIT_BLOCK, dit)

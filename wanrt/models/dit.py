@@ -233,7 +233,15 @@ class WanDiT(nn.Module):
               seq_len: int | None = None) -> DiTInputs:
         """x `[B, C, F, H, W]`; timestep int64 `[B]` or per-token `[B, seq_len]`;
         context `[B, Lc <= text_len, text_dim]`; y `[B, C_y, F, H, W]` for i2v."""
-        cfg = self.config
+        tokens, grid, key_mask = self.embed_video(x, y, seq_len)
+        time_emb, time_mod = self.embed_time(self.time_sinusoid(timestep))
+        context = self.embed_text(context)
+        rope_cos, rope_sin = rope_tables(grid, self.config.head_dim, tokens.shape[1], device=x.device)
+        return DiTInputs(tokens, time_emb, time_mod, context, rope_cos, rope_sin, key_mask, grid)
+
+    def embed_video(self, x: Tensor, y: Tensor | None = None,
+                    seq_len: int | None = None) -> tuple[Tensor, tuple[int, int, int], Tensor | None]:
+        """(tokens `[B, seq_len, dim]` float32, patch grid, key mask or None when unpadded)."""
         if y is not None:
             x = torch.cat([x, y], dim=1)
         tokens = self.patch_embedding(x)
@@ -247,26 +255,32 @@ class WanDiT(nn.Module):
         key_mask = None
         if seq_len > num_tokens:
             key_mask = (torch.arange(seq_len, device=x.device) < num_tokens).expand(x.shape[0], -1)
+        return tokens, grid, key_mask
 
-        # A [B] timestep is the same for every token: embed it once and broadcast over L,
-        # which equals the official per-token expansion exactly.
+    def time_sinusoid(self, timestep: Tensor) -> Tensor:
+        """The float64 sinusoid of `[B]` or per-token `[B, L]` timesteps, rounded once to the
+        time MLP's dtype: `[B, 1|L, freq_dim]`. A `[B]` timestep is the same for every token:
+        it is embedded once and broadcast over L, which equals the official per-token
+        expansion exactly."""
         steps = timestep if timestep.dim() == 2 else timestep[:, None]
-        sinusoid = sinusoidal_embedding(cfg.freq_dim, steps.flatten())
-        with float32_region(x.device):
-            weight_dtype = self.time_embedding[0].weight.dtype
-            time_emb = self.time_embedding(sinusoid.to(weight_dtype)).float()
-            time_emb = time_emb.unflatten(0, steps.shape)
-            time_mod = self.time_projection(time_emb.to(weight_dtype)).float()
-        time_mod = time_mod.unflatten(2, (6, cfg.dim))
+        sinusoid = sinusoidal_embedding(self.config.freq_dim, steps.flatten())
+        return sinusoid.to(self.time_embedding[0].weight.dtype).unflatten(0, steps.shape)
 
+    def embed_time(self, sinusoid: Tensor) -> tuple[Tensor, Tensor]:
+        """(time_emb `[B, 1|L, dim]`, time_mod `[B, 1|L, 6, dim]`), float32."""
+        with float32_region(sinusoid.device):
+            weight_dtype = self.time_embedding[0].weight.dtype
+            time_emb = self.time_embedding(sinusoid).float()
+            time_mod = self.time_projection(time_emb.to(weight_dtype)).float()
+        return time_emb, time_mod.unflatten(2, (6, self.config.dim))
+
+    def embed_text(self, context: Tensor) -> Tensor:
         # The official model zero-pads the text to text_len BEFORE the embedding MLP, and
         # cross-attention is unmasked: the padded rows (W2·gelu(b1)+b2) are attended to.
+        cfg = self.config
         if context.shape[1] > cfg.text_len:
             raise ValueError(f"context has {context.shape[1]} tokens, more than text_len {cfg.text_len}")
-        context = self.text_embedding(F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1])))
-
-        rope_cos, rope_sin = rope_tables(grid, cfg.head_dim, seq_len, device=x.device)
-        return DiTInputs(tokens, time_emb, time_mod, context, rope_cos, rope_sin, key_mask, grid)
+        return self.text_embedding(F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1])))
 
     def run_block(self, block: nn.Module, tokens: Tensor, inputs: DiTInputs) -> Tensor:
         return block(tokens, inputs.time_mod, inputs.context, inputs.rope_cos, inputs.rope_sin,
