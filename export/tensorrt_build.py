@@ -86,6 +86,32 @@ def check_precision(proto, precision: Scheme | str, source: str) -> None:
                                  f"export it from the {wanted.value} model")
 
 
+def float64_tensors(proto) -> list[str]:
+    """Names of the graph's float64 tensors, casts and constants. TensorRT has no float64:
+    its parser casts DOUBLE down to FLOAT without failing, which would silently move float64
+    math (the timestep sinusoid's phases) to float32."""
+    onnx = require_onnx()
+    double = onnx.TensorProto.DOUBLE
+    graph = onnx.shape_inference.infer_shapes(proto).graph
+    found = [v.name for v in (*graph.input, *graph.output, *graph.value_info)
+             if v.type.tensor_type.elem_type == double]
+    found += [t.name for t in graph.initializer if t.data_type == double]
+    for node in graph.node:
+        attributes = {a.name: a for a in node.attribute}
+        if node.op_type == "Cast" and attributes["to"].i == double:
+            found.append(node.name)
+        if node.op_type == "Constant" and "value" in attributes and attributes["value"].t.data_type == double:
+            found.append(node.name)
+    return found
+
+
+def check_no_float64(proto, source: str) -> None:
+    found = float64_tensors(proto)
+    if found:
+        raise TensorRTBuildError(f"{source} computes in float64 ({', '.join(found[:3])}), which TensorRT would "
+                                 "cast to float32: compute it outside the graph and pass the result in")
+
+
 def optimization_profiles(spec: ExportSpec, graph) -> list[dict[str, Shapes]]:
     """For each ShapeProfile, (min, opt, max) of every graph input with a dynamic axis:
     exactly what `IOptimizationProfile.set_shape` receives. Static axes must agree with
@@ -129,13 +155,14 @@ def build_tensorrt_engine(onnx_path: Path, spec: ExportSpec, out_path: Path, pre
     with one optimization profile per spec profile, and write it atomically to `out_path`.
 
     The graph is checked first, on the CPU and without TensorRT: its inputs and outputs
-    are the spec's, its 8-bit weights (if any) are of the `precision` scheme, and every
-    profile fits it.
+    are the spec's, it has no float64, its 8-bit weights (if any) are of the `precision`
+    scheme, and every profile fits it.
     """
     onnx = require_onnx()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     proto = onnx.load(str(onnx_path), load_external_data=False)
     check_signature(proto.graph, spec, str(onnx_path))
+    check_no_float64(proto, str(onnx_path))
     check_precision(proto, precision, str(onnx_path))
     profiles = optimization_profiles(spec, proto.graph)
 

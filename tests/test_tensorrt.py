@@ -29,6 +29,7 @@ from wanrt.export.tensorrt_build import (  # noqa: E402
     TensorRTUnavailableError,
     build_tensorrt_engine,
     check_precision,
+    float64_tensors,
     graph_weight_scheme,
     import_tensorrt,
     optimization_profiles,
@@ -296,6 +297,28 @@ def test_build_checks_the_graph_before_tensorrt(block_graph, tmp_path, monkeypat
         build_tensorrt_engine(path, vae_spec, tmp_path / "x.plan", "bf16")
     with pytest.raises(TensorRTUnavailableError):
         build_tensorrt_engine(path, spec, tmp_path / "x.plan", "bf16")
+    assert not (tmp_path / "x.plan").exists()
+
+
+def test_a_float64_graph_is_refused_before_tensorrt(block_graph, tmp_path, monkeypatch):
+    """What an exporter would give for float64 math inside a graph (the official timestep
+    sinusoid): TensorRT would silently run it in float32, so the build refuses first."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    spec, path = block_graph
+    proto = onnx.load(str(path))
+    first = proto.graph.input[0].name
+    widened, narrowed = "x_as_float64", "x_back_to_float32"
+    proto.graph.node.insert(0, onnx.helper.make_node("Cast", [first], [widened], name="to_double",
+                                                     to=onnx.TensorProto.DOUBLE))
+    proto.graph.node.insert(1, onnx.helper.make_node("Cast", [widened], [narrowed], name="to_float",
+                                                     to=onnx.TensorProto.FLOAT))
+    for node in proto.graph.node[2:]:
+        node.input[:] = [narrowed if name == first else name for name in node.input]
+    damaged = tmp_path / "double.onnx"
+    onnx.save(proto, str(damaged))
+    with pytest.raises(TensorRTBuildError, match="computes in float64 .*to_double"):
+        build_tensorrt_engine(damaged, spec, tmp_path / "x.plan", "bf16")
+    assert float64_tensors(onnx.load(str(path))) == []
     assert not (tmp_path / "x.plan").exists()
 
 
