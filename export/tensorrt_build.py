@@ -86,13 +86,50 @@ def check_precision(proto, precision: Scheme | str, source: str) -> None:
                                  f"export it from the {wanted.value} model")
 
 
+# TensorRT 10's ONNX parser, as its operator table documents it (onnx-tensorrt
+# docs/operators.md): the operators it supports, the inputs it needs constant, and the
+# Resize attributes it implements. Checked on the CPU because no CI machine has TensorRT.
+TENSORRT_MAX_OPSET = 20
+TENSORRT_OPS = frozenset("""
+    Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike
+    Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DeformConv
+    DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor GRU
+    Gather GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater
+    GreaterOrEqual GridSample GroupNormalization HardSigmoid HardSwish Hardmax Identity If ImageScaler
+    InstanceNormalization IsInf IsNaN LRN LSTM LayerNormalization LeakyRelu Less LessOrEqual Log
+    LogSoftmax Loop LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish Mod
+    Mul Neg NonMaxSuppression NonZero Not OneHot Or PRelu Pad ParametricSoftplus Pow QuantizeLinear RNN
+    RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2
+    ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu
+    Reshape Resize ReverseSequence RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu
+    Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze
+    Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
+""".split())
+# Operator -> index of its `axes` input, which must be an initializer or a Constant.
+_CONSTANT_AXES = {"Pad": 3, "Slice": 3, "Squeeze": 1, "Unsqueeze": 1,
+                  **{op: 1 for op in ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
+                                      "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare")}}
+_RESIZE_SUPPORTED = {
+    "mode": {"nearest", "linear"},
+    "coordinate_transformation_mode": {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn",
+                                       "asymmetric", "align_corners"},
+    "nearest_mode": {"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"},
+}
+# ONNX defaults of those attributes (what an absent attribute means).
+_RESIZE_DEFAULTS = {"mode": "nearest", "coordinate_transformation_mode": "half_pixel",
+                    "nearest_mode": "round_prefer_floor"}
+
+
 def float64_tensors(proto) -> list[str]:
     """Names of the graph's float64 tensors, casts and constants. TensorRT has no float64:
     its parser casts DOUBLE down to FLOAT without failing, which would silently move float64
     math (the timestep sinusoid's phases) to float32."""
     onnx = require_onnx()
     double = onnx.TensorProto.DOUBLE
-    graph = onnx.shape_inference.infer_shapes(proto).graph
+    try:
+        graph = onnx.shape_inference.infer_shapes(proto).graph
+    except onnx.shape_inference.InferenceError:  # an operator ONNX does not know: no inner types
+        graph = proto.graph
     found = [v.name for v in (*graph.input, *graph.output, *graph.value_info)
              if v.type.tensor_type.elem_type == double]
     found += [t.name for t in graph.initializer if t.data_type == double]
@@ -105,11 +142,45 @@ def float64_tensors(proto) -> list[str]:
     return found
 
 
-def check_no_float64(proto, source: str) -> None:
-    found = float64_tensors(proto)
-    if found:
-        raise TensorRTBuildError(f"{source} computes in float64 ({', '.join(found[:3])}), which TensorRT would "
-                                 "cast to float32: compute it outside the graph and pass the result in")
+def unsupported_by_tensorrt(proto) -> list[str]:
+    """What of the graph TensorRT 10's ONNX parser refuses, one phrase per problem: the
+    opset, operators outside its table or the default domain, `axes` inputs that are not
+    constant, Resize attributes it does not implement, float64 (see `float64_tensors`)."""
+    onnx = require_onnx()
+    problems = []
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset > TENSORRT_MAX_OPSET:
+        problems.append(f"opset {opset} (TensorRT 10 parses opsets 9-{TENSORRT_MAX_OPSET})")
+    graph = proto.graph
+    constants = {t.name for t in graph.initializer}
+    constants.update(out for node in graph.node if node.op_type == "Constant" for out in node.output)
+    for node in graph.node:
+        where = f"{node.op_type} {node.name}"
+        if node.domain not in ("", "ai.onnx") or node.op_type not in TENSORRT_OPS:
+            problems.append(f"{where}: operator not supported")
+            continue
+        axes = _CONSTANT_AXES.get(node.op_type)
+        if axes is not None and len(node.input) > axes and node.input[axes] and node.input[axes] not in constants:
+            problems.append(f"{where}: its axes are computed, TensorRT needs them constant")
+        if node.op_type == "Resize":
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            for name, supported in _RESIZE_SUPPORTED.items():
+                value = attributes.get(name, _RESIZE_DEFAULTS[name])
+                value = value.decode() if isinstance(value, bytes) else value
+                if value not in supported:
+                    problems.append(f"{where}: {name} {value!r} is not implemented")
+            if attributes.get("antialias", 0):
+                problems.append(f"{where}: antialiasing is not implemented")
+    problems += [f"{name}: float64 (TensorRT would cast it to float32; compute it outside the graph)"
+                 for name in float64_tensors(proto)]
+    return problems
+
+
+def check_tensorrt_graph(proto, source: str) -> None:
+    problems = unsupported_by_tensorrt(proto)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise TensorRTBuildError(f"{source} cannot be built by TensorRT: {'; '.join(problems[:3])}{more}")
 
 
 def optimization_profiles(spec: ExportSpec, graph) -> list[dict[str, Shapes]]:
@@ -155,14 +226,14 @@ def build_tensorrt_engine(onnx_path: Path, spec: ExportSpec, out_path: Path, pre
     with one optimization profile per spec profile, and write it atomically to `out_path`.
 
     The graph is checked first, on the CPU and without TensorRT: its inputs and outputs
-    are the spec's, it has no float64, its 8-bit weights (if any) are of the `precision`
-    scheme, and every profile fits it.
+    are the spec's, TensorRT's parser supports everything in it (`unsupported_by_tensorrt`),
+    its 8-bit weights (if any) are of the `precision` scheme, and every profile fits it.
     """
     onnx = require_onnx()
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     proto = onnx.load(str(onnx_path), load_external_data=False)
     check_signature(proto.graph, spec, str(onnx_path))
-    check_no_float64(proto, str(onnx_path))
+    check_tensorrt_graph(proto, str(onnx_path))
     check_precision(proto, precision, str(onnx_path))
     profiles = optimization_profiles(spec, proto.graph)
 

@@ -9,7 +9,9 @@ import importlib.util
 import json
 import sys
 import types
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_parity
@@ -29,10 +31,10 @@ from wanrt.export.tensorrt_build import (  # noqa: E402
     TensorRTUnavailableError,
     build_tensorrt_engine,
     check_precision,
-    float64_tensors,
     graph_weight_scheme,
     import_tensorrt,
     optimization_profiles,
+    unsupported_by_tensorrt,
 )
 from wanrt.models.dit import WanDiT  # noqa: E402
 from wanrt.models.vae import WanVAE  # noqa: E402
@@ -300,25 +302,58 @@ def test_build_checks_the_graph_before_tensorrt(block_graph, tmp_path, monkeypat
     assert not (tmp_path / "x.plan").exists()
 
 
-def test_a_float64_graph_is_refused_before_tensorrt(block_graph, tmp_path, monkeypatch):
-    """What an exporter would give for float64 math inside a graph (the official timestep
-    sinusoid): TensorRT would silently run it in float32, so the build refuses first."""
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    spec, path = block_graph
+def _rewired(path, tmp_path, name: str, *nodes) -> Path:
+    """The graph at `path` with `nodes` (reading the first input, writing `rewired`) put in
+    front, and every other reader of that input reading `rewired` instead."""
     proto = onnx.load(str(path))
     first = proto.graph.input[0].name
-    widened, narrowed = "x_as_float64", "x_back_to_float32"
-    proto.graph.node.insert(0, onnx.helper.make_node("Cast", [first], [widened], name="to_double",
-                                                     to=onnx.TensorProto.DOUBLE))
-    proto.graph.node.insert(1, onnx.helper.make_node("Cast", [widened], [narrowed], name="to_float",
-                                                     to=onnx.TensorProto.FLOAT))
-    for node in proto.graph.node[2:]:
-        node.input[:] = [narrowed if name == first else name for name in node.input]
-    damaged = tmp_path / "double.onnx"
-    onnx.save(proto, str(damaged))
-    with pytest.raises(TensorRTBuildError, match="computes in float64 .*to_double"):
+    for index, node in enumerate(nodes):
+        proto.graph.node.insert(index, node)
+    for node in proto.graph.node[len(nodes):]:
+        node.input[:] = ["rewired" if item == first else item for item in node.input]
+    out = tmp_path / f"{name}.onnx"
+    onnx.save(proto, str(out))
+    return out
+
+
+def _node(op, inputs, outputs, **attributes):
+    return onnx.helper.make_node(op, inputs, outputs, name=f"{op.lower()}_node", **attributes)
+
+
+def _constant(name, values):
+    return onnx.helper.make_node("Constant", [], [name], name=f"{name}_node",
+                                 value=onnx.numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+
+
+@pytest.mark.parametrize("case, needle", [
+    # What an exporter gives for float64 math inside a graph (the official timestep sinusoid).
+    ("float64", "x_as_float64: float64 (TensorRT would cast it to float32"),
+    ("custom operator", "Foo foo_node: operator not supported"),
+    ("unsupported operator", "Unique unique_node: operator not supported"),
+    ("computed axes", "Unsqueeze unsqueeze_node: its axes are computed"),
+    ("cubic resize", "Resize resize_node: mode 'cubic' is not implemented"),
+])
+def test_a_graph_tensorrt_cannot_parse_is_refused_before_tensorrt(block_graph, tmp_path, monkeypatch, case, needle):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    spec, path = block_graph
+    x = onnx.load(str(path)).graph.input[0].name
+    nodes = {
+        "float64": [_node("Cast", [x], ["x_as_float64"], to=onnx.TensorProto.DOUBLE),
+                    _node("Identity", ["x_as_float64"], ["x_f64"]), _node("CastLike", ["x_f64", x], ["rewired"])],
+        "custom operator": [onnx.helper.make_node("Foo", [x], ["rewired"], name="foo_node", domain="com.example")],
+        "unsupported operator": [_node("Unique", [x], ["rewired"])],
+        "computed axes": [_constant("zero", [0]), _node("Shape", [x], ["x_shape"]),
+                          _node("Gather", ["x_shape", "zero"], ["computed_axes"]),
+                          _node("Unsqueeze", [x, "computed_axes"], ["x_unsqueezed"]),
+                          _node("Squeeze", ["x_unsqueezed", "zero"], ["rewired"])],
+        "cubic resize": [_node("Resize", [x, "", "", "x_shape_for_resize"], ["rewired"], mode="cubic"),
+                         _node("Shape", [x], ["x_shape_for_resize"])],
+    }[case]
+    damaged = _rewired(path, tmp_path, case.replace(" ", "_"), *nodes)
+    with pytest.raises(TensorRTBuildError, match="cannot be built by TensorRT") as error:
         build_tensorrt_engine(damaged, spec, tmp_path / "x.plan", "bf16")
-    assert float64_tensors(onnx.load(str(path))) == []
+    assert needle in str(error.value) and "\n" not in str(error.value)
+    assert unsupported_by_tensorrt(onnx.load(str(path))) == []
     assert not (tmp_path / "x.plan").exists()
 
 
