@@ -16,6 +16,7 @@ from conftest import assert_parity
 from PIL import Image
 from test_cli import assert_one_line_error, wanrt
 
+from wanrt.cli.export import default_components, timestep_variants
 from wanrt.configs import get_task
 from wanrt.engines.aoti_runner import AOTIEngine
 from wanrt.engines.base import ENGINES, EngineKind, EngineOptions, make_engine, use_engine
@@ -232,6 +233,18 @@ def test_ti2v_export_serves_generate_with_an_image(eager_graph_backend, checkpoi
     assert sum(EagerGraphEngine.built.values()) == 9, "the exported folder is read, never built into"
     latents = {name: read_latents(tmp_path / f"{name}.latents.safetensors")[0] for name in ("eager", "engine")}
     assert torch.equal(latents["engine"], latents["eager"])
+
+
+@pytest.mark.parametrize("task_name, encoder_steps", [
+    ("t2v-A14B", []),
+    ("i2v-A14B", ["vae_encoder_first_step", "vae_encoder"]),  # the image and its zero frames
+    ("ti2v-5B", ["vae_encoder_first_step"]),                  # --image: one frame
+])
+def test_export_defaults_to_what_the_tasks_generation_runs(task_name, encoder_steps):
+    task = get_task(task_name)
+    assert [c.value for c in default_components(task)] == [
+        "dit_pre", "dit_block", "dit_post", "vae_decoder_first_step", "vae_decoder_step", *encoder_steps]
+    assert timestep_variants(task, None) == ((False, True) if task_name == "ti2v-5B" else (False,))
 
 
 def test_per_token_graphs_are_refused_for_tasks_that_have_none(checkpoints, tmp_path, cache_dir):
