@@ -81,8 +81,11 @@ VAE_STEPS: Mapping[Component, VAEStep] = {
 }
 
 
+_VAE_STEP_COMPONENTS = {step: component for component, step in VAE_STEPS.items()}
+
+
 def vae_step_component(decode: bool, first: bool) -> Component:
-    return next(c for c, step in VAE_STEPS.items() if step == VAEStep(decode, first))
+    return _VAE_STEP_COMPONENTS[VAEStep(decode, first)]
 
 
 @dataclass(frozen=True)

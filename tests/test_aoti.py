@@ -87,6 +87,23 @@ def _cases(models):
     yield Component.VAE_DECODER_FIRST_STEP, vae
 
 
+def _package_errors(package, component, model, spec, seed: int) -> list[float]:
+    """Max abs difference of every output of `package` against the eager export graph, at
+    the min and max shapes of the spec's profile (a block gets its own weights)."""
+    graph, errors = export_module(component, model), []
+    for which in ("min", "max"):
+        inputs = list(spec.example_inputs(which=which, seed=seed))
+        if component is Component.DIT_BLOCK:  # the block's own weights, not random ones
+            block = model.blocks[0] if isinstance(model, WanDiT) else model
+            state = block.state_dict(keep_vars=True)
+            inputs[5:] = [state[name] for name in block_tensor_names(block)]
+        with torch.no_grad():
+            expected = graph(*inputs)
+        for name, want, have in zip(spec.output_names(), expected, package(*inputs), strict=True):
+            errors.append(assert_parity(have, want, f"{component.value} {which} {name}"))
+    return errors
+
+
 def test_each_package_matches_eager_at_both_ends_of_its_profile(exported, models):
     out, _ = exported
     store = ArtifactStore(out, build=False)
@@ -97,18 +114,8 @@ def test_each_package_matches_eager_at_both_ends_of_its_profile(exported, models
         package = load_package(directory, CPU)
         spec = make_spec(component, model, TASK, SIZES.split(","), [9, 5])
         assert manifest.profiles == spec.profiles
-        graph = export_module(component, model)
-        for which in ("min", "max"):
-            inputs = list(spec.example_inputs(which=which, seed=7))
-            if component is Component.DIT_BLOCK:  # this block's own weights, not random ones
-                state = model.state_dict(keep_vars=True)
-                inputs[5:] = [state[name] for name in block_tensor_names(model)]
-            with torch.no_grad():
-                expected = graph(*inputs)
-            got = package(*inputs)
-            for name, want, have in zip(spec.output_names(), expected, got):
-                error = assert_parity(have, want, f"{component.value} {which} {name}")
-                errors[component.value] = max(errors.get(component.value, 0.0), error)
+        error = max(_package_errors(package, component, model, spec, seed=7))
+        errors[component.value] = max(errors.get(component.value, 0.0), error)
     # Measured on torch 2.13 CPU (float32): block 2.9e-6, pre 2.4e-7, post 1.2e-6, VAE
     # decoder step 1.3e-5 (its feature cache; the frames 2.6e-6).
     print("max abs diff per component:", {k: f"{v:.2g}" for k, v in errors.items()})
@@ -233,17 +240,7 @@ def test_ti2v_image_packages_match_eager_at_both_ends_of_their_profile(component
     spec = make_spec(component, model, task, ["128*64", "128*128"], [5, 9], per_token_timesteps=per_token)
     built = build_package(spec, model, tmp_path, CPU)
     assert built.dynamic
-    package, graph = load_package(tmp_path, CPU), export_module(component, model)
-    errors = []
-    for which in ("min", "max"):
-        inputs = list(spec.example_inputs(which=which, seed=9))
-        if component is Component.DIT_BLOCK:
-            state = model.blocks[0].state_dict(keep_vars=True)
-            inputs[5:] = [state[name] for name in block_tensor_names(model.blocks[0])]
-        with torch.no_grad():
-            expected = graph(*inputs)
-        for name, want, have in zip(spec.output_names(), expected, package(*inputs), strict=True):
-            errors.append(assert_parity(have, want, f"{component.value} {which} {name}"))
+    errors = _package_errors(load_package(tmp_path, CPU), component, model, spec, seed=9)
     print(f"ti2v {component.value}{' per-token' if per_token else ''} package vs eager: "
           f"max abs diff {max(errors):.2g}")
 

@@ -184,31 +184,30 @@ def test_auto_runs_what_an_exported_folder_lacks_eagerly(eager_graph_backend, tm
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
-def test_per_token_timesteps_run_the_per_token_graphs(eager_graph_backend):
-    """ti2v with an image gives every token its own timestep: pre, blocks and post run their
-    per-token variants, and the image's encode (one frame) the first encoder step."""
-    task = get_task("tiny-ti2v")
-    image = torch.rand(3, 64, 128) * 2 - 1
-    request = GenerationRequest("unused", size="128*64", frame_num=5, steps=2, seed=1, image=image)
+def _assert_aoti_equals_eager(task, request: GenerationRequest) -> None:
+    """Latents and video through the aoti engine are those of the eager pipeline, exactly."""
     expected = _generate(_pipeline(task), request)
     pipeline = _pipeline(task)
     use_engine(pipeline, "aoti")
     got = _generate(pipeline, request)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_per_token_timesteps_run_the_per_token_graphs(eager_graph_backend):
+    """ti2v with an image gives every token its own timestep: pre, blocks and post run their
+    per-token variants, and the image's encode (one frame) the first encoder step."""
+    image = torch.rand(3, 64, 128) * 2 - 1
+    _assert_aoti_equals_eager(get_task("tiny-ti2v"),
+                              GenerationRequest("unused", size="128*64", frame_num=5, steps=2, seed=1, image=image))
     assert EagerGraphEngine.built == {"dit_pre": 1, "dit_block": 1, "dit_post": 1, "vae_encoder_first_step": 1,
                                       "vae_decoder_first_step": 1, "vae_decoder_step": 1}
     assert EagerGraphEngine.per_token == {"dit_pre", "dit_block", "dit_post"}
 
 
 def test_i2v_runs_its_conditioning_through_pre_and_the_encoder_step(eager_graph_backend):
-    task = get_task("tiny-i2v")
-    request = GenerationRequest("unused", size="64*64", frame_num=9, steps=2, seed=2,
-                                image=torch.rand(3, 64, 64) * 2 - 1)
-    expected = _generate(_pipeline(task), request)
-    pipeline = _pipeline(task)
-    use_engine(pipeline, "aoti")
-    got = _generate(pipeline, request)
-    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    image = torch.rand(3, 64, 64) * 2 - 1
+    _assert_aoti_equals_eager(get_task("tiny-i2v"),
+                              GenerationRequest("unused", size="64*64", frame_num=9, steps=2, seed=2, image=image))
     assert EagerGraphEngine.built == {"dit_pre": 2, "dit_post": 2, "dit_block": 1, "vae_decoder_first_step": 1,
                                       "vae_decoder_step": 1, "vae_encoder_first_step": 1, "vae_encoder": 1}
 
