@@ -1,0 +1,185 @@
+"""benchmarks/gpu_suite.py on tiny shapes on the CPU: the suite runs end to end as it will
+on the GPU machine (without the packages that machine lacks), its report keeps its
+promises, and the budget, skip and failure rules hold."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import gpu_suite  # noqa: E402
+from gpu_suite import (SECTION_NAMES, TINY, DegenerateOutput, Row, Section, SectionSkipped, Status, Suite,  # noqa: E402
+                       check_report, require_signal, run_section)
+
+# Python packages the GPU image does not have (see the device notes): the suite must run without them.
+DEVICE_LACKS = ("av", "ftfy", "gguf", "diffusers", "optimum", "bitsandbytes", "tensorrt")
+ENGINE_SECTIONS = ("engines-bf16-480p", "engines-fp8-480p")
+
+
+def run_without_device_lacks(*args: str) -> subprocess.CompletedProcess:
+    code = (f"import runpy, sys; sys.modules.update(dict.fromkeys({DEVICE_LACKS!r})); "
+            f"sys.argv = ['gpu_suite.py', *{list(args)!r}]; "
+            f"runpy.run_path({str(BENCHMARKS / 'gpu_suite.py')!r}, run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory) -> tuple[dict, Path, str]:
+    """Every section but the engine builds (minutes of C++ compilation on a CPU: the slow test)."""
+    out = tmp_path_factory.mktemp("suite")
+    selected = [name for name in SECTION_NAMES if name not in ENGINE_SECTIONS]
+    result = run_without_device_lacks("--tiny", "--out", str(out), "--sections", ",".join(selected))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = out.iterdir()
+    return json.loads((folder / "report.json").read_text()), folder, result.stdout
+
+
+def sections_of(report: dict) -> dict[str, dict]:
+    return {section["name"]: section for section in report["sections"]}
+
+
+def rows_of(section: dict) -> dict[str, dict]:
+    return {row["case"]: row for row in section["rows"]}
+
+
+def test_the_tiny_run_writes_the_whole_report_atomically_and_prints_the_table_last(tiny_report):
+    report, folder, stdout = tiny_report
+    assert folder.name.startswith("cpu-")
+    assert sorted(p.name for p in folder.iterdir()) == ["report.json", "report.md", "sections.png", "steps.png"]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no staging folder left
+    assert report["format"] == "wanrt-gpu-suite/1" and report["tiny"] and report["note"]
+    assert report["environment"]["versions"]["torch"] == torch.__version__
+    assert "triton" in report["environment"]["versions"] and report["settings"]["compute_dtype"] == "bfloat16"
+    assert 0 < report["elapsed_s"] and report["budget_s"] == gpu_suite.DEFAULT_BUDGET_S
+    assert [s["name"] for s in report["sections"]] == list(SECTION_NAMES)
+    check_report(report)
+    lines = stdout.strip().splitlines()
+    assert lines[0] == f"report: {folder}" and lines[1].split()[:2] == ["section", "case"]
+    assert lines[-1].startswith("diffusers-t2v-a14b-480p") and "SKIPPED" in lines[-1]
+    markdown = (folder / "report.md").read_text()
+    assert "## e2e-t2v-a14b-480p" in markdown and "(extrapolated)" in markdown
+
+
+def test_every_section_ran_or_says_why_not(tiny_report):
+    sections = sections_of(tiny_report[0])
+    for name in ENGINE_SECTIONS:
+        assert (sections[name]["status"], sections[name]["note"]) == ("skipped", "not selected (--sections)")
+    diffusers = sections["diffusers-t2v-a14b-480p"]
+    assert diffusers["status"] == "skipped" and "diffusers" in diffusers["note"]
+    ran = [name for name in SECTION_NAMES if name not in ENGINE_SECTIONS and not name.startswith("diffusers")]
+    assert {name: sections[name]["status"] for name in ran} == dict.fromkeys(ran, "ok")
+    for name in ran:
+        assert 0 < sections[name]["seconds"] and sections[name]["estimate_s"] > 0
+
+
+def test_block_rows_cover_each_precision_with_its_error_against_bf16(tiny_report):
+    blocks = sections_of(tiny_report[0])["blocks"]
+    rows = rows_of(blocks)
+    for size in ("480P", "720P"):
+        assert rows[f"{size} bf16 eager"]["error"] == 0.0
+        for scheme in ("fp8", "int8"):
+            # every Linear of a bare block is quantized: a real, small error
+            assert 1e-4 < rows[f"{size} {scheme} eager"]["error"] < 0.05
+            assert rows[f"{size} {scheme} eager"]["error_metric"] == "rel_l2_vs_bf16"
+    assert "optimum-quanto" in blocks["details"]["schemes_skipped"]
+
+
+def test_streamed_expert_equals_resident_and_quantized_experts_say_their_error(tiny_report):
+    rows = rows_of(sections_of(tiny_report[0])["expert-a14b-480p"])
+    assert set(rows) == {"480P bf16 resident", "480P bf16 streamed (24 GiB cap)", "480P fp8 resident",
+                         "480P int8 resident"}
+    streamed = rows["480P bf16 streamed (24 GiB cap)"]
+    assert streamed["error"] == 0.0 and streamed["extra"]["streamed_bytes_per_forward"] > 0
+    assert all(row["runs"] == TINY.expert_iters for row in rows.values())
+
+
+def test_end_to_end_rows_measure_steps_and_extrapolate_the_default_schedule(tiny_report):
+    sections = sections_of(tiny_report[0])
+    t2v = sections["e2e-t2v-a14b-480p"]
+    steps = t2v["details"]["run"]["steps"]
+    assert [step["expert"] for step in steps] == ["high_noise"] * 3 + ["low_noise"]  # crosses the boundary
+    rows = rows_of(t2v)
+    steady = rows["steady step (median)"]["seconds"]
+    assert steady == sorted(step["seconds"] for step in steps[1:3])[0] / 2 + sorted(
+        step["seconds"] for step in steps[1:3])[1] / 2
+    extrapolated = rows["6-step sampling (extrapolated)"]  # tiny-t2v's default schedule is 6 steps
+    assert extrapolated["extrapolated"] and extrapolated["runs"] == 0
+    assert math.isclose(extrapolated["seconds"], steps[0]["seconds"] + steps[3]["seconds"] + 4 * steady)
+    assert rows["VAE decode"]["seconds"] > 0
+    ti2v_rows = rows_of(sections["e2e-ti2v-5b-720p"])
+    assert "first step of the only expert (places it)" in ti2v_rows
+    assert sections["e2e-ti2v-5b-720p"]["details"]["scenario"]["task"] == "tiny-ti2v"
+    vae_rows = rows_of(sections["vae-decode"])
+    assert [row["extra"]["video_shape"] for row in vae_rows.values()] == [[3, 1, 64, 64], [3, 1, 64, 96]]
+
+
+def test_a_section_runs_only_if_its_estimate_fits_what_is_left_of_the_budget():
+    suite = Suite(torch.device("cpu"), TINY, budget_s=10.0)
+
+    def must_not_run(suite):
+        raise AssertionError("ran past the budget")
+
+    record = run_section(Section("big", "too big", 60, 60, must_not_run), suite, 60.0)
+    assert record["status"] == "skipped" and record["note"].startswith("did not fit: estimated 60 s, ")
+    assert record["seconds"] is None
+
+    def fits(suite):
+        return [Row("a case", "call", 0.5, 3)], {"detail": 1}
+
+    record = run_section(Section("small", "fits", 1, 1, fits), suite, 1.0)
+    assert record["status"] == "ok" and record["rows"][0]["case"] == "a case" and record["details"] == {"detail": 1}
+
+
+@pytest.mark.parametrize("error,status,note", [
+    (SectionSkipped("diffusers is not installed"), Status.SKIPPED, "diffusers is not installed"),
+    (RuntimeError("out of\n memory"), Status.FAILED, "RuntimeError: out of memory"),
+])
+def test_a_section_that_cannot_run_or_fails_is_reported_in_one_line_and_the_suite_goes_on(error, status, note):
+    def raises(suite):
+        raise error
+
+    record = run_section(Section("x", "x", 1, 1, raises), Suite(torch.device("cpu"), TINY, 100.0), 1.0)
+    assert (record["status"], record["note"]) == (status.value, note)
+
+
+@pytest.mark.parametrize("output", [torch.zeros(4), torch.tensor([1.0, math.nan]), torch.tensor([math.inf])])
+def test_zeros_and_non_finite_outputs_are_never_timed(output):
+    with pytest.raises(DegenerateOutput):
+        require_signal(output, "case")
+    require_signal(torch.tensor([0.0, 1e-3]), "case")
+
+
+def test_check_report_refuses_a_zero_time_and_a_silent_skip():
+    row = dict(case="c", per="call", seconds=0.0, runs=1, error=None, error_metric=None, extrapolated=False)
+    with pytest.raises(AssertionError, match="seconds 0.0"):
+        check_report({"sections": [{"name": "s", "status": "ok", "note": None, "rows": [row]}]})
+    with pytest.raises(AssertionError, match="without a note"):
+        check_report({"sections": [{"name": "s", "status": "skipped", "note": None, "rows": []}]})
+
+
+def test_bad_flags_are_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_suite.main(["--tiny", "--out", str(tmp_path), "--sections", "blocks,nope"])
+    assert exit_info.value.code == 2
+    assert "--sections: unknown nope; choose from blocks," in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_the_engine_section_builds_and_times_compile_and_aoti(tmp_path):
+    folder = gpu_suite.main(["--tiny", "--out", str(tmp_path), "--sections", "engines-bf16-480p"])
+    section = sections_of(json.loads((folder / "report.json").read_text()))["engines-bf16-480p"]
+    assert section["status"] == "ok", section["note"]
+    rows = rows_of(section)
+    assert set(rows) == {"480P bf16 eager", "480P bf16 compile", "480P bf16 aoti"}
+    assert rows["480P bf16 aoti"]["extra"]["build_seconds"]["aoti"] > 0
+    assert all(row["error"] < 0.05 for row in rows.values())
