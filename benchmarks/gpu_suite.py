@@ -33,6 +33,7 @@ import math
 import os
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -63,6 +64,10 @@ from wanrt.runtime.planner import token_grid  # noqa: E402
 
 REPORT_FORMAT = "wanrt-gpu-suite/1"
 DEFAULT_BUDGET_S = 540.0
+# The default hard stop is this long after the budget: time for the section in flight to
+# overrun a little and for the report to be written, inside a 600 s call.
+HARD_STOP_MARGIN_S = 30.0
+NOT_SELECTED = "not selected (--sections)"
 DTYPE = torch.bfloat16
 TINY_NOTE = "CPU tiny shapes: checks that the suite runs; no performance claim"
 DEFINITIONS = {
@@ -243,8 +248,8 @@ def blocks(suite: Suite) -> tuple[list[Row], dict[str, Any]]:
     schemes = tuple(Scheme) if weight_only_available() else W8A8_SCHEMES
     rows, results = [], []
     for label, _ in suite.workload.sizes:
-        for result in bench_block(suite.moe.dit, suite.grid(label), suite.device,
-                                  warmup=suite.workload.block_warmup, iters=suite.workload.block_iters, schemes=schemes):
+        for result in bench_block(suite.moe.dit, suite.grid(label), suite.device, suite.workload.block_warmup,
+                                  suite.workload.block_iters, schemes):
             _rms_checked(result["output_rms"], f"{label} {result['scheme']} block")
             results.append({"size": label, **result})
             rows.append(Row(f"{label} {result['scheme']} eager", "block forward", result["seconds_median"],
@@ -511,15 +516,17 @@ SECTIONS: tuple[Section, ...] = (
 SECTION_NAMES = tuple(section.name for section in SECTIONS)
 
 
+def section_record(section: Section, estimate_s: float, status: Status, note: str | None = None) -> dict[str, Any]:
+    return {"name": section.name, "measures": section.measures, "estimate_s": estimate_s, "status": status.value,
+            "note": note, "seconds": None, "rows": [], "details": {}}
+
+
 def run_section(section: Section, suite: Suite, estimate_s: float) -> dict[str, Any]:
-    record: dict[str, Any] = {"name": section.name, "measures": section.measures, "estimate_s": estimate_s,
-                              "status": Status.OK.value, "note": None, "seconds": None, "rows": [], "details": {}}
     left = suite.left_s()
     if estimate_s > left:
-        record.update(status=Status.SKIPPED.value,
-                      note=f"did not fit: estimated {estimate_s:g} s, {max(left, 0):.0f} s of the "
-                           f"{suite.budget_s:g} s budget left")
-        return record
+        return section_record(section, estimate_s, Status.SKIPPED, f"did not fit: estimated {estimate_s:g} s, "
+                              f"{max(left, 0):.0f} s of the {suite.budget_s:g} s budget left")
+    record = section_record(section, estimate_s, Status.OK)
     start = time.perf_counter()
     try:
         rows, details = section.run(suite)
@@ -573,7 +580,7 @@ def folder_name(device: torch.device, now: datetime) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# wanrt GPU suite: {report['environment']['device']['name']}", ""]
-    for note in (report["note"], report["weights_note"]):
+    for note in (report["note"], report["weights_note"], report["stopped"]):
         if note:
             lines += [f"> **{note}**", ""]
     lines += _environment_lines(report)
@@ -614,8 +621,9 @@ def write_plots(report: dict[str, Any], folder: Path) -> None:
 
     suffix = f" ({TINY_NOTE})" if report["tiny"] else ""
     measured = [s for s in report["sections"] if s["status"] == Status.OK.value]
-    fig, axes = plt.subplots(max(1, len(measured)), 1, figsize=(11, 1.2 + 0.45 * max(
-        [len(s["rows"]) for s in measured] or [1]) * max(1, len(measured))), squeeze=False)
+    heights = [len(s["rows"]) + 2 for s in measured] or [1]
+    fig, axes = plt.subplots(len(heights), 1, figsize=(11, 0.3 * sum(heights) + 0.8), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     fig.suptitle("Median seconds per case (hatched: extrapolated)" + suffix)
     for ax, section in zip(axes[:, 0], measured):
         rows = section["rows"]
@@ -674,36 +682,78 @@ def short_table(report: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- main
 
 
-def run_suite(device: torch.device, workload: Workload, budget_s: float, selected: tuple[str, ...],
-              tiny: bool, progress: Callable[[str], None]) -> dict[str, Any]:
-    suite = Suite(device, workload, budget_s)
-    env = environment(device)
+def new_report(suite: Suite, selected: tuple[str, ...], tiny: bool) -> dict[str, Any]:
+    env = environment(suite.device)
     env["versions"].update(triton=_version("triton"), accelerate=_version("accelerate"))
-    report: dict[str, Any] = {
+    return {
         "format": REPORT_FORMAT, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tiny": tiny, "note": TINY_NOTE if tiny else None, "weights": "random", "weights_note": RANDOM_WEIGHTS_NOTE,
-        "environment": env, "settings": settings(device), "budget_s": budget_s,
-        "workload": dataclasses.asdict(workload), "definitions": DEFINITIONS, "sections": [],
+        "environment": env, "settings": settings(suite.device), "budget_s": suite.budget_s, "stopped": None,
+        "workload": dataclasses.asdict(suite.workload), "definitions": DEFINITIONS, "selected": list(selected),
+        "sections": [],
+        "running": "start-up",  # what is in flight (what the hard stop reports as cut short)
     }
+
+
+def run_suite(report: dict[str, Any], suite: Suite, tiny: bool, progress: Callable[[str], None]) -> None:
+    """Run the selected sections in order, appending each one's record to the report."""
     # One unmeasured tiny pipeline run first: the process's one-time costs (CUDA context,
     # library handles, first kernels) fall on no section.
     progress("warm-up: one unmeasured tiny-t2v run")
-    measure_pipeline(ModelSource(WARM_UP), Strategy.WANRT, request_for(WARM_UP), device, flops_for(WARM_UP),
+    report["running"] = "warm-up"
+    measure_pipeline(ModelSource(WARM_UP), Strategy.WANRT, request_for(WARM_UP), suite.device, flops_for(WARM_UP),
                      suite.peak_of, embeddings=random_embeddings(WARM_UP.spec))
     for section in SECTIONS:
-        if section.name not in selected:
-            report["sections"].append({"name": section.name, "measures": section.measures,
-                                       "estimate_s": section.estimate_s, "status": Status.SKIPPED.value,
-                                       "note": "not selected (--sections)", "seconds": None, "rows": [],
-                                       "details": {}})
+        estimate = section.tiny_estimate_s if tiny else section.estimate_s
+        if section.name not in report["selected"]:
+            report["sections"].append(section_record(section, estimate, Status.SKIPPED, NOT_SELECTED))
             continue
         progress(f"{section.name}: {suite.left_s():.0f} s of the budget left")
-        record = run_section(section, suite, section.tiny_estimate_s if tiny else section.estimate_s)
+        report["running"] = section.name
+        record = run_section(section, suite, estimate)
         progress(f"{section.name}: {record['status']} in {_num(record['seconds'])} s"
                  + (f" ({record['note']})" if record["note"] else ""))
         report["sections"].append(record)
+    report["running"] = None
     report["elapsed_s"] = time.perf_counter() - suite.started
-    return report
+
+
+def finish(report: dict[str, Any], folder: Path) -> Path:
+    written = write(report, folder)
+    print(f"report: {written}")
+    print(short_table(report), flush=True)
+    return written
+
+
+def hard_stop(report: dict[str, Any], suite: Suite, folder: Path, limit_s: float, tiny: bool,
+              finishing: threading.Lock) -> threading.Timer:
+    """The budget skips sections estimated not to fit, but one that overruns its estimate
+    by far would run into the caller's own limit (the GPU call's 600 s) and lose every
+    figure. At `limit_s` after the start this writes what was measured, marks the section
+    in flight as cut short and the rest as not reached, and ends the process (exit code 3)."""
+
+    def stop() -> None:
+        if not finishing.acquire(blocking=False):
+            return  # the suite is writing its own report
+        done = {record["name"] for record in report["sections"]}
+        running = report["running"]
+        stopped = f"stopped at the hard limit, {limit_s:g} s after the start, during {running}"
+        records = list(report["sections"])
+        for section in SECTIONS:
+            if section.name not in done:
+                estimate = section.tiny_estimate_s if tiny else section.estimate_s
+                status, note = ((Status.FAILED, stopped) if section.name == running else
+                                (Status.SKIPPED, f"not reached: {stopped}") if section.name in report["selected"]
+                                else (Status.SKIPPED, NOT_SELECTED))
+                records.append(section_record(section, estimate, status, note))
+        finish({**report, "sections": records, "stopped": stopped,
+                "elapsed_s": time.perf_counter() - suite.started}, folder)
+        os._exit(3)  # the main thread is inside the section; nothing else may be written
+
+    timer = threading.Timer(max(0.0, limit_s - (time.perf_counter() - suite.started)), stop)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -711,6 +761,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, required=True, help="results folder; the run gets <device>-<date>/ in it")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                         help="wall seconds for the sections; one whose estimate does not fit is skipped")
+    parser.add_argument("--hard-stop", type=float, default=None,
+                        help="wall seconds after which the report is written and the run ends, whatever is "
+                             f"running (default: the budget + {HARD_STOP_MARGIN_S:g})")
     parser.add_argument("--sections", default=",".join(SECTION_NAMES),
                         help=f"comma-separated subset of: {', '.join(SECTION_NAMES)}")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: checks the suite, claims nothing")
@@ -719,8 +772,9 @@ def main(argv: list[str] | None = None) -> Path:
     unknown = sorted(set(selected) - set(SECTION_NAMES))
     if unknown:
         parser.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTION_NAMES)}")
-    if not args.budget > 0:
-        parser.error(f"--budget {args.budget:g} must be a positive number of seconds")
+    for flag, value in (("--budget", args.budget), ("--hard-stop", args.hard_stop)):
+        if value is not None and not value > 0:
+            parser.error(f"{flag} {value:g} must be a positive number of seconds")
     if args.tiny:
         device, workload = torch.device("cpu"), TINY
     elif torch.cuda.is_available():
@@ -732,11 +786,16 @@ def main(argv: list[str] | None = None) -> Path:
     def progress(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
-    report = run_suite(device, workload, args.budget, selected, args.tiny, progress)
+    suite = Suite(device, workload, args.budget)
+    report = new_report(suite, selected, args.tiny)
+    finishing = threading.Lock()
+    timer = hard_stop(report, suite, folder, args.hard_stop or args.budget + HARD_STOP_MARGIN_S, args.tiny,
+                      finishing)
+    run_suite(report, suite, args.tiny, progress)
+    finishing.acquire()  # blocks for good if the hard stop is writing: it ends the process
+    timer.cancel()
     gc.collect()
-    written = write(report, folder)
-    print(f"report: {written}")
-    print(short_table(report))
+    written = finish(report, folder)
     check_report(report)  # after writing: a report that breaks a promise is still there to read
     return written
 

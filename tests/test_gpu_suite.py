@@ -174,6 +174,21 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_the_hard_stop_writes_what_was_measured_and_ends_the_run(tmp_path):
+    result = run_without_device_lacks("--tiny", "--out", str(tmp_path), "--sections", "blocks,vae-decode",
+                                      "--hard-stop", "0.01")
+    assert result.returncode == 3, result.stderr[-3000:]
+    (folder,) = tmp_path.iterdir()
+    report = json.loads((folder / "report.json").read_text())
+    check_report(report)
+    assert report["stopped"] in [f"stopped at the hard limit, 0.01 s after the start, during {running}"
+                                 for running in ("start-up", "warm-up")]
+    sections = sections_of(report)
+    assert sections["blocks"]["note"] == f"not reached: {report['stopped']}"
+    assert sections["e2e-t2v-a14b-480p"]["note"] == "not selected (--sections)"
+    assert "blocks                   SKIPPED: not reached: stopped at the hard limit" in result.stdout
+
+
 @pytest.mark.slow
 def test_the_engine_section_builds_and_times_compile_and_aoti(tmp_path):
     folder = gpu_suite.main(["--tiny", "--out", str(tmp_path), "--sections", "engines-bf16-480p"])
