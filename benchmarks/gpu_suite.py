@@ -3,6 +3,9 @@
     python benchmarks/gpu_suite.py --out benchmarks/results             # GPU: full size, 540 s budget
     python benchmarks/gpu_suite.py --tiny --out /tmp/suite-check        # CPU: tiny shapes, checks the suite
 
+(On the lent GPU machine, which has no package index: `python3 -m pip install -q --no-deps
+--no-build-isolation --no-index -e .` first; see the README.)
+
 On full-size random weights (timings and memory only, never quality) it measures, side by
 side: the A14B block in every precision and through each engine (eager, torch.compile,
 AOTInductor) with its error against bf16; the A14B expert forward resident and streamed

@@ -29,7 +29,7 @@ def run_without_device_lacks(*args: str) -> subprocess.CompletedProcess:
     code = (f"import runpy, sys; sys.modules.update(dict.fromkeys({DEVICE_LACKS!r})); "
             f"sys.argv = ['gpu_suite.py', *{list(args)!r}]; "
             f"runpy.run_path({str(BENCHMARKS / 'gpu_suite.py')!r}, run_name='__main__')")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
