@@ -17,8 +17,13 @@ Sections are data: `SECTIONS` lists each one with the seconds it is estimated to
 an H100 (from the results in benchmarks/results/) and on the CPU tiny run. The wall budget
 (`--budget`) is enforced before each section: one whose estimate does not fit in what is
 left is skipped, and the report says so. A new feature is measured by one more `Section`
-whose `run(suite)` returns its `Row`s. Each section's real duration is recorded beside its
-estimate, so the estimates can be corrected from the last run.
+whose `run(suite)` returns its `Row`s and a details dict, e.g. a run with another engine:
+
+    Section("e2e-t2v-a14b-480p-compile", "the same run through torch.compile", 200, 4,
+            end_to_end(lambda suite: dataclasses.replace(t2v_scenario(suite), engine="compile")))
+
+Each section's real duration is recorded beside its estimate, so the estimates can be
+corrected from the last run.
 
 Writes `report.json`, `report.md` and PNG plots (with matplotlib) into
 `<out>/<device>-<date>/`, atomically, and prints a short table last. Timings: warm-up
@@ -81,6 +86,9 @@ DEFINITIONS = {
     "extrapolated": "not measured: each expert's first step as measured (its placement on the device, the "
                     "expert swap) plus every other step of the task's default schedule at the median steady "
                     "step; a row that is extrapolated says so in its case",
+    "first step": "an expert's first step holds its placement on the device (for the first expert also the "
+                  "block streamer's set-up: the streamed blocks of every expert copied to pinned host memory; "
+                  "for the next, the expert swap)",
     "end to end": "sampling (first latents to the last step, streaming and expert swaps included) and the VAE "
                   "decode to host frames; fixed random text embeddings stand in for T5, which is not run",
 }
@@ -119,7 +127,7 @@ class Workload:
     ti2v_task: str
     sizes: tuple[tuple[str, str], ...]  # (label, size) of moe_task: 480P, 720P
     ti2v_size: str
-    frames: int | None              # of the end-to-end runs and the decode; None: the task's default
+    frames: int | None              # of every section's videos; None: the task's default
     vram_gib: float                 # the cap of the streamed and end-to-end A14B runs
     steps: int                      # measured steps of each end-to-end run
     block_warmup: int
@@ -375,15 +383,21 @@ def random_embeddings(task: TaskSpec, seed: int = 0) -> TextEmbeddings:
                           torch.randn(15, task.dit.text_dim, generator=generator))
 
 
+def first_steps(steps: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each expert's first step, by expert."""
+    firsts: dict[str, dict[str, Any]] = {}
+    for step in steps:
+        firsts.setdefault(step["expert"], step)
+    return firsts
+
+
 def extrapolated_sampling(steps: list[dict[str, Any]], total_steps: int) -> float | None:
     """See DEFINITIONS['extrapolated']; None without a steady step to go on."""
     steady = steady_step_seconds(steps)
     if steady is None:
         return None
-    firsts: dict[str, float] = {}
-    for step in steps:
-        firsts.setdefault(step["expert"], step["seconds"])
-    return sum(firsts.values()) + (total_steps - len(firsts)) * steady
+    firsts = first_steps(steps)
+    return sum(step["seconds"] for step in firsts.values()) + (total_steps - len(firsts)) * steady
 
 
 def run_rows(record: dict[str, Any], scenario: Scenario) -> list[Row]:
@@ -394,9 +408,7 @@ def run_rows(record: dict[str, Any], scenario: Scenario) -> list[Row]:
     rows = [Row(f"sampling, {len(steps)} steps", "run", sampling["seconds"], 1, None, None,
                 sampling["device_peak_bytes"], extra={**host, "streamed_bytes": summary["streamed_bytes"],
                                                       "h2d_gb_per_s": summary["h2d_gb_per_s"]})]
-    firsts: dict[str, dict] = {}
-    for step in steps:
-        firsts.setdefault(step["expert"], step)
+    firsts = first_steps(steps)
     rows += [Row(f"first step of the {name} expert (places it)", "step", step["seconds"], 1)
              for name, step in firsts.items()]
     steady = summary["steady_step_seconds"]
@@ -506,7 +518,7 @@ SECTIONS: tuple[Section, ...] = (
     Section("engines-bf16-480p", "A14B block at 480P, bf16: eager vs torch.compile vs AOTInductor package, "
             "build times, error vs eager", 90, 100, engines("bf16", "480P")),
     Section("e2e-ti2v-5b-720p", "TI2V-5B 720P 121 frames end to end (whole model resident): per-step times, "
-            "peaks, the 50-step run extrapolated", 60, 4, end_to_end(_ti2v_scenario)),
+            "peaks, the 50-step run extrapolated", 90, 4, end_to_end(_ti2v_scenario)),
     Section("vae-decode", "A14B VAE (Wan2.1) decode of 81 frames at 480P and 720P as `wanrt generate` decodes: "
             "time and peak", 70, 3, vae_decode),
     Section("engines-fp8-480p", "A14B block at 480P, fp8 W8A8: eager vs torch.compile vs AOTInductor package",
