@@ -599,6 +599,7 @@ def markdown(report: dict[str, Any]) -> str:
         if note:
             lines += [f"> **{note}**", ""]
     lines += _environment_lines(report)
+    lines += ["Settings: " + "; ".join(f"{key} {value}" for key, value in report["settings"].items()), ""]
     lines += [f"Budget {report['budget_s']:g} s, used {report['elapsed_s']:.0f} s. "
               f"Plots: {report['plots']['note']}.", ""]
     lines += _table(["section", "status", "estimate s", "took s", "note"],
