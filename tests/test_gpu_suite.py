@@ -20,6 +20,10 @@ import gpu_suite  # noqa: E402
 from gpu_suite import (SECTION_NAMES, TINY, DegenerateOutput, Row, Section, SectionSkipped, Status, Suite,  # noqa: E402
                        check_report, require_signal, run_section)
 
+from wanrt.bench.harness import request_for  # noqa: E402
+from wanrt.loading.checkpoint import Expert  # noqa: E402
+from wanrt.pipeline import Pipeline  # noqa: E402
+
 # Python packages the GPU image does not have (see the device notes): the suite must run without them.
 DEVICE_LACKS = ("av", "ftfy", "gguf", "diffusers", "optimum", "bitsandbytes", "tensorrt")
 ENGINE_SECTIONS = ("engines-bf16-480p", "engines-fp8-480p")
@@ -122,6 +126,18 @@ def test_end_to_end_rows_measure_steps_and_extrapolate_the_default_schedule(tiny
     assert [row["extra"]["video_shape"] for row in vae_rows.values()] == [[3, 1, 64, 64], [3, 1, 64, 96]]
 
 
+def test_the_full_size_workload_is_valid_before_a_gpu_sees_it():
+    suite = Suite(torch.device("cpu"), gpu_suite.FULL, budget_s=540.0)
+    assert (suite.grid("480P"), suite.grid("720P")) == ((21, 30, 52), (21, 45, 80))
+    t2v, ti2v = gpu_suite.t2v_scenario(suite), gpu_suite.ti2v_scenario(suite)
+    assert (t2v.task, t2v.size, t2v.frames, t2v.steps, t2v.vram_gib) == ("t2v-A14B", "832*480", 81, 4, 24.0)
+    assert (ti2v.task, ti2v.size, ti2v.frames, ti2v.vram_gib) == ("ti2v-5B", "1280*704", 121, None)
+    # Four steps swap the experts once, as the 40-step run does.
+    pipeline = Pipeline.from_models(t2v.spec, {})
+    timesteps = pipeline.new_scheduler(request_for(t2v)).timesteps.tolist()
+    assert [pipeline.expert_for(t) for t in timesteps] == [Expert.HIGH_NOISE] * 3 + [Expert.LOW_NOISE]
+
+
 def test_a_section_runs_only_if_its_estimate_fits_what_is_left_of_the_budget():
     suite = Suite(torch.device("cpu"), TINY, budget_s=10.0)
 
@@ -191,7 +207,8 @@ def test_the_hard_stop_writes_what_was_measured_and_ends_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_the_engine_section_builds_and_times_compile_and_aoti(tmp_path):
-    folder = gpu_suite.main(["--tiny", "--out", str(tmp_path), "--sections", "engines-bf16-480p"])
+    # The budget counts from the module's import, long ago in a test session: a large one.
+    folder = gpu_suite.main(["--tiny", "--out", str(tmp_path), "--sections", "engines-bf16-480p", "--budget", "1e5"])
     section = sections_of(json.loads((folder / "report.json").read_text()))["engines-bf16-480p"]
     assert section["status"] == "ok", section["note"]
     rows = rows_of(section)
