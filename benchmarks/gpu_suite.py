@@ -562,6 +562,7 @@ def run_section(section: Section, suite: Suite, estimate_s: float) -> dict[str, 
 def check_report(report: dict[str, Any]) -> None:
     """What a report promises: positive finite times, finite errors, a reason for every
     section that did not run. Raises AssertionError."""
+    assert not report.get("non_finite"), f"NaN/infinite values (written as null) at {report['non_finite']}"
     for section in report["sections"]:
         if section["status"] != Status.OK.value:
             assert section["note"], f"{section['name']}: {section['status']} without a note"
@@ -672,16 +673,45 @@ def write_plots(report: dict[str, Any], folder: Path) -> None:
     plt.close(fig)
 
 
+def non_finite_to_none(value: Any, path: str = "") -> tuple[Any, list[str]]:
+    """`value` with every NaN/infinity replaced by None, and where they were: JSON has no
+    NaN, and one bad figure must not cost the report the others (check_report flags them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [path]
+    found: list[str] = []
+    if isinstance(value, dict):
+        cleaned = {}
+        for key, item in value.items():
+            cleaned[key], where = non_finite_to_none(item, f"{path}/{key}")
+            found += where
+        return cleaned, found
+    if isinstance(value, list):
+        items = []
+        for index, item in enumerate(value):
+            clean, where = non_finite_to_none(item, f"{path}/{index}")
+            items.append(clean)
+            found += where
+        return items, found
+    return value, found
+
+
 def write(report: dict[str, Any], folder: Path) -> Path:
-    plots = importlib.util.find_spec("matplotlib") is not None
-    report["plots"] = {"written": plots, "note": "sections.png (median seconds per case), steps.png (per-step "
-                       "times of the end-to-end runs)" if plots else "skipped: matplotlib is not importable"}
+    """The report folder, atomically: plots first (a plot that fails is noted, never fatal)."""
+    cleaned, report["non_finite"] = non_finite_to_none(report)
+    report.update(cleaned)
 
     def fill(staging: Path) -> None:
+        if importlib.util.find_spec("matplotlib") is None:
+            report["plots"] = {"written": False, "note": "skipped: matplotlib is not importable"}
+        else:
+            try:
+                write_plots(report, staging)
+                report["plots"] = {"written": True, "note": "sections.png (median seconds per case), steps.png "
+                                                            "(per-step times of the end-to-end runs)"}
+            except Exception as error:
+                report["plots"] = {"written": False, "note": f"failed: {_one_line(error)}"}
         (staging / "report.json").write_text(json_text(report))
         (staging / "report.md").write_text(markdown(report))
-        if plots:
-            write_plots(report, staging)
 
     return write_folder_atomically(folder, fill)
 

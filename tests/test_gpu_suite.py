@@ -4,6 +4,7 @@ promises, and the budget, skip and failure rules hold."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -180,6 +181,26 @@ def test_check_report_refuses_a_zero_time_and_a_silent_skip():
         check_report({"sections": [{"name": "s", "status": "ok", "note": None, "rows": [row]}]})
     with pytest.raises(AssertionError, match="without a note"):
         check_report({"sections": [{"name": "s", "status": "skipped", "note": None, "rows": []}]})
+
+
+def test_a_nan_is_written_as_null_and_flagged_and_a_failing_plot_costs_no_report(tmp_path, monkeypatch):
+    row = dataclasses.asdict(Row("c", "call", 0.5, 3, error=math.nan, error_metric="rel_l2_vs_bf16"))
+    suite = Suite(torch.device("cpu"), TINY, 100.0)
+    report = {**gpu_suite.new_report(suite, ("s",), tiny=True), "elapsed_s": 1.0,
+              "sections": [{"name": "s", "measures": "m", "estimate_s": 1, "status": "ok", "note": None,
+                            "seconds": 1.0, "rows": [row], "details": {"x": [1.0, math.inf]}}]}
+
+    def broken_plots(report, folder):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(gpu_suite, "write_plots", broken_plots)
+    folder = gpu_suite.write(report, tmp_path / "run")
+    written = json.loads((folder / "report.json").read_text())
+    assert written["non_finite"] == ["/sections/0/rows/0/error", "/sections/0/details/x/1"]
+    assert written["sections"][0]["rows"][0]["error"] is None
+    assert written["plots"] == {"written": False, "note": "failed: RuntimeError: no fonts"}
+    with pytest.raises(AssertionError, match="NaN/infinite values"):
+        check_report(written)
 
 
 def test_bad_flags_are_one_line_errors(tmp_path, capsys):
