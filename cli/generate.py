@@ -25,7 +25,7 @@ from wanrt.engines.base import EngineKind, use_engine
 from wanrt.errors import InputError
 from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
                             generate_video, generation_task, parse_device)
-from wanrt.pipeline import GenerationRequest, Pipeline, StepInfo
+from wanrt.pipelines import GenerationRequest, Pipeline, StepInfo
 from wanrt.runtime.planner import Precision as WeightPrecision
 from wanrt.video_io import load_image
 

@@ -27,7 +27,7 @@ from wanrt.distributed.sharding import fsdp_mesh, shard_dit, shard_t5
 from wanrt.distributed.ulysses import SequenceParallelDiT
 from wanrt.models.dit import WanDiT
 from wanrt.models.t5 import UMT5Encoder
-from wanrt.pipeline import GenerationRequest, Pipeline, TextEmbeddings
+from wanrt.pipelines import GenerationRequest, Pipeline, TextEmbeddings
 from wanrt.random_weights import randomize_
 
 

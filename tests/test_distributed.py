@@ -24,7 +24,7 @@ from wanrt.distributed.config import ParallelConfig
 from wanrt.distributed.generation import group_ranks
 from wanrt.errors import InputError
 from wanrt.generate import read_latents
-from wanrt.pipeline import GenerationRequest, Pipeline
+from wanrt.pipelines import GenerationRequest, Pipeline
 
 TESTS = Path(__file__).parent
 PARALLEL_RTOL = 1e-5

@@ -34,7 +34,7 @@ from wanrt.hashing import cache_root, file_sha256, files_under, tree_sha256
 from wanrt.loading.checkpoint import CheckpointFiles
 from wanrt.loading.files import safetensors_shards
 from wanrt.loading.save import DIT_WEIGHTS_STEM, write_atomic, write_json
-from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
+from wanrt.pipelines import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
 from wanrt.video_io import VideoInfo, write_video
 
 LATENTS_SUFFIX = ".latents.safetensors"

@@ -31,7 +31,7 @@ from wanrt.generate import checkpoint_files_used
 from wanrt.hashing import file_sha256, files_under
 from wanrt.loading.checkpoint import Expert
 from wanrt.models.dit import WanDiT
-from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
+from wanrt.pipelines import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
 
 Result = TypeVar("Result")
 
