@@ -309,3 +309,80 @@ def test_missing_api_key_is_refused_up_front(monkeypatch):
     monkeypatch.delenv("DASH_API_KEY", raising=False)
     with pytest.raises(prompt_extend.InputError, match="DASH_API_KEY"):
         DASHSCOPE.check()
+
+
+# ---------------------------------------------------------------------- wanrt generate
+
+
+def generate(*args: object):
+    return CliRunner().invoke(app, ["generate", *(str(arg) for arg in args)])
+
+
+def test_generate_uses_prints_and_records_the_extended_prompt(checkpoints, tiny_qwen, tmp_path, cache_dir):
+    """The official flags: the extended prompt is the one encoded, both are printed and recorded."""
+    result = generate("--task", "tiny-t2v", "--ckpt_dir", checkpoints["tiny-t2v"], "--device", "cpu",
+                      "--prompt", "a dog on the beach", "--frame_num", 5, "--sample_steps", 2, "--base_seed", 7,
+                      "--use_prompt_extend", "--prompt_extend_method", "local_qwen", "--prompt_extend_model",
+                      tiny_qwen, "--prompt_extend_target_lang", "en", "--save_file", tmp_path / "out.mp4")
+    assert result.exit_code == 0, result.output
+    expected = extend_prompt("a dog on the beach", None, local_options(tiny_qwen), seed=7, device=CPU, cache=None)
+    assert f"prompt extension: local_qwen {tiny_qwen} (en, seed 7)" in result.stderr
+    assert "original prompt: a dog on the beach" in result.stderr
+    assert f"extended prompt: {expected.prompt}" in result.stderr
+    sidecar = json.loads((tmp_path / "out.json").read_text())
+    assert sidecar["settings"]["prompt"] == expected.prompt
+    record = sidecar["options"]["prompt_extend"]
+    assert (record["original_prompt"], record["extended_prompt"], record["used_prompt"]) == (
+        "a dog on the beach", expected.prompt, expected.prompt)
+    assert (record["method"], record["model"], record["target_lang"], record["seed"], record["cache"]) == (
+        "local_qwen", str(tiny_qwen), "en", 7, "miss")
+    again = extend_prompt("a dog on the beach", None, local_options(tiny_qwen), seed=7, device=CPU,
+                          cache=PromptExtensionCache())
+    assert (again.cache, again.prompt) == ("hit", expected.prompt)
+
+
+def test_generate_i2v_from_an_empty_prompt_and_the_image(checkpoints, dashscope_server, tmp_path, cache_dir):
+    image = write_random_image(tmp_path / "first_frame.png", width=100, height=72)
+    result = generate("--task", "tiny-i2v", "--ckpt-dir", checkpoints["tiny-i2v"], "--device", "cpu",
+                      "--image", image, "--prompt", "", "--frame-num", 5, "--steps", 2, "--seed", 3,
+                      "--use-prompt-extend", "--prompt-extend-method", "dashscope",
+                      "--prompt-extend-target-lang", "en", "--output", tmp_path / "out.mp4")
+    assert result.exit_code == 0, result.output
+    (request,) = dashscope_server.requests
+    assert request["path"] == FakeDashScope.MULTIMODAL_PATH and request["model"] == "qwen-vl-max"
+    sidecar = json.loads((tmp_path / "out.json").read_text())
+    assert sidecar["settings"]["prompt"] == "Extended from the image: the scene comes alive."
+    record = sidecar["options"]["prompt_extend"]
+    assert (record["original_prompt"], record["system_prompt"], record["model"]) == ("", "from_image", "qwen-vl-max")
+
+
+def test_failed_extension_continues_with_one_line_or_stops_when_strict(checkpoints, tmp_path, cache_dir,
+                                                                      monkeypatch):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("DASH_API_KEY", API_KEY)
+    monkeypatch.setenv("DASH_API_URL", f"http://127.0.0.1:{port}/api/v1")
+    common = ["--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--device", "cpu", "--prompt", "a dog",
+              "--frame-num", 5, "--steps", 1, "--use-prompt-extend", "--prompt-extend-method", "dashscope"]
+    strict = generate(*common, "--prompt-extend-strict", "--output", tmp_path / "strict.mp4")
+    assert strict.exit_code == 2 and strict.stderr.count("\n") == 1, strict.output
+    assert "prompt extension failed" in strict.stderr and "ConnectionError" in strict.stderr
+    assert not list(tmp_path.glob("strict*"))
+    lenient = generate(*common, "--output", tmp_path / "lenient.mp4")
+    assert lenient.exit_code == 0, lenient.output
+    assert "continuing with the original prompt" in lenient.stderr
+    record = json.loads((tmp_path / "lenient.json").read_text())["options"]["prompt_extend"]
+    assert record["used_prompt"] == "a dog" and record["extended_prompt"] is None and record["error"]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--prompt", ""], "--prompt"),  # an empty prompt needs an image to write it from
+    (["--prompt-extend-method", "dashscope"], "DASH_API_KEY"),
+    (["--prompt_extend_target_lang", "fr"], "--prompt_extend_target_lang"),
+])
+def test_extension_options_are_refused_in_one_line(checkpoints, tmp_path, monkeypatch, extra, needle):
+    monkeypatch.delenv("DASH_API_KEY", raising=False)
+    result = generate("--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", "a dog",
+                      "--use_prompt_extend", "--output", tmp_path / "out.mp4", *extra)
+    assert result.exit_code == 2 and needle in result.stderr and result.stderr.count("\n") == 1, result.output
