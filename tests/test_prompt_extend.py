@@ -142,6 +142,12 @@ def test_local_model_from_the_hugging_face_cache_and_a_missing_one(tiny_qwen, tm
             extend_prompt("a dog", None, local_options(name, strict=True), seed=1, device=CPU, cache=None)
 
 
+def test_an_image_needs_a_vision_language_model(tiny_qwen):
+    failed = extend_prompt("", torch.zeros(3, 8, 8), local_options(tiny_qwen), seed=1, device=CPU, cache=None)
+    assert failed.kind is PromptKind.FROM_IMAGE and failed.prompt == ""
+    assert "is a qwen2 model" in failed.error and "Qwen2.5-VL" in failed.error
+
+
 # ---------------------------------------------------------------------- fake DashScope
 
 

@@ -55,6 +55,7 @@ API_MAX_IMAGE_PIXELS = 512 * 512
 VL_MIN_PIXELS = 256 * 28 * 28
 VL_MAX_PIXELS = 1280 * 28 * 28
 MAX_NEW_TOKENS = 512
+_VL_MODEL_TYPE = "qwen2_5_vl"  # config.json's model_type for Qwen2.5-VL
 CACHE_FORMAT = "wanrt-prompt-extension/1"
 
 
@@ -339,6 +340,19 @@ def local_model_folder(name: str) -> Path:
                                 f"`hf download {repo_id}` or pass the model's folder") from None
 
 
+def _require_vision_language_model(folder: Path, name: str) -> None:
+    """Refuse a text-only model for an image: loaded as Qwen2.5-VL, its vision tower would be
+    initialised at random and the answer would be noise, not an error."""
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        raise PromptExtendError(f"--prompt_extend_model {name}: {folder / 'config.json'} is missing or "
+                                "unreadable") from None
+    if model_type != _VL_MODEL_TYPE:
+        raise PromptExtendError(f"--prompt_extend_model {name} is a {model_type} model; with --image it must be "
+                                f"a Qwen2.5-VL model (e.g. QwenVL2.5_7B)")
+
+
 def _generate_seeded(model: Any, inputs: Mapping[str, Tensor], seed: int, device: torch.device) -> Tensor:
     """`model.generate` with the torch RNG seeded (Qwen's generation config samples), leaving
     the caller's RNG state as it was."""
@@ -354,6 +368,11 @@ def extend_with_local_qwen(model: str, system_prompt: str, prompt: str, image: I
     """Qwen2.5-Instruct (or Qwen2.5-VL with an image) loaded for this one prompt and released,
     so the DiT that loads next has the memory."""
     folder = local_model_folder(model)
+    if image is not None:
+        _require_vision_language_model(folder, model)
+        if importlib.util.find_spec("torchvision") is None:
+            raise PromptExtendError("the Qwen2.5-VL processor needs torchvision; install the build that "
+                                    "matches your torch")
     import transformers
 
     try:
@@ -365,9 +384,6 @@ def extend_with_local_qwen(model: str, system_prompt: str, prompt: str, image: I
             inputs = tokenizer([text], return_tensors="pt")
             decoder = tokenizer
         else:
-            if importlib.util.find_spec("torchvision") is None:
-                raise PromptExtendError("the Qwen2.5-VL processor needs torchvision; install the build "
-                                        "that matches your torch")
             processor = transformers.AutoProcessor.from_pretrained(folder, min_pixels=VL_MIN_PIXELS,
                                                                    max_pixels=VL_MAX_PIXELS)
             language_model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype="auto")
@@ -380,15 +396,13 @@ def extend_with_local_qwen(model: str, system_prompt: str, prompt: str, image: I
         language_model.to(device).eval()
         generated = _generate_seeded(language_model, inputs.to(device), seed, device)
         return decoder.batch_decode(generated, skip_special_tokens=True)[0]
-    except PromptExtendError:
-        raise
-    # A model that does not load or fit (missing files, out of memory, a text model given an
-    # image) is one of the failures the run survives; say what it was in one line.
+    # A model that does not load or fit (damaged files, out of memory) is one of the failures
+    # the run survives; say what it was in one line.
     except Exception as error:
         reason = " ".join(str(error).split())[:300] or type(error).__name__
         raise PromptExtendError(f"local model {model}: {type(error).__name__}: {reason}") from error
     finally:
-        language_model = None
+        language_model = None  # the one reference: free the weights before the DiT loads
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -455,6 +469,7 @@ def extend_prompt(prompt: str, image: Tensor | None, options: PromptExtendOption
         entry = cache.get(entry_path)
         if entry is not None:
             return outcome(entry["prompt"], entry.get("seed", seed), "hit")
+    cache_state = "off" if cache is None else "miss"
     try:
         extended = EXTENDERS[options.method](model, system_prompt, prompt,
                                              image_to_pil(image) if image is not None else None, seed, device)
@@ -465,7 +480,7 @@ def extend_prompt(prompt: str, image: Tensor | None, options: PromptExtendOption
         if options.strict:
             raise PromptExtendError(f"prompt extension failed ({error}); leave out --prompt-extend-strict "
                                     "to continue with the original prompt") from None
-        return outcome(prompt, seed, "off" if cache is None else "miss", error=str(error))
+        return outcome(prompt, seed, cache_state, error=str(error))
     if entry_path is not None:
         cache.put(entry_path, extended, seed)
-    return outcome(extended, seed, "off" if cache is None else "miss")
+    return outcome(extended, seed, cache_state)
