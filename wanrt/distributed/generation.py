@@ -204,8 +204,8 @@ def run_on_ranks(context: RankContext, config: ParallelConfig, pipeline: Pipelin
         serve(pipeline, parallelism)
         return None
     leader = DistributedPipeline(pipeline, parallelism)
-    options = {**run_options, **prepared_options, "distributed": {**config.record(), "backend": context.backend,
-                                              "seed_was_random": seed_was_random}}
+    options = {**run_options, **prepared_options,
+               "distributed": {**config.record(), "backend": context.backend, "seed_was_random": seed_was_random}}
     result = lead(leader, request, options)
     leader.close()
     return result
