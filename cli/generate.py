@@ -326,11 +326,12 @@ def generate_command(
             lead=lambda leader, agreed, options: run_generation(leader, agreed, target, cache, options),
             prepare=None if extend_options is None else functools.partial(
                 extended_request, options=extend_options, device=context.device)), parse_device(device))
-    if extend_options is not None:
-        # Before the pipeline loads, so a local Qwen has the memory and is gone when the DiT loads.
-        request, extend_record = extended_request(request, extend_options, parse_device(device))
-        run_options.update(extend_record)
     pipeline = build_pipeline(parse_device(device))
+    if extend_options is not None:
+        # Once the checkpoint is checked, before any weights load (the pipeline loads on first
+        # use), so a local Qwen has the memory to itself and is gone when T5 and the DiT load.
+        request, extend_record = extended_request(request, extend_options, pipeline.device)
+        run_options.update(extend_record)
     run_options["engine"] = use_engine(pipeline, engine, engine_dir).describe()
     if engine is not EngineKind.EAGER:  # what was asked for, and for auto what it picked
         typer.echo(f"engine: {run_options['engine']}", err=True)

@@ -386,6 +386,8 @@ def test_failed_extension_continues_with_one_line_or_stops_when_strict(checkpoin
     (["--prompt", ""], "--prompt"),  # an empty prompt needs an image to write it from
     (["--prompt-extend-method", "dashscope"], "DASH_API_KEY"),
     (["--prompt_extend_target_lang", "fr"], "--prompt_extend_target_lang"),
+    # The checkpoint is checked before extension runs: one line, no extension failure before it.
+    (["--ckpt-dir", "/nonexistent/checkpoint", "--prompt_extend_model", "/nonexistent/qwen"], "--ckpt-dir"),
 ])
 def test_extension_options_are_refused_in_one_line(checkpoints, tmp_path, monkeypatch, extra, needle):
     monkeypatch.delenv("DASH_API_KEY", raising=False)
