@@ -153,14 +153,14 @@ def test_an_image_needs_a_vision_language_model(tiny_qwen):
 
 class FakeDashScope:
     """DashScope's generation endpoints on 127.0.0.1: records each request and answers as the
-    service does, or with the next queued error (HTTP status, code, message)."""
+    service does, or with the next queued (HTTP status, JSON body)."""
 
     TEXT_PATH = "/api/v1/services/aigc/text-generation/generation"
     MULTIMODAL_PATH = "/api/v1/services/aigc/multimodal-generation/generation"
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
-        self.errors: list[tuple[int, str, str]] = []
+        self.queued: list[tuple[int, dict]] = []
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -186,9 +186,8 @@ class FakeDashScope:
         self._deadline.start()
 
     def answer(self, path: str, body: dict) -> tuple[int, dict]:
-        if self.errors:
-            status, code, message = self.errors.pop(0)
-            return status, {"request_id": "fake", "code": code, "message": message}
+        if self.queued:
+            return self.queued.pop(0)
         user = body["input"]["messages"][1]["content"]
         if path == self.MULTIMODAL_PATH:
             text = next(part["text"] for part in user if "text" in part)
@@ -212,6 +211,11 @@ def dashscope_server(monkeypatch):
     monkeypatch.setenv("DASH_API_URL", fake.url)
     yield fake
     fake.stop()
+
+
+def service_error(status: int, code: str, message: str) -> tuple[int, dict]:
+    """An error as DashScope answers it."""
+    return status, {"request_id": "fake", "code": code, "message": message}
 
 
 DASHSCOPE = PromptExtendOptions(PromptExtendMethod.DASHSCOPE, target_lang=TargetLanguage.EN)
@@ -270,13 +274,17 @@ def test_large_images_are_sent_within_the_official_pixel_budget(dashscope_server
 
 
 def test_throttling_is_retried_and_a_refused_key_is_not(dashscope_server):
-    dashscope_server.errors = [(429, "Throttling.RateQuota", "Requests rate limit exceeded")]
+    dashscope_server.queued = [service_error(429, "Throttling.RateQuota", "Requests rate limit exceeded")]
     assert extend_prompt("a dog", None, DASHSCOPE, seed=1, device=None, cache=None).extended
     assert len(dashscope_server.requests) == 2
-    dashscope_server.errors = [(401, "InvalidApiKey", "Invalid API-key provided.")] * 4
+    dashscope_server.queued = [service_error(401, "InvalidApiKey", "Invalid API-key provided.")] * 4
     failed = extend_prompt("a dog", None, DASHSCOPE, seed=1, device=None, cache=None)
     assert len(dashscope_server.requests) == 3
     assert failed.prompt == "a dog" and "401 InvalidApiKey" in failed.error
+    dashscope_server.queued = [(HTTPStatus.OK, {"request_id": "fake", "output": {"choices": []}})]
+    malformed = extend_prompt("a dog", None, DASHSCOPE, seed=1, device=None, cache=None)
+    assert malformed.prompt == "a dog" and "no message text" in malformed.error
+    assert len(dashscope_server.requests) == 4
 
 
 def test_unreachable_service_falls_back_or_stops_when_strict(monkeypatch):
@@ -305,7 +313,7 @@ def test_cache_hits_by_method_model_prompt_image_and_language(dashscope_server, 
                                          ("a dog", image, replace(DASHSCOPE, model="qwen-vl-plus"))):
         assert extend_prompt(prompt, other_image, options, seed=1, device=None, cache=cache).cache == "miss"
     assert len(dashscope_server.requests) == 5
-    dashscope_server.errors = [(400, "InvalidParameter", "bad")]
+    dashscope_server.queued = [service_error(400, "InvalidParameter", "bad")]
     assert extend_prompt("a horse", None, DASHSCOPE, seed=1, device=None, cache=cache).error  # failures are not cached
     assert extend_prompt("a horse", None, DASHSCOPE, seed=1, device=None, cache=cache).cache == "miss"
 
@@ -359,7 +367,8 @@ def test_generate_i2v_from_an_empty_prompt_and_the_image(checkpoints, dashscope_
     sidecar = json.loads((tmp_path / "out.json").read_text())
     assert sidecar["settings"]["prompt"] == "Extended from the image: the scene comes alive."
     record = sidecar["options"]["prompt_extend"]
-    assert (record["original_prompt"], record["system_prompt"], record["model"]) == ("", "from_image", "qwen-vl-max")
+    assert (record["original_prompt"], record["system_prompt_kind"], record["model"]) == (
+        "", "from_image", "qwen-vl-max")
 
 
 def test_failed_extension_continues_with_one_line_or_stops_when_strict(checkpoints, tmp_path, cache_dir,

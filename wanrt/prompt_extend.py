@@ -250,7 +250,7 @@ class PromptExtension:
         """What the sidecar records."""
         return {"original_prompt": self.original, "extended_prompt": self.prompt if self.extended else None,
                 "used_prompt": self.prompt, "method": self.method.value, "model": self.model,
-                "target_lang": self.target_lang.value, "system_prompt": self.kind.value, "seed": self.seed,
+                "target_lang": self.target_lang.value, "system_prompt_kind": self.kind.value, "seed": self.seed,
                 "cache": self.cache, "error": self.error, "seconds": self.seconds}
 
 
@@ -282,9 +282,12 @@ def _dashscope_text(response: Any, vision: bool) -> str:
     try:
         content = response.output.choices[0].message.content
         # The multimodal endpoint answers a list of parts, the text endpoint a string.
-        return "".join(part.get("text", "") for part in content) if vision else content
+        text = "".join(part.get("text", "") for part in content) if vision else content
     except (AttributeError, IndexError, KeyError, TypeError):
-        raise PromptExtendError("DashScope's answer holds no message") from None
+        text = None
+    if not isinstance(text, str):
+        raise PromptExtendError("DashScope's answer holds no message text")
+    return text
 
 
 def extend_with_dashscope(model: str, system_prompt: str, prompt: str, image: Image.Image | None,
