@@ -42,6 +42,19 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }} {{ m.content }
                  "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}")
 
 
+def test_system_prompts_per_kind_and_language_state_language_and_length():
+    """The official prompts' fixed rules: output language, word budget, prompt-only output."""
+    limits = {PromptKind.TEXT: ("60 to 200 words", "60到200字"), PromptKind.IMAGE: ("100 words", "100字"),
+              PromptKind.FROM_IMAGE: ("100 words", "100字")}
+    for kind, (english_limit, chinese_limit) in limits.items():
+        english, chinese = SYSTEM_PROMPTS[kind, TargetLanguage.EN], SYSTEM_PROMPTS[kind, TargetLanguage.ZH]
+        assert "in English only" in english and english_limit in english and "alone" in english
+        assert "输出中文" in chinese and chinese_limit in chinese and "只输出" in chinese
+    assert prompt_extend.prompt_kind("a cat", has_image=False) is PromptKind.TEXT
+    assert prompt_extend.prompt_kind("she waves", has_image=True) is PromptKind.IMAGE
+    assert prompt_extend.prompt_kind("  ", has_image=True) is PromptKind.FROM_IMAGE
+
+
 # ---------------------------------------------------------------------- tiny Qwen2
 
 
