@@ -16,7 +16,7 @@ from wanrt.errors import InputError
 from wanrt.generate import check_output_path
 from wanrt.hashing import cache_root
 from wanrt.loading.checkpoint import locate_checkpoint
-from wanrt.pipeline import GenerationRequest, Pipeline
+from wanrt.pipelines import GenerationRequest, Pipeline
 
 DEMO_TASKS = ("tiny-t2v", "tiny-i2v", "tiny-ti2v")
 # Whole words of the toy tokenizer's vocabulary, so the prompt is not all <unk>.

@@ -16,7 +16,7 @@ from wanrt.export.build import Backend, ExportTarget, export_all, export_targets
 from wanrt.export.manifest import ArtifactStore, Manifest
 from wanrt.export.specs import Component, latent_grids
 from wanrt.generate import generation_task, parse_device
-from wanrt.pipeline import Pipeline
+from wanrt.pipelines import Pipeline
 from wanrt.runtime.planner import Precision
 
 _DIT_COMPONENTS = (Component.DIT_PRE, Component.DIT_BLOCK, Component.DIT_POST)

@@ -15,7 +15,7 @@ from wanrt.cli.app import app
 
 from wanrt.configs import get_task
 from wanrt.generate import read_latents
-from wanrt.pipeline import Pipeline
+from wanrt.pipelines import Pipeline
 from wanrt.video_io import read_video
 
 PROMPT = "a dog walking in the city"

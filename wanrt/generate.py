@@ -30,11 +30,11 @@ from torch import Tensor
 import wanrt
 from wanrt.configs import TASK_NAMES, ModelType, TaskSpec, get_task
 from wanrt.errors import InputError, WanrtError
-from wanrt.hashing import cache_root, file_sha256, files_under, tree_sha256
+from wanrt.hashing import cache_root, file_sha256, files_under, tensor_sha256, tree_sha256
 from wanrt.loading.checkpoint import CheckpointFiles
 from wanrt.loading.files import safetensors_shards
 from wanrt.loading.save import DIT_WEIGHTS_STEM, write_atomic, write_json
-from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
+from wanrt.pipelines import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
 from wanrt.video_io import VideoInfo, write_video
 
 LATENTS_SUFFIX = ".latents.safetensors"
@@ -241,9 +241,7 @@ def _image_record(image: Tensor | None) -> dict[str, Any] | None:
     """Size and pixel digest of the conditioning image, to tell which image a video used."""
     if image is None:
         return None
-    pixels = image.detach().float().cpu().contiguous()
-    return {"width": pixels.shape[2], "height": pixels.shape[1],
-            "float32_sha256": hashlib.sha256(pixels.numpy().tobytes()).hexdigest()}
+    return {"width": image.shape[2], "height": image.shape[1], "float32_sha256": tensor_sha256(image)}
 
 
 def _video_record(info: VideoInfo) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from wanrt.distributed.launch import RankContext
 from wanrt.errors import ConfigError, InputError
 from wanrt.generate import EmbeddingCache, check_output_path, generate_video, text_embeddings
 from wanrt.loading.save import write_atomic, write_json
-from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, StepInfo
+from wanrt.pipelines import GenerationRequest, Pipeline, ResolvedRequest, StepInfo
 from wanrt.video_io import frames_to_uint8, read_video
 
 INDEX_NAME = "index.json"

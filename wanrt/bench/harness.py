@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from wanrt.errors import InputError, WanrtError
-from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, TextEmbeddings, noise_for
+from wanrt.pipelines import GenerationRequest, Pipeline, ResolvedRequest, TextEmbeddings, noise_for
 
 from wanrt.bench.baselines import BaselineSkipped, DiffusersBaseline
 from wanrt.bench.flops import RunFlops, device_peak, run_flops

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from wanrt.configs import ModelType, TaskSpec, parse_size
 from wanrt.loading.checkpoint import Expert, load_dit, load_vae, locate_checkpoint
 from wanrt.models.dit import WanDiT
-from wanrt.pipeline import MemoryBudget, Pipeline, StreamingConfig
+from wanrt.pipelines import MemoryBudget, Pipeline, StreamingConfig
 from wanrt.random_weights import randomize_
 from wanrt.runtime.planner import Precision
 

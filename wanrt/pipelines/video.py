@@ -1,6 +1,6 @@
 """Text/image-to-video sampling with the official Wan2.2 semantics (t2v, i2v, ti2v).
 
-One loop serves every task; what differs is how the first latents and the DiT's extra
+The step loop is `wanrt.pipelines.core.run_steps`; what differs is how the first latents and the DiT's extra
 inputs are prepared (`_Conditioning`). Official rules reproduced here:
 - the high-noise expert runs iff `t >= boundary * num_train_timesteps`, with the guide
   scale of that expert (`guide_scale` is ordered (low-noise, high-noise));
@@ -26,17 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wanrt.configs import SIZES, ModelType, TaskSpec, get_task, parse_size
-from wanrt.errors import CheckpointError, InputError, WanrtError, parse_choice
+from wanrt.errors import CheckpointError, InputError, parse_choice
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
                                       load_t5, load_vae, locate_checkpoint)
 from wanrt.models.dit import WanDiT
+from wanrt.pipelines.core import (Guidance, MemoryBudget, StepInfo, StreamingConfig, TextEmbeddings,
+                                  noise_for, run_steps)
 from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
 from wanrt.runtime.streaming import BlockStreamer
 from wanrt.schedulers import FlowScheduler, Solver, make_scheduler
-
-
-class NonFiniteLatentsError(WanrtError):
-    """Sampling produced NaN/Inf; nothing is decoded or written."""
 
 
 @dataclass(frozen=True)
@@ -108,65 +106,6 @@ class ResolvedRequest:
                 "frame_num": self.frame_num, "steps": self.steps, "shift": self.shift,
                 "guide_scale": list(self.guide_scale), "solver": self.solver.value,
                 "seed": self.seed, "has_image": self.image is not None}
-
-
-@dataclass(frozen=True)
-class TextEmbeddings:
-    cond: Tensor    # [L_cond, text_dim], trimmed to the prompt's tokens
-    uncond: Tensor  # [L_uncond, text_dim]
-
-
-@dataclass(frozen=True)
-class MemoryBudget:
-    vram_gib: float
-    ram_gib: float
-
-    @classmethod
-    def detect(cls, device: torch.device, vram_gib: float | None, ram_gib: float | None) -> "MemoryBudget":
-        """What the user gave, else what the device and the host have."""
-        if vram_gib is None:
-            vram_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-        if ram_gib is None:
-            ram_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-        return cls(vram_gib, ram_gib)
-
-
-@dataclass(frozen=True)
-class StreamingConfig:
-    resident_blocks: int
-    depth: int = 2
-    pin_limit_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    index: int
-    total: int
-    timestep: int
-    expert: Expert
-    guide_scale: float
-
-
-class Guidance:
-    """Classifier-free guidance as the official code computes it: the conditional and the
-    unconditional forward in turn, combined as `uncond + scale * (cond - uncond)`.
-
-    A strategy object so that distributed runs can split the two forwards across ranks
-    (`forwards_per_step` is what each process runs, which the block streamer schedules)."""
-
-    forwards_per_step = 2
-
-    def __call__(self, forward: Callable[..., Tensor], latents: Tensor, timestep: Tensor, cond: Tensor,
-                 uncond: Tensor, y: Tensor | None, scale: float) -> Tensor:
-        pred_cond = forward(latents, timestep, cond, y=y)
-        pred_uncond = forward(latents, timestep, uncond, y=y)
-        return pred_uncond + scale * (pred_cond - pred_uncond)
-
-
-def noise_for(shape: tuple[int, ...], seed: int) -> Tensor:
-    """Initial noise from a CPU generator: identical on every device for a given seed."""
-    return torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(seed),
-                       dtype=torch.float32)
 
 
 def i2v_latent_hw(image_hw: tuple[int, int], max_area: int, task: TaskSpec) -> tuple[int, int]:
@@ -542,7 +481,6 @@ class Pipeline:
         Starting mid-schedule (refining a video, handing a run to another device) continues
         the scheduler it is given; its step counter is set from `state.step`."""
         steps = self.schedule(state, stop)
-        total = len(state.scheduler.timesteps)
         for expert in dict.fromkeys(expert for _, expert in steps):
             self._load_expert(expert)
         if self._streamer is not None:
@@ -550,29 +488,22 @@ class Pipeline:
             for _, expert in steps:
                 for _ in range(self.guidance.forwards_per_step):
                     self._streamer.expect_forward(expert)
-        scheduler = state.scheduler
-        scheduler.step_index = state.step
         cond = embeddings.cond[None].to(self.device)
         uncond = embeddings.uncond[None].to(self.device)
-        conditioning, latents = state.conditioning, state.latents
-        guide_scale = state.request.guide_scale
+        conditioning = state.conditioning
+
+        def predict(t: int, expert: Expert, latents: Tensor) -> tuple[Tensor, float]:
+            self.dit(expert)
+            scale = state.request.guide_scale[0 if expert is Expert.LOW_NOISE else 1]
+            timestep = conditioning.timestep(torch.tensor(t, device=self.device))
+            return self.guidance(self._runners[expert], latents, timestep, cond, uncond,
+                                 conditioning.y, scale), scale
+
         autocast = torch.autocast(self.device.type, dtype=self.dit_dtype,
                                   enabled=self.dit_dtype != torch.float32)
         with torch.no_grad(), autocast:
-            for index, (t, expert) in enumerate(steps, start=state.step):
-                self.dit(expert)
-                scale = guide_scale[0 if expert is Expert.LOW_NOISE else 1]
-                timestep = conditioning.timestep(torch.tensor(t, device=self.device))
-                guided = self.guidance(self._runners[expert], latents, timestep, cond, uncond,
-                                       conditioning.y, scale)
-                latents = conditioning.fix_up(scheduler.step(guided, t, latents))
-                if not torch.isfinite(latents).all():
-                    raise NonFiniteLatentsError(
-                        f"sampling diverged at step {index + 1}/{total} (t={t}): NaN/Inf "
-                        "in the latents; nothing was written. Try float32/bf16 instead of a "
-                        "quantized precision, or another seed")
-                if on_step is not None:
-                    on_step(StepInfo(index, total, t, expert, scale))
+            latents = run_steps(steps, state.step, state.scheduler, state.latents, predict,
+                                conditioning.fix_up, on_step)
         return dataclasses.replace(state, latents=latents, step=state.step + len(steps))
 
     def sample(self, request: GenerationRequest | ResolvedRequest, embeddings: TextEmbeddings | None = None,
