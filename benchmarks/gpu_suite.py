@@ -69,7 +69,7 @@ from wanrt.bench.report import _bytes, _environment_lines, _num, _table, json_te
 from wanrt.bench.report import device_slug, write_folder_atomically  # noqa: E402
 from wanrt.bench.scenarios import Scenario  # noqa: E402
 from wanrt.configs import TaskSpec, get_task  # noqa: E402
-from wanrt.pipeline import Pipeline, TextEmbeddings, noise_for  # noqa: E402
+from wanrt.pipelines import Pipeline, TextEmbeddings, noise_for  # noqa: E402
 from wanrt.runtime.planner import token_grid  # noqa: E402
 
 REPORT_FORMAT = "wanrt-gpu-suite/1"

@@ -23,7 +23,7 @@ from gpu_suite import (SECTION_NAMES, TINY, DegenerateOutput, Row, Section, Sect
 
 from wanrt.bench.harness import request_for  # noqa: E402
 from wanrt.loading.checkpoint import Expert  # noqa: E402
-from wanrt.pipeline import Pipeline  # noqa: E402
+from wanrt.pipelines import Pipeline  # noqa: E402
 
 # Python packages the GPU image does not have (see the device notes): the suite must run without them.
 DEVICE_LACKS = ("av", "ftfy", "gguf", "diffusers", "optimum", "bitsandbytes", "tensorrt")
