@@ -51,8 +51,6 @@ from typing import Any, Callable
 
 # The budget counts from here: importing torch and wanrt is part of what a call spends.
 PROCESS_START = time.perf_counter()
-# As the `wanrt` CLI sets it, before CUDA starts: what users run with.
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -824,6 +822,8 @@ def main(argv: list[str] | None = None) -> Path:
     for flag, value in (("--budget", args.budget), ("--hard-stop", args.hard_stop)):
         if value is not None and not value > 0:
             parser.error(f"{flag} {value:g} must be a positive number of seconds")
+    # As the `wanrt` CLI sets it, before CUDA starts (the allocator reads it then): what users run with.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if args.tiny:
         device, workload = torch.device("cpu"), TINY
     elif torch.cuda.is_available():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -114,8 +115,7 @@ def test_end_to_end_rows_measure_steps_and_extrapolate_the_default_schedule(tiny
     assert [step["expert"] for step in steps] == ["high_noise"] * 3 + ["low_noise"]  # crosses the boundary
     rows = rows_of(t2v)
     steady = rows["steady step (median)"]["seconds"]
-    assert steady == sorted(step["seconds"] for step in steps[1:3])[0] / 2 + sorted(
-        step["seconds"] for step in steps[1:3])[1] / 2
+    assert math.isclose(steady, statistics.median([steps[1]["seconds"], steps[2]["seconds"]]))
     extrapolated = rows["6-step sampling (extrapolated)"]  # tiny-t2v's default schedule is 6 steps
     assert extrapolated["extrapolated"] and extrapolated["runs"] == 0
     assert math.isclose(extrapolated["seconds"], steps[0]["seconds"] + steps[3]["seconds"] + 4 * steady)
