@@ -7,8 +7,8 @@
 --no-build-isolation --no-index -e .` first; see the README.)
 
 On full-size random weights (timings and memory only, never quality) it measures, side by
-side: the A14B block in every precision and through each engine (eager, torch.compile,
-AOTInductor) with its error against bf16; the A14B expert forward resident and streamed
+side: the A14B block in every precision, with each SDPA kernel and through each engine
+(eager, torch.compile, AOTInductor) with its error against bf16; the A14B expert forward resident and streamed
 under a 24 GiB cap; T2V-A14B 480P end to end under 24 GiB and TI2V-5B 720P for a few steps
 (per-step time, peaks, the full schedule extrapolated and labelled so); the VAE decode; and
 diffusers' pipeline on the same weights where diffusers is importable.
@@ -275,6 +275,44 @@ def blocks(suite: Suite) -> tuple[list[Row], dict[str, Any]]:
                   "results": results}
 
 
+def attention_backends(suite: Suite) -> tuple[list[Row], dict[str, Any]]:
+    """The bf16 block with each of torch's SDPA kernels forced, against the default dispatch
+    (the kernel a plain run gets). The math kernel materialises the whole attention matrix
+    (hundreds of GB at 720P): CPU only."""
+    from dit_block_bench import random_block
+    from engine_bench import block_inputs
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    config, device, workload = suite.moe.dit, suite.device, suite.workload
+    backends = ((SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION)
+                if suite.cuda else (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION))
+    block = random_block(config, device, DTYPE)
+    rows, unavailable = [], {}
+    for label, _ in workload.sizes:
+        inputs = block_inputs(config, suite.grid(label), device, DTYPE)
+
+        def forward() -> Tensor:
+            with torch.no_grad(), torch.autocast(device.type, dtype=DTYPE):
+                return block(*inputs)
+
+        timing, reference = suite.timed(forward, f"{label} block", workload.block_warmup, workload.block_iters)
+        rows.append(Row(f"{label} default dispatch", "block forward", timing["seconds"], timing["runs"], 0.0,
+                        "rel_l2_vs_bf16", timing["peak_vram_bytes"]))
+        for backend in backends:
+            name = backend.name.lower()
+            try:
+                with sdpa_kernel([backend]):
+                    timing, output = suite.timed(forward, f"{label} {name} block", workload.block_warmup,
+                                                 workload.block_iters)
+            except RuntimeError as error:  # the kernel cannot run these inputs on this device
+                unavailable[f"{label} {name}"] = _one_line(error)
+                continue
+            rows.append(Row(f"{label} {name}", "block forward", timing["seconds"], timing["runs"],
+                            _rel_l2(output, reference), "rel_l2_vs_bf16", timing["peak_vram_bytes"]))
+    return rows, {"backends": [backend.name for backend in backends], "unavailable": unavailable,
+                  "reference": "the same bf16 block under torch's default SDPA dispatch"}
+
+
 def engines(precision: str, label: str) -> Callable[[Suite], tuple[list[Row], dict[str, Any]]]:
     """engine_bench's eager / torch.compile / AOTInductor comparison of one block."""
 
@@ -512,6 +550,8 @@ def vae_decode(suite: Suite) -> tuple[list[Row], dict[str, Any]]:
 SECTIONS: tuple[Section, ...] = (
     Section("blocks", "A14B block forward at 480P and 720P, eager: bf16 SDPA against every quantization scheme "
             "(fp8/int8 W8A8 GEMMs, weight-only int8/int4), rel L2 error vs bf16", 50, 4, blocks),
+    Section("attention-a14b", "A14B bf16 block at 480P and 720P with each SDPA kernel forced (flash, memory-"
+            "efficient, cuDNN) against the default dispatch: time and rel L2 error", 30, 3, attention_backends),
     Section("e2e-t2v-a14b-480p", "T2V-A14B 480P 81 frames end to end under a 24 GiB cap, planned and streamed: "
             "per-step times, peaks, the 40-step run extrapolated", 150, 4, end_to_end(t2v_scenario)),
     Section("expert-a14b-480p", "A14B expert forward (40 blocks) at 480P: bf16 resident vs streamed under 24 GiB, "

@@ -99,6 +99,16 @@ def test_block_rows_cover_each_precision_with_its_error_against_bf16(tiny_report
     assert "optimum-quanto" in blocks["details"]["schemes_skipped"]
 
 
+def test_each_sdpa_kernel_forced_is_timed_against_the_default_dispatch(tiny_report):
+    section = sections_of(tiny_report[0])["attention-a14b"]
+    rows = rows_of(section)
+    assert set(rows) == {f"{size} {kernel}" for size in ("480P", "720P")
+                         for kernel in ("default dispatch", "math", "flash_attention")}
+    assert rows["480P default dispatch"]["error"] == 0.0
+    assert 0 < rows["480P math"]["error"] < 1e-2  # another kernel: bf16 rounding apart, no more
+    assert section["details"]["unavailable"] == {}
+
+
 def test_streamed_expert_equals_resident_and_quantized_experts_say_their_error(tiny_report):
     rows = rows_of(sections_of(tiny_report[0])["expert-a14b-480p"])
     assert set(rows) == {"480P bf16 resident", "480P bf16 streamed (24 GiB cap)", "480P fp8 resident",
