@@ -113,3 +113,10 @@ def test_demo_writes_under_the_cache_folder_not_the_working_folder(cache_dir, tm
     video = cache_dir / "demo" / "outputs" / "tiny-t2v.mp4"
     assert video.is_file() and f"video:   {video}" in result.stdout
     assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob("*.json"))
+
+
+def test_export_help_says_what_onnx_graphs_are_for():
+    result = wanrt_cli("export", "--help")
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert result.exit_code == 0
+    assert "onnx: graphs that wanrt does not run itself, for inspection" in text

@@ -63,9 +63,9 @@ def locate_checkpoint(root: Path, task: TaskSpec) -> CheckpointFiles:
     root = Path(root)
     if not root.is_dir():
         if task.name.startswith("tiny-"):
-            raise CheckpointError(f"{root}: checkpoint folder not found; the random-weight {task.name} "
-                                  f"checkpoint is written by `wanrt demo --task {task.name}` (into the cache "
-                                  f"folder's demo/{task.name})")
+            raise CheckpointError(f"{root}: checkpoint folder not found; check --ckpt-dir: the random-weight "
+                                  f"{task.name} checkpoint is written by `wanrt demo --task {task.name}` (into "
+                                  f"the cache folder's demo/{task.name})")
         raise CheckpointError(f"{root}: checkpoint folder not found; check --ckpt-dir")
     if (root / "model_index.json").is_file():
         if task.is_moe:
