@@ -16,18 +16,15 @@ from typing import Annotated, Any, Mapping
 
 import torch
 import typer
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
-                           TimeRemainingColumn)
-from rich.text import Text
 
+from wanrt.cli.display import RunDisplay
 from wanrt.distributed.config import ParallelConfig
 from wanrt.distributed.launch import check_gpu_count, is_rank_zero, launched_world_size, relaunch, run_rank
 from wanrt.engines.base import EngineKind, use_engine
 from wanrt.errors import InputError
 from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
                             generate_video, generation_task, parse_device)
-from wanrt.pipelines import GenerationRequest, Pipeline, StepInfo
+from wanrt.pipelines import GenerationRequest, Pipeline
 from wanrt.prompt_extend import (PromptExtendMethod, PromptExtendOptions, PromptExtension, PromptExtensionCache,
                                  TargetLanguage, extend_prompt)
 from wanrt.runtime.planner import Precision as WeightPrecision
@@ -99,45 +96,6 @@ def show_extension(extension: PromptExtension) -> None:
                f"({extension.target_lang.value}, seed {extension.seed}{cached})", err=True)
     typer.echo(f"original prompt: {extension.original}", err=True)
     typer.echo(f"extended prompt: {extension.prompt}", err=True)
-
-
-class _StepRateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.speed
-        if not speed:
-            return Text("-- it/s")
-        return Text(f"{speed:.2f} it/s" if speed >= 1 else f"{1 / speed:.1f} s/it")
-
-
-class RunDisplay:
-    """Sampling progress (step i/N, active expert, it/s, ETA) and phase lines on stderr.
-
-    The bar is drawn only on a terminal; redirected or captured output gets the phase
-    lines alone, and the result paths always go to stdout (`print_result`).
-    """
-
-    def __init__(self, steps: int) -> None:
-        self.console = Console(stderr=True, soft_wrap=True, highlight=False)
-        self.progress = Progress(
-            TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[expert]}"),
-            _StepRateColumn(), TimeRemainingColumn(), console=self.console,
-            disable=not self.console.is_terminal)
-        self._task_id = self.progress.add_task("sampling", total=steps, expert="")
-
-    def __enter__(self) -> "RunDisplay":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.progress.stop()
-
-    def on_step(self, info: StepInfo) -> None:
-        self.progress.update(self._task_id, completed=info.index + 1,
-                             expert=f"{info.expert.value.replace('_', '-')} expert")
-
-    def on_decode(self) -> None:
-        self.progress.stop()
-        self.console.print("decoding the latents with the VAE and writing the video...", markup=False)
 
 
 def print_result(record: GenerationRecord) -> None:

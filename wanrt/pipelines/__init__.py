@@ -7,10 +7,10 @@
 from wanrt.pipelines.core import (Guidance, MemoryBudget, NonFiniteLatentsError, StepInfo, StreamingConfig,
                                   TextEmbeddings, noise_for, run_steps)
 from wanrt.pipelines.video import (GenerationRequest, Pipeline, ResolvedRequest, SamplingState,
-                                   best_output_size, i2v_latent_hw)
+                                   best_output_size, i2v_latent_hw, latent_grid, output_size)
 
 __all__ = [
     "GenerationRequest", "Guidance", "MemoryBudget", "NonFiniteLatentsError", "Pipeline", "ResolvedRequest",
     "SamplingState", "StepInfo", "StreamingConfig", "TextEmbeddings", "best_output_size", "i2v_latent_hw",
-    "noise_for", "run_steps",
+    "latent_grid", "noise_for", "output_size", "run_steps",
 ]

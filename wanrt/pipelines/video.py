@@ -27,11 +27,12 @@ from torch import Tensor
 
 from wanrt.configs import SIZES, ModelType, TaskSpec, get_task, parse_size
 from wanrt.errors import CheckpointError, InputError, parse_choice
-from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
-                                      load_t5, load_vae, locate_checkpoint)
+from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_checkpoint_task, check_dit_matches_vae,
+                                      load_dit, load_t5, load_vae, locate_checkpoint)
 from wanrt.models.dit import WanDiT
 from wanrt.pipelines.core import (Guidance, MemoryBudget, StepInfo, StreamingConfig, TextEmbeddings,
                                   noise_for, run_steps)
+from wanrt.progress import track
 from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
 from wanrt.runtime.streaming import BlockStreamer
 from wanrt.schedulers import FlowScheduler, Solver, make_scheduler
@@ -149,6 +150,30 @@ def _from_pil(img) -> Tensor:
     return array.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
 
 
+def latent_grid(task: TaskSpec, request: ResolvedRequest) -> tuple[int, int, int]:
+    """(frames, h, w) of the latents `request` samples. The requested size sets the area;
+    an image-conditioned run takes the image's aspect ratio within it (i2v-A14B always,
+    ti2v-5B when given an image), so its video is not the requested size."""
+    width, height = SIZES.get(request.size) or parse_size(request.size)
+    stride_t, stride_h, stride_w = task.vae_stride
+    frames = (request.frame_num - 1) // stride_t + 1
+    model_type = task.dit.model_type
+    if model_type is ModelType.I2V:
+        return (frames, *i2v_latent_hw(tuple(request.image.shape[1:]), width * height, task))
+    if model_type is ModelType.TI2V and request.image is not None:
+        step_h, step_w = (task.vae_stride[i] * task.dit.patch_size[i] for i in (1, 2))
+        out_w, out_h = best_output_size(request.image.shape[2], request.image.shape[1], step_w, step_h,
+                                        width * height)
+        return frames, out_h // stride_h, out_w // stride_w
+    return frames, height // stride_h, width // stride_w
+
+
+def output_size(task: TaskSpec, request: ResolvedRequest) -> str:
+    """'WIDTH*HEIGHT' of the video `request` generates (see `latent_grid`)."""
+    _, lat_h, lat_w = latent_grid(task, request)
+    return f"{lat_w * task.vae_stride[2]}*{lat_h * task.vae_stride[1]}"
+
+
 @dataclass
 class _Conditioning:
     """Per-task inputs of the loop: first latents, DiT extras, and the per-step fix-up."""
@@ -253,6 +278,7 @@ class Pipeline:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         text_device = torch.device("cpu") if t5_cpu else device
         memory = MemoryBudget.detect(device, vram_gib, ram_gib) if device.type == "cuda" else None
+        check_checkpoint_task(Path(ckpt_dir), spec)
         return cls(spec, locate_checkpoint(Path(ckpt_dir), spec), device, dtype, text_device,
                    memory=memory, precision=precision, quantized_dir=quantized_dir)
 
@@ -387,24 +413,12 @@ class Pipeline:
         return TextEmbeddings(cond.float().cpu(), uncond.float().cpu())
 
     def latent_grid(self, request: ResolvedRequest) -> tuple[int, int, int]:
-        width, height = SIZES.get(request.size) or parse_size(request.size)
-        stride_t, stride_h, stride_w = self.task.vae_stride
-        return (request.frame_num - 1) // stride_t + 1, height // stride_h, width // stride_w
+        return latent_grid(self.task, request)
 
     def _condition(self, request: ResolvedRequest, noise: Tensor | None) -> _Conditioning:
-        task, z_dim = self.task, self.task.vae.z_dim
         frames, lat_h, lat_w = self.latent_grid(request)
-        model_type = task.dit.model_type
-        if model_type is ModelType.I2V:
-            width, height = SIZES.get(request.size) or parse_size(request.size)
-            lat_h, lat_w = i2v_latent_hw(tuple(request.image.shape[1:]), width * height, task)
-        elif model_type is ModelType.TI2V and request.image is not None:
-            width, height = SIZES.get(request.size) or parse_size(request.size)
-            step_h, step_w = (task.vae_stride[i] * task.dit.patch_size[i] for i in (1, 2))
-            out_w, out_h = best_output_size(request.image.shape[2], request.image.shape[1],
-                                            step_w, step_h, width * height)
-            lat_h, lat_w = out_h // task.vae_stride[1], out_w // task.vae_stride[2]
-        shape = (1, z_dim, frames, lat_h, lat_w)
+        model_type = self.task.dit.model_type
+        shape = (1, self.task.vae.z_dim, frames, lat_h, lat_w)
         latents = noise_for(shape[1:], request.seed)[None] if noise is None else noise.reshape(shape).float()
         latents = latents.to(self.device)
         if model_type is ModelType.I2V:
@@ -526,7 +540,9 @@ class Pipeline:
             raise NonFiniteLatentsError("the latents contain NaN/Inf; refusing to decode")
         self.offload_dit()
         with torch.no_grad():
-            chunks = [frames.float().cpu() for frames in self.vae.iter_decode(latents[None].to(self.device).float())]
+            steps = track(self.vae.iter_decode(latents[None].to(self.device).float()), "VAE decode",
+                          total=latents.shape[1])
+            chunks = [frames.float().cpu() for frames in steps]
         return torch.cat(chunks, dim=2)[0]
 
     def plan_run(self, request: GenerationRequest | ResolvedRequest) -> MemoryPlan | None:
