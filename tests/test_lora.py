@@ -211,6 +211,7 @@ def test_fp8_quantization_after_the_merge_keeps_the_lora(tmp_path):
     assert error_merged < 0.2 * error_unmerged
 
 
+@pytest.mark.usefixtures("cache_dir")  # the SHA-256 memo
 def test_per_expert_loras_patch_only_their_expert(tmp_path):
     path, expected = wan_lora(tmp_path)
     experts = {Expert.HIGH_NOISE: tiny_dit(), Expert.LOW_NOISE: tiny_dit()}

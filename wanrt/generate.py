@@ -331,7 +331,7 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
                     "memory_plan": pipeline.plan.to_dict() if pipeline.plan else None,
                     "streamed_bytes": pipeline.streamed_bytes, "dit_forwards": pipeline.dit_forwards,
                     "step_cache": None if pipeline.step_cache is None else
-                    {**pipeline.step_cache.record(), "skipped_steps": list(pipeline.cached_steps)},
+                    {**pipeline.step_cache.record(resolved.steps), "skipped_steps": list(pipeline.cached_steps)},
                     "loras": pipeline.lora_records()},
         "options": dict(run_options or {}),
         "image": _image_record(resolved.image),

@@ -57,8 +57,13 @@ class StepCacheConfig:
             raise InputError(f"--cache {text!r}: the threshold must be > 0 and the warm-up at least 1 step")
         return config
 
-    def record(self) -> dict:
-        return {"kind": self.kind.value, "threshold": self.threshold, "warmup_steps": self.warmup_steps}
+    def warmup_for(self, total_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return max(1, math.ceil(WARMUP_FRACTION * total_steps))
+
+    def record(self, total_steps: int) -> dict:
+        return {"kind": self.kind.value, "threshold": self.threshold, "warmup_steps": self.warmup_for(total_steps)}
 
 
 def _mean_abs(tensor: Tensor) -> float:
@@ -70,8 +75,7 @@ class EasyCache:
 
     def __init__(self, config: StepCacheConfig, total_steps: int) -> None:
         self.threshold = config.threshold
-        self.warmup_steps = (config.warmup_steps if config.warmup_steps is not None
-                             else max(1, math.ceil(WARMUP_FRACTION * total_steps)))
+        self.warmup_steps = config.warmup_for(total_steps)
         self.total_steps = total_steps
         self.skipped: list[int] = []
         self._reset(None)
