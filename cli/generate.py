@@ -217,7 +217,8 @@ def generate_command(
         help="LoRA merged into every expert's weights at load (repeatable; they stack). Scale = "
         "strength x alpha / rank, with alpha and rank read from the file; a file without alpha gets "
         "the strength alone (default 1). .safetensors (Wan/ComfyUI, musubi/kohya or diffusers keys), "
-        "a PEFT adapter folder, or a weights-only .pt/.ckpt.")] = None,
+        "a PEFT adapter folder, a weights-only .pt/.ckpt, or a Wan2.2-Lightning folder "
+        "(high_noise_model/low_noise_model.safetensors: one per expert).")] = None,
     lora_high: Annotated[list[str] | None, typer.Option(
         "--lora-high", metavar="PATH[:STRENGTH]", help="LoRA for the high-noise expert only (A14B; repeatable).")]
     = None,

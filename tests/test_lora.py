@@ -224,6 +224,20 @@ def test_per_expert_loras_patch_only_their_expert(tmp_path):
     assert len(record["sha256"]) == 64
 
 
+def test_lightning_folder_gives_one_lora_per_expert(tmp_path):
+    path, expected = wan_lora(tmp_path)
+    folder = tmp_path / "Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1"
+    folder.mkdir()
+    for name in ("high_noise_model", "low_noise_model"):
+        (folder / f"{name}.safetensors").write_bytes(path.read_bytes())
+    experts = {Expert.HIGH_NOISE: tiny_dit(), Expert.LOW_NOISE: tiny_dit()}
+    pipeline = Pipeline.from_models(TASK, experts, loras=[LoraSpec.parse(f"{folder}:0.5")])
+    assert [(lora.spec.path.name, lora.spec.expert) for lora in pipeline.loras] == [
+        ("high_noise_model.safetensors", LoraExpert.HIGH_NOISE), ("low_noise_model.safetensors", LoraExpert.LOW_NOISE)]
+    for model in experts.values():
+        check_deltas(model.state_dict(), {k: 0.5 * v for k, v in expected.items()})
+
+
 def test_wan21_image_branch_keys_are_skipped_and_reported(tmp_path):
     path, _ = wan_lora(tmp_path)
     tensors = load_file(path)

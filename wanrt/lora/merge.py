@@ -32,6 +32,9 @@ class LoraExpert(str, Enum):
 
 
 _FLAGS = {LoraExpert.BOTH: "--lora", LoraExpert.HIGH_NOISE: "--lora-high", LoraExpert.LOW_NOISE: "--lora-low"}
+# The Wan2.2-Lightning release: one folder holding a LoRA per expert (its `--lora_dir`).
+EXPERT_FILES = {LoraExpert.HIGH_NOISE: "high_noise_model.safetensors",
+                LoraExpert.LOW_NOISE: "low_noise_model.safetensors"}
 
 
 @dataclass(frozen=True)
@@ -85,11 +88,20 @@ class LoadedLora:
 def check_loras(specs: Sequence[LoraSpec], parameters: dict[str, tuple[int, ...]],
                 experts: Sequence[Expert]) -> list[LoadedLora]:
     """Open and check every LoRA before any model loads: files, keys, ranks, shapes, and
-    that `--lora-high/--lora-low` name an expert the task has."""
+    that `--lora-high/--lora-low` name an expert the task has. A `--lora` folder in the
+    Wan2.2-Lightning layout becomes one LoRA per expert."""
+    specs = [expanded for spec in specs for expanded in _per_expert_files(spec)]
     for spec in specs:
         if spec.expert is not LoraExpert.BOTH and not any(spec.applies_to(e) for e in experts):
             raise InputError(f"{spec.flag} {spec.path}: this task has a single DiT; use --lora")
     return [LoadedLora(spec, parameters) for spec in specs]
+
+
+def _per_expert_files(spec: LoraSpec) -> list[LoraSpec]:
+    folder = spec.path
+    if spec.expert is not LoraExpert.BOTH or not all((folder / name).is_file() for name in EXPERT_FILES.values()):
+        return [spec]
+    return [LoraSpec(folder / name, spec.strength, expert) for expert, name in EXPERT_FILES.items()]
 
 
 def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
