@@ -125,6 +125,11 @@ def test_diffusers_format_merges_through_the_checkpoint_key_map(tmp_path):
     lora = load(tmp_path / "diffusers.safetensors", strength=1.5)
     assert lora.file.format is LoraFormat.DIFFUSERS
     check_deltas(merged_state(lora), expected)
+    # diffusers' save_lora_weights stores alpha and r as metadata: scale = alpha / r.
+    metadata = {"lora_adapter_metadata": json.dumps({"transformer.r": RANK, "transformer.lora_alpha": 2})}
+    save_file(tensors, tmp_path / "with_metadata.safetensors", metadata=metadata)
+    check_deltas(merged_state(load(tmp_path / "with_metadata.safetensors", strength=1.5)),
+                 {k: 2 / RANK * v for k, v in expected.items()})
 
 
 def test_peft_adapter_folder_takes_alpha_and_patterns_from_its_config(tmp_path):
