@@ -12,9 +12,10 @@ from safetensors.torch import save_file
 from test_cli import PROMPT, assert_one_line_error, wanrt
 from test_lora import TASK, pair, tiny_dit
 
+from wanrt.errors import InputError
 from wanrt.loading.checkpoint import Expert
 from wanrt.lora import parameter_shapes
-from wanrt.pipelines import GenerationRequest, Guidance, Pipeline, TextEmbeddings, noise_for
+from wanrt.pipelines import GenerationRequest, Guidance, Pipeline, StreamingConfig, TextEmbeddings, noise_for
 from wanrt.runtime.step_cache import StepCacheConfig
 from wanrt.schedulers import make_scheduler
 
@@ -66,7 +67,8 @@ def test_distill_experts_split_by_step_index_not_timestep(experts):
     yet the second step runs the high-noise expert (LightX2V's boundary_step_index)."""
     steps = []
     Pipeline.from_models(TASK, experts).sample(
-        GenerationRequest(prompt="", size="64*64", frame_num=1, solver="distill", denoising_steps=(1000, 500, 400, 300)),
+        GenerationRequest(prompt="", size="64*64", frame_num=1, solver="distill",
+                          denoising_steps=(1000, 500, 400, 300)),
         embeddings=EMBEDDINGS, on_step=steps.append)
     assert steps[1].timestep < 875
     assert [s.expert for s in steps] == [Expert.HIGH_NOISE] * 2 + [Expert.LOW_NOISE] * 2
@@ -104,6 +106,18 @@ def test_guide_scale_one_runs_one_forward_per_step_and_equals_cfg(experts, solve
     assert (latents - reference).abs().max() <= 1e-6 * reference.abs().max()
 
 
+def test_streamer_is_told_one_forward_per_cfg_free_step(experts):
+    """The block streamer prefetches what it is told will run: at guide scale 1 that is one
+    forward per step, so it copies exactly the blocks of 4 forwards and nothing more."""
+    request = GenerationRequest(prompt="", size="64*64", frame_num=1, solver="distill", seed=2)
+    expected = Pipeline.from_models(TASK, experts).sample(request, embeddings=EMBEDDINGS)
+    streamed = Pipeline.from_models(TASK, experts)
+    streamed.streaming = StreamingConfig(resident_blocks=0, depth=1)
+    assert torch.equal(streamed.sample(request, embeddings=EMBEDDINGS), expected)
+    block_bytes = streamed._streamer._blocks[(Expert.HIGH_NOISE, 1)].nbytes
+    assert streamed._streamer.bytes_copied == 4 * TASK.dit.num_layers * block_bytes
+
+
 def test_guide_scale_one_on_one_expert_only(experts):
     request = GenerationRequest(prompt="", size="64*64", frame_num=1, steps=6, guide_scale=(1.0, 4.0))
     pipeline = Pipeline.from_models(TASK, experts)
@@ -137,9 +151,9 @@ def test_easycache_skips_steps_within_a_stated_error_and_resets_at_the_boundary(
 
 
 def test_cache_option_errors_name_the_flag():
-    for text, needle in (("teacache:0.1", "--cache 'teacache' is unknown"), ("easycache:x", "KIND:THRESHOLD"),
-                         ("easycache:0", "threshold must be > 0")):
-        with pytest.raises(Exception, match=needle):
+    for text, needle in (("teacache:0.1", "--cache 'teacache' is unknown"),
+                         ("easycache:x", "KIND:THRESHOLD"), ("easycache:0", "threshold must be > 0")):
+        with pytest.raises(InputError, match=needle):
             StepCacheConfig.parse(text)
 
 
