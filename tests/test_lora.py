@@ -161,7 +161,7 @@ def test_loras_stack_and_strength_zero_is_bit_exact_no_op(tmp_path):
 def _on_the_fly(model: WanDiT, lora: LoadedLora, strength: float) -> list:
     """The reference: the unmerged model with each pair added to its Linear's output."""
     modules = dict(model.named_modules())
-    tensors = lora.file.tensors()
+    tensors = lora.file.read()
     handles = []
     for patch in lora.plan.patches:
         down, up = tensors[patch.down], tensors[patch.up]

@@ -95,7 +95,7 @@ class LoraPlan:
 
 
 class LoraFile:
-    """One LoRA on disk; its tensors are read only when merged."""
+    """One LoRA on disk; its tensors are read only when merged (and not kept after)."""
 
     def __init__(self, path: Path) -> None:
         path = Path(path)
@@ -126,10 +126,9 @@ class LoraFile:
             raise LoraError(f"{path}: unknown LoRA file type; use .safetensors (or a weights-only .pt/.ckpt)")
         self.format = detect_format(self.shapes)
 
-    def tensors(self) -> dict[str, Tensor]:
-        if self._tensors is None:
-            self._tensors = load_file(str(self.path))
-        return self._tensors
+    def read(self) -> dict[str, Tensor]:
+        """Every tensor of the file (a `.pt`/`.ckpt` was read whole when opened)."""
+        return self._tensors if self._tensors is not None else load_file(str(self.path))
 
     def plan(self, parameters: Mapping[str, tuple[int, ...]]) -> LoraPlan:
         """Map every key to a parameter of the model with `parameters` (name -> shape) and
@@ -189,9 +188,8 @@ class LoraFile:
             return f"{module}: rank {down[0]} but the adapter config says r={self.peft.alpha_and_rank(module)[1]}"
         return None
 
-    def scale(self, patch: LoraPatch, strength: float) -> float:
+    def scale(self, patch: LoraPatch, strength: float, tensors: Mapping[str, Tensor]) -> float:
         """strength x alpha / rank; without an alpha, strength alone."""
-        tensors = self.tensors()
         rank = tensors[patch.down].shape[0]
         if patch.alpha is not None:
             return strength * float(tensors[patch.alpha]) / rank
@@ -200,12 +198,13 @@ class LoraFile:
             return strength * alpha / (math.sqrt(rank) if self.peft.use_rslora else rank)
         return strength
 
-    def delta(self, patch: LoraPatch, strength: float, device: torch.device) -> Tensor:
-        """The float32 change of `patch.parameter` (flat [out, in...] for a pair)."""
-        tensors = self.tensors()
+    def delta(self, patch: LoraPatch, strength: float, tensors: Mapping[str, Tensor],
+              device: torch.device) -> Tensor:
+        """The float32 change of `patch.parameter` (flat [out, in...] for a pair), from the
+        file's `tensors`."""
         if patch.diff is not None:
             return strength * tensors[patch.diff].to(device, torch.float32)
         up = tensors[patch.up].to(device, torch.float32).flatten(1)
         down = tensors[patch.down].to(device, torch.float32).flatten(1)
-        return self.scale(patch, strength) * (up @ down)
+        return self.scale(patch, strength, tensors) * (up @ down)
 
