@@ -524,10 +524,13 @@ class Pipeline:
         expert follows the timestep boundary, or the step index for a sampler that fixes
         the split (the distilled one: LightX2V's `boundary_step_index`)."""
         timesteps = state.scheduler.timesteps.tolist()
-        boundary_step = state.scheduler.boundary_step_index
-        return [(timesteps[i], self.expert_for(timesteps[i]) if boundary_step is None or not self.task.is_moe
-                 else Expert.HIGH_NOISE if i < boundary_step else Expert.LOW_NOISE)
-                for i in range(len(timesteps))[state.step:stop]]
+        boundary_step = state.scheduler.boundary_step_index if self.task.is_moe else None
+
+        def expert_at(index: int) -> Expert:
+            if boundary_step is None:
+                return self.expert_for(timesteps[index])
+            return Expert.HIGH_NOISE if index < boundary_step else Expert.LOW_NOISE
+        return [(timesteps[i], expert_at(i)) for i in range(len(timesteps))[state.step:stop]]
 
     def denoise(self, state: SamplingState, embeddings: TextEmbeddings, stop: int | None = None,
                 on_step: Callable[[StepInfo], None] | None = None) -> SamplingState:
