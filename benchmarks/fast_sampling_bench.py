@@ -148,7 +148,8 @@ def e2e_distill_lora(folder: Path, size: str, vram_gib: float, ram_gib: float) -
     decode = time.perf_counter() - start
     return {"device": torch.cuda.get_device_name() if cuda else "CPU (tiny config; checks the script only)",
             "task": task.name, "size": size,
-            "frames": task.sample.frame_num, "sampler": "distill", "steps": 4, "vram_cap_gib": vram_gib if cuda else None,
+            "frames": task.sample.frame_num, "sampler": "distill", "steps": 4,
+            "vram_cap_gib": vram_gib if cuda else None,
             "lora_rank": LORA_RANK, "lora_merge_seconds": merge_seconds, "first_use_seconds": first_use_seconds,
             "sampling_seconds": sampling, "decode_seconds": decode, "e2e_seconds": sampling + decode,
             "dit_forwards": pipeline.dit_forwards,
