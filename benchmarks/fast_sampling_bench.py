@@ -6,8 +6,8 @@ schedule, the same at guide scale 1 (CFG-free), with the EasyCache step cache, a
 4-step distilled sampler with a LoRA; forwards are counted by the pipeline, and the
 cached run's error against the uncached one is measured.
 
-Part 2 (on a GPU; on the CPU the tiny model checks the script): both full-size experts (random bf16) with a random rank-64
-Lightning-shaped LoRA on every block Linear of each expert (written to a .safetensors file
+Part 2 (on a GPU; on the CPU the tiny model checks the script): both full-size experts
+(random bf16) with a random rank-64 Lightning-shaped LoRA on every block Linear of each expert (written to a .safetensors file
 and merged at load, as `--lora-high/--lora-low` do), the full Wan2.1 VAE, planned within
 `--vram-gib` and streamed, 4 distill steps, decode. Random text embeddings (no T5). The
 one-time work (LoRA merge, first-use pinning) is timed apart from sampling + decode.
