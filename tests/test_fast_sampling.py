@@ -210,3 +210,24 @@ def test_cli_bad_lora_and_sampler_options_exit_2_before_sampling(checkpoints, tm
                    "--output", tmp_path / "video.mp4", *extra)
     assert_one_line_error(result, *needles)
     assert not list(tmp_path.glob("video*"))
+
+
+@pytest.mark.usefixtures("cache_dir")
+def test_repeated_lora_options_reach_every_torchrun_process(checkpoints, tmp_path, monkeypatch):
+    import wanrt.cli.generate as generate_cli
+
+    launched = []
+    monkeypatch.setattr(generate_cli, "check_gpu_count", lambda gpus, device: None)
+    monkeypatch.setattr(generate_cli, "relaunch", lambda gpus, arguments: launched.append(arguments) or 0)
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    _lightning_like_lora(first, 1)
+    _lightning_like_lora(second, 2)
+    result = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
+                   "--gpus", 2, "--lora", f"{first}:0.5", "--lora", second, "--lora-low", first,
+                   "--output", tmp_path / "video.mp4")
+    assert result.exit_code == 0, result.output
+    (arguments,) = launched
+    assert "--gpus" not in arguments
+    options = list(zip(arguments, arguments[1:]))
+    assert [option for option in options if option[0].startswith("--lora")] == [
+        ("--lora", f"{first}:0.5"), ("--lora", str(second)), ("--lora-low", str(first))]
