@@ -130,8 +130,9 @@ def test_guide_scale_one_on_one_expert_only(experts):
 def test_easycache_skips_steps_within_a_stated_error_and_resets_at_the_boundary(experts):
     """Measured on the tiny random experts (20 unipc steps, CFG 4/3, one latent frame):
     threshold 0.5 reuses 5 steps (30 forwards instead of 40) at a relative L2 error of 2.3%
-    (max abs 0.13 on latents up to ~4) in the final latents. The random experts change their output ~10-100x faster than their input
-    (EasyCache's k), so the paper's 0.05 skips nothing here."""
+    (max abs 0.13 on latents up to ~4) in the final latents. The random experts change their
+    output ~5-100x faster than their input (EasyCache's k), so the paper's 0.05 skips
+    nothing here."""
     request = GenerationRequest(prompt="", size="64*64", frame_num=1, steps=20, seed=3)
     reference = Pipeline.from_models(TASK, experts).sample(request, embeddings=EMBEDDINGS)
     pipeline = Pipeline.from_models(TASK, experts)
