@@ -30,17 +30,16 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from e2e_stream_bench import capped_budget, random_vae  # noqa: E402
 from stream_bench import build_expert  # noqa: E402
 
 from wanrt.configs import get_task  # noqa: E402
 from wanrt.loading.checkpoint import Expert  # noqa: E402
 from wanrt.lora import LoraExpert, LoraSpec  # noqa: E402
-from wanrt.models.vae import WanVAE  # noqa: E402
-from wanrt.pipelines import GenerationRequest, MemoryBudget, Pipeline, TextEmbeddings  # noqa: E402
+from wanrt.pipelines import GenerationRequest, Pipeline, TextEmbeddings  # noqa: E402
 from wanrt.random_weights import randomize_  # noqa: E402
 from wanrt.runtime.step_cache import StepCacheConfig  # noqa: E402
 
-GIB = 2**30
 LORA_RANK = 64
 
 
@@ -116,15 +115,8 @@ def e2e_distill_lora(folder: Path, size: str, vram_gib: float, ram_gib: float) -
         path = folder / f"lightning_like_{expert.value}.safetensors"
         write_block_lora(experts[expert], path, seed)
         loras.append(LoraSpec(path, 1.0, lora_expert))
-    with torch.device("meta"):
-        vae = WanVAE(task.vae)
-    vae = randomize_(vae, seed=3, device="cpu").eval().requires_grad_(False)
-    memory = None
-    if cuda:
-        torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, vram_gib * GIB / total))
-        memory = MemoryBudget(vram_gib, ram_gib)
+    vae = random_vae(task.vae)
+    memory = capped_budget(device, vram_gib, ram_gib)
     start = time.perf_counter()
     pipeline = Pipeline.from_models(task, experts, vae=vae, device=device, dtype=torch.bfloat16,
                                     memory=memory, loras=loras)
