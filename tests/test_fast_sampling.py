@@ -179,7 +179,7 @@ def test_cli_four_step_lora_run_records_loras_forwards_and_schedule(checkpoints,
     common = ["generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
               "--frame-num", 1, "--seed", 4, "--sampler", "distill", "--no-embedding-cache"]
     result = wanrt(*common, "--lora-high", f"{high}:1.0", "--lora-low", f"{low}:0.5", "--precision", "fp8",
-                   "--output", tmp_path / "fast.mp4")
+                   "--cache", "easycache:0.05", "--output", tmp_path / "fast.mp4")
     assert result.exit_code == 0, result.output
     assert "dit forwards: 4" in result.stdout
     sidecar = json.loads((tmp_path / "fast.json").read_text())
@@ -189,6 +189,9 @@ def test_cli_four_step_lora_run_records_loras_forwards_and_schedule(checkpoints,
     assert [(r["file"], r["strength"], r["expert"]) for r in sidecar["runtime"]["loras"]] == [
         (str(high), 1.0, "high_noise"), (str(low), 0.5, "low_noise")]
     assert sidecar["runtime"]["loras"][0]["patched_parameters"] == 2
+    # 4 steps: warm-up 1, a fresh k after the expert switch, the last step: nothing to reuse.
+    assert sidecar["runtime"]["step_cache"] == {"kind": "easycache", "threshold": 0.05, "warmup_steps": 1,
+                                                "skipped_steps": []}
 
 
 @pytest.mark.usefixtures("cache_dir")
