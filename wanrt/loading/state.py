@@ -62,7 +62,13 @@ def assign_tensors(model: nn.Module, chunks: Iterable[Mapping[str, Tensor]],
     """Assign already-validated tensors chunk by chunk (one chunk per shard)."""
     keep_fp32 = tuple(getattr(model, "keep_in_fp32", ()))
     for chunk in chunks:
-        cast = {key: cast_for_model(key, t, dtype, keep_fp32) for key, t in chunk.items()}
+        # Each source tensor is dropped as soon as its cast/copy exists, so a shard is never
+        # held twice (the caller's chunk dict is its only other owner).
+        pending = dict(chunk)
+        del chunk
+        cast = {}
+        for key in list(pending):
+            cast[key] = cast_for_model(key, pending.pop(key), dtype, keep_fp32)
         model.load_state_dict(cast, strict=False, assign=True)
     still_meta = [name for name, t in model.state_dict().items() if t.is_meta]
     if still_meta:
