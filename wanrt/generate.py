@@ -32,6 +32,7 @@ from wanrt.configs import TASK_NAMES, ModelType, TaskSpec, get_task
 from wanrt.errors import InputError, WanrtError
 from wanrt.hashing import cache_root, file_sha256, files_under, tree_sha256
 from wanrt.loading.checkpoint import CheckpointFiles
+from wanrt.loading.component_files import component_formats
 from wanrt.loading.files import safetensors_shards
 from wanrt.loading.save import DIT_WEIGHTS_STEM, write_atomic, write_json
 from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
@@ -219,6 +220,9 @@ def checkpoint_files_used(files: CheckpointFiles) -> list[Path]:
     """The files a generation reads: DiT configs and shards, VAE, T5 and tokenizer."""
     used: list[Path] = []
     for folder in files.dit_dirs.values():
+        if folder.is_file():  # a single-file expert (--dit, --dit-high, --dit-low)
+            used.append(folder)
+            continue
         index = folder / f"{DIT_WEIGHTS_STEM}.safetensors.index.json"
         used += [folder / "config.json", *([index] if index.is_file() else []),
                  *safetensors_shards(folder, DIT_WEIGHTS_STEM)]
@@ -234,6 +238,7 @@ def _checkpoint_record(files: CheckpointFiles) -> dict[str, Any]:
         resolved = path.resolve()
         return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else str(resolved)
     return {"folder": str(root), "layout": files.layout.value,
+            "formats": {name(path): fmt for path, fmt in component_formats(files).items()},
             "sha256": {name(path): file_sha256(path) for path in checkpoint_files_used(files)}}
 
 

@@ -29,6 +29,7 @@ from wanrt.configs import SIZES, ModelType, TaskSpec, get_task, parse_size
 from wanrt.errors import CheckpointError, InputError, WanrtError, parse_choice
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
                                       load_t5, load_vae, locate_checkpoint)
+from wanrt.loading.component_files import ComponentFiles, apply_component_files, stored_precision
 from wanrt.models.dit import WanDiT
 from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
 from wanrt.runtime.streaming import BlockStreamer
@@ -266,7 +267,7 @@ class Pipeline:
         self.streaming = streaming
         # DiT weight precision: "bf16" keeps the loaded weights; "fp8"/"int8" quantize the
         # block Linears at load time with the default policy (wanrt.export.quantize).
-        self.precision = Precision(precision).value
+        self.precision = stored_precision(files, precision).value  # 8-bit DiT files run as stored
         self.quant_summaries: dict[str, str] = {}
         # Experts saved by `wanrt quantize` replace the checkpoint's DiT folders.
         self.quantized_files = None
@@ -304,7 +305,8 @@ class Pipeline:
     def from_pretrained(cls, ckpt_dir: str | Path, task: str, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, t5_cpu: bool = False,
                         vram_gib: float | None = None, ram_gib: float | None = None,
-                        precision: str = "bf16", quantized_dir: str | Path | None = None) -> "Pipeline":
+                        precision: str = "bf16", quantized_dir: str | Path | None = None,
+                        components: ComponentFiles | None = None) -> "Pipeline":
         """On a GPU the run is planned within `vram_gib`/`ram_gib` (default: what the
         machine has), streaming DiT blocks when the experts do not fit."""
         spec = get_task(task)
@@ -314,7 +316,8 @@ class Pipeline:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         text_device = torch.device("cpu") if t5_cpu else device
         memory = MemoryBudget.detect(device, vram_gib, ram_gib) if device.type == "cuda" else None
-        return cls(spec, locate_checkpoint(Path(ckpt_dir), spec), device, dtype, text_device,
+        return cls(spec, apply_component_files(locate_checkpoint(Path(ckpt_dir), spec), spec, components),
+                   device, dtype, text_device,
                    memory=memory, precision=precision, quantized_dir=quantized_dir)
 
     @classmethod
@@ -357,10 +360,11 @@ class Pipeline:
             model = self._timed_load(f"dit_{expert.value}", lambda: load_dit(
                 folder, expect=self.task.dit, dtype=self.dit_dtype))
             check_dit_matches_vae(model.config, self.task.vae, str(folder))
-            if self.precision != Precision.BF16.value:
+            if self.precision != Precision.BF16.value and not hasattr(model, "quant_report"):
                 from wanrt.export.quantize import quantize
 
                 quantize(model, self.precision)
+            if hasattr(model, "quant_report"):  # quantized here, or stored 8-bit in a single file
                 self.quant_summaries[expert.value] = model.quant_report.summary()
             self._experts[expert] = model
         if self.streaming is not None and expert not in self._streamed_experts:

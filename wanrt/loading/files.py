@@ -76,6 +76,7 @@ class SafetensorsLayout:
 
 def read_safetensors_layout(path: Path) -> SafetensorsLayout:
     """The header, after checking the file holds all the data it announces."""
+    path = Path(path)
     require_file(path, "safetensors file")
     size = path.stat().st_size
     with open(path, "rb") as fh:

@@ -162,11 +162,9 @@ def file_format(path: Path) -> FileFormat:
 # ---------------------------------------------------------------------- the DiT
 
 
-def _shape(infos: Mapping[str, TensorInfo], key: str, source: str) -> tuple[int, ...]:
-    if key not in infos:
-        raise CheckpointError(f"{source}: no {key}; this file does not hold a Wan2.2 DiT "
-                              "(is it a VAE or text encoder file?)")
-    return infos[key].shape
+# The tensors whose shapes give the architecture.
+ARCHITECTURE_KEYS = ("patch_embedding.weight", "head.head.weight", "blocks.0.ffn.0.weight",
+                     "time_embedding.0.weight", "text_embedding.0.weight")
 
 
 def dit_config_from_shapes(infos: Mapping[str, TensorInfo], expect: DiTConfig, source: str) -> DiTConfig:
@@ -178,8 +176,12 @@ def dit_config_from_shapes(infos: Mapping[str, TensorInfo], expect: DiTConfig, s
     from wanrt.loading.checkpoint import check_dit_variant
     from wanrt.loading.diffusers_dit import MODEL_TYPE_BY_CHANNELS
 
-    dim, in_dim, *patch = _shape(infos, "patch_embedding.weight", source)
-    head_rows = _shape(infos, "head.head.weight", source)[0]
+    missing = [key for key in ARCHITECTURE_KEYS if key not in infos]
+    if missing:
+        raise CheckpointError(f"{source}: no {', '.join(missing)}; this file does not hold a whole Wan2.2 DiT "
+                              "(is it a VAE or text encoder file?)")
+    dim, in_dim, *patch = infos["patch_embedding.weight"].shape
+    head_rows = infos["head.head.weight"].shape[0]
     patch_volume = patch[0] * patch[1] * patch[2] if len(patch) == 3 else 0
     if not patch_volume or head_rows % patch_volume:
         raise CheckpointError(f"{source}: patch_embedding/head shapes match no Wan2.2 DiT")
@@ -187,15 +189,16 @@ def dit_config_from_shapes(infos: Mapping[str, TensorInfo], expect: DiTConfig, s
     num_layers = len({key.split(".")[1] for key in infos if key.startswith("blocks.")})
     found = dataclasses.replace(
         expect, in_dim=in_dim, out_dim=out_dim, dim=dim,
-        ffn_dim=_shape(infos, "blocks.0.ffn.0.weight", source)[0], num_layers=num_layers,
-        freq_dim=_shape(infos, "time_embedding.0.weight", source)[1],
-        text_dim=_shape(infos, "text_embedding.0.weight", source)[1], patch_size=tuple(patch),
+        ffn_dim=infos["blocks.0.ffn.0.weight"].shape[0], num_layers=num_layers,
+        freq_dim=infos["time_embedding.0.weight"].shape[1],
+        text_dim=infos["text_embedding.0.weight"].shape[1], patch_size=tuple(patch),
         model_type=MODEL_TYPE_BY_CHANNELS.get((in_dim, out_dim), expect.model_type))
     check_dit_variant(found, expect, source)
     return found
 
 
 def _missing_hint(error: CheckpointError, weights: WeightFile) -> CheckpointError:
+    """LightX2V's quantized files are the ones known to leave tensors out: say where they are."""
     if weights.format is FileFormat.LIGHTX2V and "missing keys" in str(error):
         return CheckpointError(
             f"{error}; LightX2V's quantized files may leave out the high-precision tensors (norms, "
@@ -232,10 +235,28 @@ def load_into(model: nn.Module, weights: WeightFile, dtype: torch.dtype | None,
     return assign_tensors(model, [batch])
 
 
+def open_dit_file(path: Path) -> WeightFile:
+    """A DiT single file, its official key names restored (a GGUF must be of arch `wan`)."""
+    weights = open_weight_file(path, DIT_PREFIXES)
+    architecture = getattr(weights, "architecture", None)
+    if architecture not in (None, "wan"):
+        raise CheckpointError(f"{path}: a GGUF of architecture {architecture!r}, not a Wan DiT")
+    return weights
+
+
+def dit_file_config(weights: WeightFile, expect: DiTConfig) -> DiTConfig:
+    """`dit_config_from_shapes` of an opened DiT file; an incomplete LightX2V file is told
+    where the tensors it lacks are."""
+    missing = [key for key in ARCHITECTURE_KEYS if key not in weights.infos]
+    if missing:
+        raise _missing_hint(CheckpointError(f"{weights.path}: missing keys: {', '.join(missing)}"), weights)
+    return dit_config_from_shapes(weights.infos, expect, str(weights.path))
+
+
 def load_dit_file(path: Path, expect: DiTConfig, dtype: torch.dtype | None = None) -> WanDiT:
     """One DiT (expert) from a single file; 8-bit Linears of the file run as 8-bit."""
-    weights = open_weight_file(path, DIT_PREFIXES)
-    config = dit_config_from_shapes(weights.infos, expect, str(path))
+    weights = open_dit_file(path)
+    config = dit_file_config(weights, expect)
     with torch.device("meta"):
         model = WanDiT(config)
     linears = {name for name, module in model.named_modules() if type(module) is nn.Linear}
