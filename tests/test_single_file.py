@@ -170,6 +170,26 @@ def test_gguf_k_quant_equals_the_gguf_dequantizer_and_stays_within_budget(refere
     assert 6e-2 / 20 < error <= 6e-2, f"Q4_K: rel err {error:.3g}"
 
 
+@pytest.mark.parametrize("layout", ["comfy-scaled-fp8", "gguf-q8_0"])
+def test_stored_8bit_weights_stream_like_resident_ones(reference, tmp_path, layout):
+    import copy
+
+    from wanrt.runtime.streaming import BlockStreamer, block_layout
+
+    model, state, inputs, _ = reference
+    path = (save(tmp_path / "dit.safetensors", comfy_scaled_fp8(state)) if layout == "comfy-scaled-fp8"
+            else write_gguf(tmp_path / "dit.gguf", state, "Q8_0"))
+    resident = load_dit(path, expect=model.config, dtype=torch.float32)
+    streamed = copy.deepcopy(resident)
+    streamer = BlockStreamer("cpu", depth=1)
+    streamer.register("high", streamed)
+    streamer.expect_forward("high")
+    assert torch.equal(run(streamed, inputs), run(resident, inputs))
+    # What streams is the 8-bit block as stored: fewer bytes than the float32 block.
+    block_bytes = block_layout(resident.blocks[0])[1]
+    assert streamer.bytes_copied == 2 * block_bytes < 2 * block_layout(model.blocks[0])[1] / 2
+
+
 # ---------------------------------------------------------------------- refusals
 
 
@@ -182,6 +202,10 @@ def test_wrong_variant_unknown_format_and_truncation_are_refused(reference, tmp_
     tensors, metadata = comfy_quant(state, {block_linear_weights(state)[0]: "nvfp4"})
     with pytest.raises(CheckpointError, match="comfy_quant format nvfp4 is not supported"):
         load_dit(save(tmp_path / "nvfp4.safetensors", tensors, metadata), expect=model.config)
+    rotated = {**tensors, f"{block_linear_weights(state)[0].removesuffix('.weight')}.comfy_quant":
+               torch.tensor(list(b'{"format": "int8_tensorwise", "convrot": true}'), dtype=torch.uint8)}
+    with pytest.raises(CheckpointError, match="comfy_quant format int8_tensorwise[+]convrot is not supported"):
+        load_dit(save(tmp_path / "convrot.safetensors", rotated), expect=model.config)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(CheckpointError, match="corrupt safetensors header"):

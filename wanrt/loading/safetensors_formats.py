@@ -106,6 +106,12 @@ class QuantizedWeight:
     scale_key: str | None
 
 
+def _layer_format(config: Mapping) -> str:
+    """A layer's format name; a rotated (ConvRot: weights multiplied by a Hadamard matrix,
+    `"convrot": true`) layer is named apart, as wanrt does not undo the rotation."""
+    return f"{config['format']}+convrot" if config.get("convrot") else config["format"]
+
+
 def _comfy_layer_formats(infos: Mapping[str, TensorInfo], metadata: Mapping[str, str],
                          read_small: Callable[[str], Tensor], source: str) -> dict[str, str]:
     """layer -> comfy_quant format name, from the per-layer tensors and/or the header table."""
@@ -113,14 +119,14 @@ def _comfy_layer_formats(infos: Mapping[str, TensorInfo], metadata: Mapping[str,
     if COMFY_QUANT_METADATA in metadata:
         try:
             table = json.loads(metadata[COMFY_QUANT_METADATA])
-            formats.update({layer: entry["format"] for layer, entry in table["layers"].items()})
+            formats.update({layer: _layer_format(entry) for layer, entry in table["layers"].items()})
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise CheckpointError(f"{source}: unreadable {COMFY_QUANT_METADATA} in the header") from None
     for key in infos:
         if key.endswith(".comfy_quant"):
             raw = read_small(key).to(torch.uint8).numpy().tobytes().rstrip(b"\0")
             try:
-                formats[key.removesuffix(".comfy_quant")] = json.loads(raw)["format"]
+                formats[key.removesuffix(".comfy_quant")] = _layer_format(json.loads(raw))
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 raise CheckpointError(f"{source}: {key} is not comfy_quant JSON") from None
     return formats
