@@ -64,7 +64,7 @@ def write_streamed(path: Path, shapes: dict[str, tuple[tuple[int, ...], torch.dt
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(encoded)) + encoded)
         for key, (shape, dtype) in shapes.items():
-            fh.write(fill(key, shape, dtype).contiguous().view(torch.uint8).numpy().tobytes())
+            fh.write(fill(key, shape, dtype).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def dit_shapes(layers: int, fp8: bool) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

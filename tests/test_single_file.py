@@ -211,7 +211,7 @@ def test_wrong_variant_unknown_format_and_truncation_are_refused(reference, tmp_
     with pytest.raises(CheckpointError, match="corrupt safetensors header"):
         load_dit(garbage, expect=model.config)
     vae_file = save(tmp_path / "vae.safetensors", {"conv1.weight": torch.zeros(2, 2)})
-    with pytest.raises(CheckpointError, match="missing keys: patch_embedding.weight, head.head.weight"):
+    with pytest.raises(CheckpointError, match="missing keys: patch_embedding.weight, head.head.weight.*does not hold a whole Wan2.2 DiT"):
         load_dit(vae_file, expect=model.config)
     for source in (bf16, write_gguf(tmp_path / "q8.gguf", state, "Q8_0")):
         cut = tmp_path / f"cut{source.suffix}"
@@ -326,13 +326,22 @@ def test_generate_with_single_files_records_formats_and_hashes(checkpoints, tmp_
     assert sidecar["runtime"]["quantization"]["high_noise"].startswith("fp8: ")
     assert sidecar["runtime"]["quantization"]["low_noise"].startswith("int8: ")
 
-    wrong = save(tmp_path / "ti2v.safetensors", {"patch_embedding.weight": torch.zeros(64, 48, 1, 2, 2),
-                                                 "head.head.weight": torch.zeros(192, 64)})
-    result = runner.invoke(app, ["generate", "--task", "tiny-t2v", "--ckpt-dir", str(root), "--prompt", "a cat",
-                                 "--dit-high", str(wrong), "--dit-low", str(low)])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "ti2v.safetensors" in lines[0], result.stderr
+    ti2v_state = load_dit(files.dit_dirs[Expert.HIGH_NOISE], expect=task.dit).state_dict()
+    # A ti2v-5B-shaped expert (48 latent channels in and out) given to t2v.
+    ti2v_state.update({"patch_embedding.weight": torch.zeros(64, 48, 1, 2, 2),
+                       "head.head.weight": torch.zeros(192, 64), "head.head.bias": torch.zeros(192)})
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(high.read_bytes()[:-100])
+    unknown = tmp_path / "unknown.gguf"
+    unknown.write_bytes(b"PK\x03\x04 a zip, not a GGUF")
+    bad_files = {save(tmp_path / "ti2v.safetensors", ti2v_state): "this ti2v DiT does not fit the task: model_type ti2v (needs t2v)",
+                 truncated: "truncated safetensors file", unknown: "not a GGUF file"}
+    for bad, message in bad_files.items():
+        result = runner.invoke(app, ["generate", "--task", "tiny-t2v", "--ckpt-dir", str(root), "--prompt", "a cat",
+                                     "--dit-high", str(bad), "--dit-low", str(low)])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {bad}") and message in lines[0], result.stderr
 
 
 # ---------------------------------------------------------------------- host memory

@@ -11,6 +11,7 @@ one at a time straight into their final buffers (`files.read_into`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 from typing import BinaryIO, Iterator, Mapping
 
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from wanrt.configs import DiTConfig
 from wanrt.errors import CheckpointError
 from wanrt.loading import safetensors_formats as formats
+from wanrt.loading.diffusers_dit import MODEL_TYPE_BY_CHANNELS
 from wanrt.loading.files import TensorInfo, read_safetensors_layout, read_stored, require_file
 from wanrt.loading.safetensors_formats import FileFormat
 from wanrt.loading.state import assign_tensors, cast_for_model, check_state_keys
@@ -171,15 +173,12 @@ def dit_config_from_shapes(infos: Mapping[str, TensorInfo], expect: DiTConfig, s
     """The architecture the weights have: widths, channels, depth and patch from the shapes;
     what shapes cannot tell (heads, text length, eps) from the task. Refuses a DiT of
     another variant than `expect` before anything is read."""
-    import dataclasses
-
-    from wanrt.loading.checkpoint import check_dit_variant
-    from wanrt.loading.diffusers_dit import MODEL_TYPE_BY_CHANNELS
+    from wanrt.loading.checkpoint import check_dit_variant  # checkpoint imports this module
 
     missing = [key for key in ARCHITECTURE_KEYS if key not in infos]
     if missing:
-        raise CheckpointError(f"{source}: no {', '.join(missing)}; this file does not hold a whole Wan2.2 DiT "
-                              "(is it a VAE or text encoder file?)")
+        raise CheckpointError(f"{source}: missing keys: {', '.join(missing)}; this file does not hold a whole "
+                              "Wan2.2 DiT (is it a VAE or text encoder file?)")
     dim, in_dim, *patch = infos["patch_embedding.weight"].shape
     head_rows = infos["head.head.weight"].shape[0]
     patch_volume = patch[0] * patch[1] * patch[2] if len(patch) == 3 else 0
@@ -247,10 +246,10 @@ def open_dit_file(path: Path) -> WeightFile:
 def dit_file_config(weights: WeightFile, expect: DiTConfig) -> DiTConfig:
     """`dit_config_from_shapes` of an opened DiT file; an incomplete LightX2V file is told
     where the tensors it lacks are."""
-    missing = [key for key in ARCHITECTURE_KEYS if key not in weights.infos]
-    if missing:
-        raise _missing_hint(CheckpointError(f"{weights.path}: missing keys: {', '.join(missing)}"), weights)
-    return dit_config_from_shapes(weights.infos, expect, str(weights.path))
+    try:
+        return dit_config_from_shapes(weights.infos, expect, str(weights.path))
+    except CheckpointError as exc:
+        raise _missing_hint(exc, weights) from None
 
 
 def load_dit_file(path: Path, expect: DiTConfig, dtype: torch.dtype | None = None) -> WanDiT:
