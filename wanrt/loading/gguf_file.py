@@ -30,7 +30,7 @@ from torch import Tensor
 from wanrt.errors import CheckpointError
 from wanrt.loading.files import TensorInfo, read_into
 from wanrt.loading.safetensors_formats import FileFormat
-from wanrt.loading.single_file import WeightFile, _strip_prefix
+from wanrt.loading.single_file import WeightFile, strip_prefix
 from wanrt.loading.stored_linears import Q8_0_BLOCK, StoredKind
 
 GGUF_MAGIC = b"GGUF"
@@ -144,8 +144,11 @@ class GGUFFile(WeightFile):
     format = FileFormat.GGUF
 
     def __init__(self, path: Path, prefixes: tuple[str, ...] = ()) -> None:
-        import gguf
-
+        try:
+            import gguf
+        except ImportError:
+            raise CheckpointError(f"{path}: reading GGUF files needs the gguf package: "
+                                  "pip install 'wanrt[gguf]'") from None
         super().__init__(path)
         try:
             reader = gguf.GGUFReader(self.path)
@@ -164,7 +167,7 @@ class GGUFFile(WeightFile):
                 raise CheckpointError(f"{self.path}: truncated GGUF file ({size} bytes, tensor {tensor.name} "
                                       "ends past it); download it again")
             shape = _orig_shape(reader, tensor.name) or tuple(int(d) for d in reversed(tensor.shape.tolist()))
-            self._tensors[_strip_prefix(tensor.name, prefixes)] = GGUFTensor(
+            self._tensors[strip_prefix(tensor.name, prefixes)] = GGUFTensor(
                 type_name, shape, int(tensor.data_offset), int(tensor.n_bytes))
         self._gguf_types = {t.tensor_type.name: t.tensor_type for t in reader.tensors}
         self.infos = {key: TensorInfo(t.shape, _PLAIN.get(t.type_name, torch.float32))
@@ -198,7 +201,7 @@ class GGUFFile(WeightFile):
         blocks = self._raw(tensor).reshape(-1, 34)
         out_features, in_features = tensor.shape
         values = blocks[:, 2:].contiguous().view(torch.int8).reshape(out_features, in_features)
-        scale = _halves(blocks[:, 0:2]).reshape(out_features, in_features // Q8_0_BLOCK)
+        scale = blocks[:, 0:2].contiguous().view(torch.float16).reshape(out_features, in_features // Q8_0_BLOCK)
         return values, scale
 
 

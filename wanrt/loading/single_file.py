@@ -25,7 +25,7 @@ from wanrt.loading.diffusers_dit import MODEL_TYPE_BY_CHANNELS
 from wanrt.loading.files import TensorInfo, read_safetensors_layout, read_stored, require_file
 from wanrt.loading.safetensors_formats import FileFormat
 from wanrt.loading.state import assign_tensors, cast_for_model, check_state_keys
-from wanrt.loading.stored_linears import Q8_0_BLOCK, StoredKind, scale_shape, swap_in_stored_linears
+from wanrt.loading.stored_linears import StoredKind, scale_dtype, scale_shape, swap_in_stored_linears
 from wanrt.models.dit import WanDiT
 
 # Prefixes single files put before the official key names: ComfyUI full checkpoints and
@@ -43,7 +43,7 @@ def is_single_file(path: Path) -> bool:
     return Path(path).suffix.lower() in SINGLE_FILE_SUFFIXES
 
 
-def _strip_prefix(key: str, prefixes: tuple[str, ...]) -> str:
+def strip_prefix(key: str, prefixes: tuple[str, ...]) -> str:
     for prefix in prefixes:
         if key.startswith(prefix):
             return key[len(prefix):]
@@ -97,7 +97,7 @@ class SafetensorsFile(WeightFile):
         layout = read_safetensors_layout(self.path)
         self._stored = {}
         for key, stored in layout.tensors.items():
-            official = _strip_prefix(key, prefixes)
+            official = strip_prefix(key, prefixes)
             if official in self._stored:
                 raise CheckpointError(f"{self.path}: key {official!r} appears twice (with and without a prefix)")
             self._stored[official] = stored
@@ -125,17 +125,14 @@ class SafetensorsFile(WeightFile):
     def read(self, key: str) -> Tensor:
         layer = key.removesuffix(".weight")
         if key.endswith(".weight") and layer in self._weights:
-            return dequantize(*self.read_stored(layer), self._weights[layer].kind)
+            return dequantize(*self.read_stored(layer))
         return self._read_raw(key)
 
 
-def dequantize(values: Tensor, scale: Tensor, kind: StoredKind) -> Tensor:
-    """float32 weights from 8-bit values and their scale (`stored_linears` layout). A weight of
-    any rank (a conv kernel) scales along its first axis."""
-    if kind is StoredKind.INT8_BLOCK32:
-        blocks = values.float().reshape(values.shape[0], -1, Q8_0_BLOCK)
-        return (blocks * scale[:, :, None]).reshape(values.shape)
-    return values.float() * scale.reshape(-1, *([1] * (values.dim() - 1)))
+def dequantize(values: Tensor, scale: Tensor) -> Tensor:
+    """float32 weights from 8-bit values and their per-output-channel scale; a weight of any
+    rank (a conv kernel) scales along its first axis."""
+    return values.float() * scale.float().reshape(-1, *([1] * (values.dim() - 1)))
 
 
 def open_weight_file(path: Path, prefixes: tuple[str, ...] = ()) -> WeightFile:
@@ -214,7 +211,7 @@ def load_into(model: nn.Module, weights: WeightFile, dtype: torch.dtype | None,
     expected = dict(weights.infos)
     for layer, kind in keep_quantized.items():
         out_features, in_features = weights.infos[f"{layer}.weight"].shape
-        expected[f"{layer}.weight_scale"] = TensorInfo(scale_shape(kind, out_features, in_features), torch.float32)
+        expected[f"{layer}.weight_scale"] = TensorInfo(scale_shape(kind, out_features, in_features), scale_dtype(kind))
     try:
         check_state_keys(model, expected, str(weights.path))
     except CheckpointError as exc:
@@ -227,11 +224,12 @@ def load_into(model: nn.Module, weights: WeightFile, dtype: torch.dtype | None,
             if key.endswith(".weight") and layer in keep_quantized:
                 batch[key], batch[f"{layer}.weight_scale"] = weights.read_stored(layer)
             else:
-                batch[key] = cast_for_model(key, weights.read(key), dtype, keep_fp32)
+                batch[key] = cast_for_model(key, weights.read(key), dtype, keep_fp32, owned=True)
             if len(batch) >= _ASSIGN_BATCH:
                 model.load_state_dict(batch, strict=False, assign=True)
                 batch = {}
-    return assign_tensors(model, [batch])
+    model.load_state_dict(batch, strict=False, assign=True)
+    return assign_tensors(model, [])  # nothing left to assign: checks that nothing stayed on meta
 
 
 def open_dit_file(path: Path) -> WeightFile:

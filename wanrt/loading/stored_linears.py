@@ -44,15 +44,16 @@ Q8_0_BLOCK = 32
 
 
 class Int8BlockLinear(Int8Linear):
-    """int8 weights with one float32 scale per 32 consecutive inputs of a row (`[out, in/32]`),
-    the GGUF Q8_0 layout; computed weight-only (a W8A8 GEMM takes one scale per row)."""
+    """int8 weights with one scale per 32 consecutive inputs of a row (`[out, in/32]`), the GGUF
+    Q8_0 layout: the scales stay float16 as stored (1.06 bytes per weight in all); computed
+    weight-only (a W8A8 GEMM takes one scale per row)."""
 
     def kernel_for(self, device: torch.device) -> Kernel:
         return self.kernel or Kernel.DEQUANT
 
     def dequantized_weight(self) -> Tensor:
         blocks = self.weight.float().reshape(self.out_features, -1, Q8_0_BLOCK)
-        return (blocks * self.weight_scale[:, :, None]).reshape(self.out_features, self.in_features)
+        return (blocks * self.weight_scale.float()[:, :, None]).reshape(self.out_features, self.in_features)
 
 
 LINEAR_CLASSES: dict[StoredKind, type[QuantizedLinear]] = {
@@ -75,6 +76,10 @@ def scale_shape(kind: StoredKind, out_features: int, in_features: int) -> tuple[
     return (out_features,)
 
 
+def scale_dtype(kind: StoredKind) -> torch.dtype:
+    return torch.float16 if kind is StoredKind.INT8_BLOCK32 else torch.float32
+
+
 def swap_in_stored_linears(model: nn.Module, layers: dict[str, StoredKind], source: str) -> nn.Module:
     """Replace the named `nn.Linear`s of a model built on `meta` by quantized modules of the
     stored kind (still on `meta`, filled by the loader), and leave a QuantReport on the model
@@ -83,7 +88,7 @@ def swap_in_stored_linears(model: nn.Module, layers: dict[str, StoredKind], sour
         linear = model.get_submodule(name)
         with torch.device("meta"):
             weight = torch.empty(linear.out_features, linear.in_features, dtype=STORAGE_DTYPES[kind])
-            scale = torch.empty(scale_shape(kind, linear.out_features, linear.in_features))
+            scale = torch.empty(scale_shape(kind, linear.out_features, linear.in_features), dtype=scale_dtype(kind))
             bias = torch.empty(linear.out_features) if linear.bias is not None else None
             model.set_submodule(name, LINEAR_CLASSES[kind](weight, scale, bias))
     reports = tuple(
