@@ -148,6 +148,7 @@ def test_gguf_q8_0_runs_int8_within_budget(reference, tmp_path):
         layer = loaded.get_submodule(key.removesuffix(".weight"))
         assert type(layer) is Int8BlockLinear and layer.weight.dtype == torch.int8
         assert layer.weight_scale.shape == (layer.out_features, layer.in_features // 32)
+        assert layer.weight_scale.dtype == torch.float16  # the stored Q8_0 scales, exactly
     error = rel_l2(run(loaded, inputs), expected)
     assert 4.5e-3 / 20 < error <= 4.5e-3, f"Q8_0: rel err {error:.3g}"
 

@@ -21,6 +21,7 @@ the `gguf` package's `quants.py`):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,7 +193,7 @@ class GGUFFile(WeightFile):
 
             values = torch.from_numpy(gguf.quants.dequantize(raw.numpy(), self._gguf_types[tensor.type_name])
                                       .astype("float32").reshape(-1))
-        if values.numel() != _numel(tensor.shape):
+        if values.numel() != math.prod(tensor.shape):
             raise CheckpointError(f"{self.path}: {key} holds {values.numel()} values, not {tensor.shape}")
         return values.reshape(tensor.shape)
 
@@ -204,9 +205,3 @@ class GGUFFile(WeightFile):
         scale = blocks[:, 0:2].contiguous().view(torch.float16).reshape(out_features, in_features // Q8_0_BLOCK)
         return values, scale
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

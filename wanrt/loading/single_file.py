@@ -10,6 +10,7 @@ one at a time straight into their final buffers (`files.read_into`).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 from pathlib import Path
@@ -33,7 +34,7 @@ from wanrt.models.dit import WanDiT
 # (`diffusion_model.`), Kijai's loader also strips a bare `model.`.
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 # ComfyUI full checkpoints keep the VAE under `first_stage_model.`.
-VAE_PREFIXES = ("first_stage_model.", "vae.")
+VAE_PREFIXES = ("first_stage_model.",)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".sft", ".gguf")
 # Tensors per `load_state_dict` call: one call per tensor would walk the model each time.
 _ASSIGN_BATCH = 64
@@ -50,7 +51,7 @@ def strip_prefix(key: str, prefixes: tuple[str, ...]) -> str:
     return key
 
 
-class WeightFile:
+class WeightFile(abc.ABC):
     """One checkpoint file decoded into official key names.
 
     `infos`: the logical shape of every model tensor the file holds (companion keys such as
@@ -82,11 +83,11 @@ class WeightFile:
             raise RuntimeError("read tensors inside `with weight_file.opened():`")
         return self._fh
 
-    def read(self, key: str) -> Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read(self, key: str) -> Tensor: ...
 
-    def read_stored(self, layer: str) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read_stored(self, layer: str) -> tuple[Tensor, Tensor]: ...
 
 
 class SafetensorsFile(WeightFile):
