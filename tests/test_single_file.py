@@ -326,6 +326,12 @@ def test_generate_with_single_files_records_formats_and_hashes(checkpoints, tmp_
     assert {str(high.resolve()), str(low.resolve()), str(vae.resolve())} <= checkpoint["sha256"].keys()
     assert sidecar["runtime"]["quantization"]["high_noise"].startswith("fp8: ")
     assert sidecar["runtime"]["quantization"]["low_noise"].startswith("int8: ")
+    # `wanrt decode` finishes the run with the VAE file it used.
+    result = runner.invoke(app, ["decode", str(tmp_path / "out.latents.safetensors"), "--output",
+                                 str(tmp_path / "decoded.mp4")])
+    assert result.exit_code == 0, result.output
+    decoded = json.loads((tmp_path / "decoded.json").read_text())
+    assert decoded["decode_run"]["vae_sha256"] == checkpoint["sha256"][str(vae.resolve())]
 
     ti2v_state = load_dit(files.dit_dirs[Expert.HIGH_NOISE], expect=task.dit).state_dict()
     # A ti2v-5B-shaped expert (48 latent channels in and out) given to t2v.
