@@ -24,6 +24,7 @@ from wanrt.engines.base import EngineKind, use_engine
 from wanrt.errors import InputError
 from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
                             generate_video, generation_task, parse_device)
+from wanrt.loading.component_files import ComponentFiles
 from wanrt.lora import LoraExpert, LoraSpec
 from wanrt.pipelines import GenerationRequest, Pipeline
 from wanrt.prompt_extend import (PromptExtendMethod, PromptExtendOptions, PromptExtension, PromptExtensionCache,
@@ -232,6 +233,15 @@ def generate_command(
     = WeightPrecision.BF16,
     quantized: Annotated[Path | None, typer.Option(
         "--quantized", help="Folder written by `wanrt quantize`: its experts replace the checkpoint's.")] = None,
+    dit_file: Annotated[Path | None, typer.Option(
+        "--dit", help="Single-file DiT (ti2v-5B): safetensors (ComfyUI, Kijai, LightX2V; fp16/bf16/fp8/int8) "
+        "or GGUF; 8-bit files run as stored.")] = None,
+    dit_high: Annotated[Path | None, typer.Option("--dit-high", help="Single-file high-noise expert (A14B).")]
+    = None,
+    dit_low: Annotated[Path | None, typer.Option("--dit-low", help="Single-file low-noise expert (A14B).")] = None,
+    vae_file: Annotated[Path | None, typer.Option("--vae", help="Single-file VAE (.safetensors or .pth).")] = None,
+    t5_file: Annotated[Path | None, typer.Option(
+        "--t5", help="Single-file umt5-xxl encoder (fp16/bf16 or fp8_e4m3fn_scaled safetensors, or .pth).")] = None,
     vram: Annotated[float | None, typer.Option(
         "--vram", help="GPU memory budget in GiB for the memory planner (default: the device's).")] = None,
     ram: Annotated[float | None, typer.Option(
@@ -290,6 +300,9 @@ def generate_command(
         extend_options.check()
     if ckpt_dir is None:
         raise InputError("--ckpt-dir is required: the folder of the downloaded checkpoint")
+    components = ComponentFiles(dit_file, dit_high, dit_low, vae_file, t5_file)
+    if quantized is not None and (dit_file or dit_high or dit_low):
+        raise InputError("--quantized replaces the DiT experts; it cannot be combined with --dit/--dit-high/--dit-low")
     request = GenerationRequest(
         prompt=prompt, size=size, frame_num=frame_num, steps=steps, shift=shift,
         guide_scale=parse_guide_scale(guide_scale), solver=solver or spec.sample.solver, seed=seed,
@@ -316,7 +329,8 @@ def generate_command(
         pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=on_device,
                                             dtype=COMPUTE_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu,
                                             vram_gib=vram, ram_gib=ram, precision=precision.value,
-                                            quantized_dir=quantized, loras=loras, step_cache=step_cache)
+                                            quantized_dir=quantized, loras=loras, step_cache=step_cache,
+                                            components=components)
         # Refuses a run that cannot fit, before loading; FSDP shards are not what it sizes.
         plan = None if parallel.dit_fsdp else pipeline.plan_run(resolved)
         if plan is not None and show_plan and is_rank_zero():

@@ -32,8 +32,10 @@ from wanrt.configs import TASK_NAMES, ModelType, TaskSpec, get_task
 from wanrt.errors import InputError, WanrtError
 from wanrt.hashing import cache_root, file_sha256, files_under, tensor_sha256, tree_sha256
 from wanrt.loading.checkpoint import CheckpointFiles
+from wanrt.loading.component_files import ComponentFiles, component_formats
 from wanrt.loading.files import safetensors_shards
 from wanrt.loading.save import DIT_WEIGHTS_STEM, write_atomic, write_json
+from wanrt.loading.single_file import is_single_file
 from wanrt.pipelines import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings, output_size
 from wanrt.progress import phase
 from wanrt.runtime.planner import Precision, short_dtype_name
@@ -224,6 +226,9 @@ def checkpoint_files_used(files: CheckpointFiles) -> list[Path]:
     """The files a generation reads: DiT configs and shards, VAE, T5 and tokenizer."""
     used: list[Path] = []
     for folder in files.dit_dirs.values():
+        if folder.is_file():  # a single-file expert (--dit, --dit-high, --dit-low)
+            used.append(folder)
+            continue
         index = folder / f"{DIT_WEIGHTS_STEM}.safetensors.index.json"
         used += [folder / "config.json", *([index] if index.is_file() else []),
                  *safetensors_shards(folder, DIT_WEIGHTS_STEM)]
@@ -239,6 +244,8 @@ def _checkpoint_record(files: CheckpointFiles) -> dict[str, Any]:
         resolved = path.resolve()
         return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else str(resolved)
     return {"folder": str(root), "layout": files.layout.value,
+            "formats": {name(path): fmt for path, fmt in component_formats(files).items()},
+            "vae": str(files.vae.resolve()),
             "sha256": {name(path): file_sha256(path) for path in checkpoint_files_used(files)}}
 
 
@@ -368,8 +375,12 @@ def decode_latents(latents_path: Path, output: Path | None = None, ckpt_dir: Pat
         name = latents_path.name.removesuffix(LATENTS_SUFFIX)
         output = latents_path.with_name(name).with_suffix(".mp4")
     output = check_output_path(output)
-    pipeline = Pipeline.from_pretrained(ckpt_dir or metadata["ckpt_dir"], metadata["task"], device=device)
     sidecar = json.loads(metadata["sidecar"])
+    # A run given `--vae FILE` decodes with that file again, unless another folder is asked for.
+    run_vae = sidecar.get("checkpoint", {}).get("vae") if ckpt_dir is None else None
+    components = ComponentFiles(vae=Path(run_vae)) if run_vae and is_single_file(Path(run_vae)) else None
+    pipeline = Pipeline.from_pretrained(ckpt_dir or metadata["ckpt_dir"], metadata["task"], device=device,
+                                        components=components)
     sidecar["decode_run"] = {"ckpt_dir": str(pipeline.files.root.resolve()),
                              "device": _device_name(pipeline.device),
                              "vae_sha256": tree_sha256(pipeline.files.vae)}

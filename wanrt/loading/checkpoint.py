@@ -26,7 +26,7 @@ from torch import Tensor
 
 from wanrt.configs import TASK_NAMES, DiTConfig, T5Config, TaskSpec, VAEConfig, get_task
 from wanrt.errors import CheckpointError, ConfigError
-from wanrt.loading import diffusers_dit
+from wanrt.loading import diffusers_dit, single_file
 from wanrt.loading.files import (TensorInfo, iter_safetensors, load_pth, read_safetensors_header,
                                  require_file, safetensors_shards)
 from wanrt.loading.state import assign_tensors, check_state_keys
@@ -164,7 +164,13 @@ def read_dit_config(folder: Path, expect: DiTConfig | None = None
 
 
 def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype | None = None) -> WanDiT:
-    """Load one DiT (expert) folder of either layout; `expect` is the task's architecture."""
+    """Load one DiT (expert) folder of either layout, or a single file of any format
+    `single_file` reads; `expect` is the task's architecture."""
+    folder = Path(folder)
+    if folder.is_file():
+        if expect is None:
+            raise CheckpointError(f"{folder}: a single-file DiT needs the task's architecture to check it")
+        return single_file.load_dit_file(folder, expect, dtype)
     config, shards, rename, infos = read_dit_config(folder, expect)
     with torch.device("meta"):
         model = WanDiT(config)
@@ -196,13 +202,20 @@ def check_checkpoint_task(root: Path, task: TaskSpec) -> None:
                                   f"use --task {name} (or point --ckpt-dir at a {task.name} checkpoint)")
 
 
-def _load_state(path: Path, stem: str, to_official: Callable[[dict[str, Tensor]], dict[str, Tensor]]
-                ) -> dict[str, Tensor]:
-    """All tensors of a component: a weights-only .pth file, or a diffusers folder renamed."""
-    if path.is_dir():
-        state = {}
-        for shard in safetensors_shards(path, stem):
-            state.update(iter_safetensors(shard))
+def _load_state(path: Path, stem: str, to_official: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+                official_key: str, prefixes: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """All tensors of a component: a weights-only .pth file, a diffusers folder renamed, or a
+    single file (ComfyUI/Kijai repackages; official names when `official_key` is among them,
+    else the diffusers/transformers names renamed)."""
+    if path.is_dir() or single_file.is_single_file(path):
+        if path.is_dir():
+            state = {}
+            for shard in safetensors_shards(path, stem):
+                state.update(iter_safetensors(shard))
+        else:
+            state = single_file.read_state(path, prefixes)
+            if official_key in state:
+                return state
         try:
             return to_official(state)
         except CheckpointError as exc:
@@ -223,7 +236,8 @@ def load_vae(path: Path, expect: VAEConfig, dtype: torch.dtype | None = None):
             raise CheckpointError(
                 f"{path}: a Wan{config.version.value} VAE with {config.z_dim} latent channels, but the "
                 f"task needs Wan{expect.version.value} with {expect.z_dim}; use the task's VAE")
-    state = _load_state(path, "diffusion_pytorch_model", diffusers_vae.to_official)
+    state = _load_state(path, "diffusion_pytorch_model", diffusers_vae.to_official, "conv2.weight",
+                        single_file.VAE_PREFIXES)
     z_channels = state["conv2.weight"].shape[0] if "conv2.weight" in state else None
     if z_channels is not None and z_channels != expect.z_dim:
         raise CheckpointError(
@@ -246,7 +260,7 @@ def load_t5(path: Path, expect: T5Config, dtype: torch.dtype | None = None):
         config = dataclasses.replace(
             diffusers_t5.config_from_transformers(_read_json(path / "config.json", "text encoder config.json")),
             text_len=expect.text_len)
-    state = _load_state(path, "model", diffusers_t5.to_official)
+    state = _load_state(path, "model", diffusers_t5.to_official, "token_embedding.weight")
     with torch.device("meta"):
         model = UMT5Encoder(config)
     check_state_keys(model, state, str(path))

@@ -29,6 +29,7 @@ from wanrt.configs import SIZES, ModelType, TaskSpec, get_task, parse_size
 from wanrt.errors import CheckpointError, InputError, parse_choice
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_checkpoint_task, check_dit_matches_vae,
                                       load_dit, load_t5, load_vae, locate_checkpoint)
+from wanrt.loading.component_files import ComponentFiles, apply_component_files, stored_precision
 from wanrt.lora import LoadedLora, LoraSpec, check_loras, merge_loras, parameter_shapes
 from wanrt.models.dit import WanDiT
 from wanrt.pipelines.core import (Guidance, MemoryBudget, StepInfo, StreamingConfig, TextEmbeddings,
@@ -247,7 +248,7 @@ class Pipeline:
         self.streaming = streaming
         # DiT weight precision: "bf16" keeps the loaded weights; "fp8"/"int8" quantize the
         # block Linears at load time with the default policy (wanrt.export.quantize).
-        self.precision = Precision(precision).value
+        self.precision = stored_precision(files, precision).value  # 8-bit DiT files run as stored
         self.quant_summaries: dict[str, str] = {}
         # Experts saved by `wanrt quantize` replace the checkpoint's DiT folders.
         self.quantized_files = None
@@ -301,7 +302,8 @@ class Pipeline:
                         dtype: torch.dtype | None = None, t5_cpu: bool = False,
                         vram_gib: float | None = None, ram_gib: float | None = None,
                         precision: str = "bf16", quantized_dir: str | Path | None = None,
-                        loras: Sequence[LoraSpec] = (), step_cache: StepCacheConfig | None = None) -> "Pipeline":
+                        loras: Sequence[LoraSpec] = (), step_cache: StepCacheConfig | None = None,
+                        components: ComponentFiles | None = None) -> "Pipeline":
         """On a GPU the run is planned within `vram_gib`/`ram_gib` (default: what the
         machine has), streaming DiT blocks when the experts do not fit. `loras` are merged
         into the experts they name as each loads; `step_cache` skips near-repeated steps."""
@@ -312,10 +314,11 @@ class Pipeline:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         text_device = torch.device("cpu") if t5_cpu else device
         memory = MemoryBudget.detect(device, vram_gib, ram_gib) if device.type == "cuda" else None
-        check_checkpoint_task(Path(ckpt_dir), spec)
-        return cls(spec, locate_checkpoint(Path(ckpt_dir), spec), device, dtype, text_device,
-                   memory=memory, precision=precision, quantized_dir=quantized_dir, loras=loras,
-                   step_cache=step_cache)
+        if components is None or not (components.dit or components.dit_high or components.dit_low):
+            check_checkpoint_task(Path(ckpt_dir), spec)
+        return cls(spec, apply_component_files(locate_checkpoint(Path(ckpt_dir), spec), spec, components),
+                   device, dtype, text_device, memory=memory, precision=precision,
+                   quantized_dir=quantized_dir, loras=loras, step_cache=step_cache)
 
     @classmethod
     def from_models(cls, task: TaskSpec, experts: dict[Expert, WanDiT], vae=None,
@@ -369,10 +372,11 @@ class Pipeline:
             check_dit_matches_vae(model.config, self.task.vae, str(folder))
             # LoRAs first: quantization, pinning and streaming then see the merged weights.
             self._merge_loras(expert, model)
-            if self.precision != Precision.BF16.value:
+            if self.precision != Precision.BF16.value and not hasattr(model, "quant_report"):
                 from wanrt.export.quantize import quantize
 
                 quantize(model, self.precision)
+            if hasattr(model, "quant_report"):  # quantized here, or stored 8-bit in a single file
                 self.quant_summaries[expert.value] = model.quant_report.summary()
             self._experts[expert] = model
         if self.streaming is not None and expert not in self._streamed_experts:
