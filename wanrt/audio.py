@@ -117,6 +117,24 @@ def _decode(container, stream, rate: int | None, max_seconds: float, path: Path)
     return chunks
 
 
+def write_wav(track: AudioTrack, path: Path) -> Path:
+    """`track` as 16-bit PCM WAV at `path`, atomically."""
+    from wanrt.loading.save import write_atomic
+
+    layout = {1: "mono", 2: "stereo"}[track.samples.shape[0]]
+    pcm = (track.samples.clamp(-1, 1) * 32767).round().to(torch.int16).T.reshape(1, -1).contiguous().numpy()
+
+    def write(temporary: Path) -> None:
+        with av.open(str(temporary), "w", format="wav") as container:
+            stream = container.add_stream("pcm_s16le", rate=track.rate, layout=layout)
+            frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout=layout)
+            frame.sample_rate = track.rate
+            container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+    write_atomic(Path(path), write)
+    return Path(path)
+
+
 def speech_waveform(path: Path) -> Tensor:
     """What the official `librosa.load(path, sr=16000)` gives: mono float32 `[N]` at 16 kHz."""
     return read_audio(path, rate=WAV2VEC_RATE, mono=True).samples[0]

@@ -364,6 +364,13 @@ def _shrunk(name: str, full: str, tiny_vae: VAEConfig, sizes: tuple[str, ...]) -
 _register(_shrunk("tiny-t2v", "t2v-A14B", TINY_WAN21_VAE, ("64*64", "96*64")))
 _register(_shrunk("tiny-i2v", "i2v-A14B", TINY_WAN21_VAE, ("64*64", "96*64")))
 _register(_shrunk("tiny-ti2v", "ti2v-5B", TINY_WAN22_VAE, ("128*64", "64*128")))
+# S2V at toy widths: a 16-wide, 24-layer wav2vec2 (the fixtures' shape), audio injected
+# after both blocks, 8-frame clips of 64x64 (8x8 latents, the least FramePack's 4x patch takes)
+# and 9 motion frames (3 latents) instead of 73, so a CPU encodes them in a second.
+_register(dataclasses.replace(
+    _shrunk("tiny-s2v", "s2v-14B", TINY_WAN21_VAE, ("64*64", "128*64")),
+    s2v=S2VConfig(audio_dim=16, audio_inject_layers=(0, 1)),
+    extras={**_TASKS["s2v-14B"].extras, "infer_frames": 8, "motion_frames": 9}))
 
 TASK_NAMES: tuple[str, ...] = tuple(_TASKS)
 

@@ -7,6 +7,7 @@ strict as for the other DiTs: every parameter present with its shape, nothing le
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from wanrt.configs import DiTConfig, S2VConfig
 from wanrt.errors import CheckpointError, ConfigError
 from wanrt.loading.checkpoint import _read_json, _renamed_chunks, _renamed_headers, complete_dit_config
 from wanrt.loading.files import safetensors_shards
+from wanrt.loading.save import DIT_WEIGHTS_STEM, official_dit_config, save_safetensors_sharded, write_json
 from wanrt.loading.state import assign_tensors, check_state_keys
 from wanrt.models.s2v_dit import WanS2VDiT
 
@@ -50,3 +52,15 @@ def load_s2v_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dty
         model = WanS2VDiT(config, s2v)
     check_state_keys(model, infos, str(folder))
     return assign_tensors(model, _renamed_chunks(shards, official_key), dtype)
+
+
+def official_s2v_config(model: WanS2VDiT) -> dict:
+    """The released config.json of an S2V DiT (`WanModel_S2V`)."""
+    return {**official_dit_config(model.config), "_class_name": OFFICIAL_CLASS_NAME,
+            **dataclasses.asdict(model.s2v)}
+
+
+def save_s2v_dit_official(model: WanS2VDiT, folder: Path, max_shard_bytes: int) -> None:
+    """An S2V DiT folder as released: config.json + (sharded) safetensors."""
+    save_safetensors_sharded(model.state_dict(), Path(folder), DIT_WEIGHTS_STEM, max_shard_bytes)
+    write_json(Path(folder) / "config.json", official_s2v_config(model))

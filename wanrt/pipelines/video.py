@@ -293,8 +293,7 @@ class Pipeline:
             self._experts[expert] = model
         if expert not in self._experts:
             folder = self._require_files().dit_dirs[expert]
-            model = self._timed_load(f"dit_{expert.value}", lambda: load_dit(
-                folder, expect=self.task.dit, dtype=self.dit_dtype))
+            model = self._timed_load(f"dit_{expert.value}", lambda: self.read_dit(folder))
             check_dit_matches_vae(model.config, self.task.vae, str(folder))
             if self.precision != Precision.BF16.value:
                 from wanrt.export.quantize import quantize
@@ -313,6 +312,11 @@ class Pipeline:
             model = self._experts[expert]
             self._runners[expert] = model if self.wrap_expert is None else self.wrap_expert(expert, model)
         return self._experts[expert]
+
+    def read_dit(self, folder: Path) -> WanDiT:
+        """One DiT folder in host memory, in the DiT dtype (a task family's own DiT class
+        overrides this)."""
+        return load_dit(folder, expect=self.task.dit, dtype=self.dit_dtype)
 
     def _place(self, expert: Expert, device: torch.device | str) -> None:
         """Move what of `expert` is not streamed (all of it without streaming)."""
@@ -537,11 +541,14 @@ class Pipeline:
             request = request.resolved(self.task)
         if self.memory is None or self.dit_dtype != torch.bfloat16:
             return None
-        self.plan = require_fit(make_plan(
+        return self.adopt_plan(require_fit(make_plan(
             self.task, request.size, request.frame_num, self.precision, self.memory.vram_gib,
             self.memory.ram_gib, image=request.image is not None,
-            t5_cpu=self.text_device.type == "cpu"))
-        if self.plan.streaming and self.streaming is None:
-            self.streaming = StreamingConfig(self.plan.resident_blocks, self.plan.prefetch_depth,
-                                             self.plan.pinned_bytes)
-        return self.plan
+            t5_cpu=self.text_device.type == "cpu")))
+
+    def adopt_plan(self, plan: MemoryPlan) -> MemoryPlan:
+        """Run by `plan`: stream the DiT blocks it streams (unless streaming was set explicitly)."""
+        self.plan = plan
+        if plan.streaming and self.streaming is None:
+            self.streaming = StreamingConfig(plan.resident_blocks, plan.prefetch_depth, plan.pinned_bytes)
+        return plan
