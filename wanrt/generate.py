@@ -43,8 +43,9 @@ _LATENTS_KEY = "latents"
 _EMBEDDING_KEY = "embedding"
 # The official CLI draws random seeds up to sys.maxsize; torch generators take < 2**64.
 _MAX_SEED = sys.maxsize
-# Model types whose sampling `Pipeline` implements (s2v and animate are not yet).
-_GENERATION_MODEL_TYPES = (ModelType.T2V, ModelType.I2V, ModelType.TI2V)
+# Model types `wanrt generate` samples (animate is not implemented yet); s2v runs through
+# `wanrt.s2v_generate`.
+_GENERATION_MODEL_TYPES = (ModelType.T2V, ModelType.I2V, ModelType.TI2V, ModelType.S2V)
 
 
 class DecodeFailedError(WanrtError):
@@ -55,7 +56,7 @@ class DecodeFailedError(WanrtError):
 class GenerationRecord:
     video_path: Path
     sidecar_path: Path
-    latents_path: Path
+    latents_path: Path | None  # None for s2v, which decodes inside its clip loop
     video_info: VideoInfo
     sidecar: Mapping[str, Any]  # what the sidecar file holds
 
@@ -281,6 +282,44 @@ def read_latents(path: Path) -> tuple[Tensor, dict[str, str]]:
 # ---------------------------------------------------------------------- runs
 
 
+def draw_seed(seed: int) -> tuple[int, bool]:
+    """(the seed to use, whether it was drawn): a negative seed draws a random one, as the
+    official CLI does."""
+    if seed < 0:
+        return secrets.randbelow(_MAX_SEED + 1), True
+    if seed > _MAX_SEED:
+        raise InputError(f"--seed {seed} is too large; use 0..{_MAX_SEED}, or -1 for a random one")
+    return seed, False
+
+
+def run_sidecar(pipeline: Pipeline, resolved, seed_was_random: bool, fps: int, cache_state: str,
+                run_options: Mapping[str, Any] | None, timings: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar of a run before its video is written (`resolved` has `settings()`,
+    `seed` and `image`); hashing the checkpoint is timed into `timings`."""
+    hash_start = time.perf_counter()
+    checkpoint = _checkpoint_record(pipeline.files)
+    return {
+        "wanrt_version": wanrt.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": _device_name(pipeline.device),
+        "task": pipeline.task.name,
+        "settings": resolved.settings(),
+        "seed": resolved.seed,
+        "seed_was_random": seed_was_random,
+        "fps": fps,
+        "runtime": {"device": str(pipeline.device), "dit_dtype": str(pipeline.dit_dtype).removeprefix("torch."),
+                    "text_device": str(pipeline.text_device), "embedding_cache": cache_state,
+                    "precision": pipeline.precision, "quantization": dict(pipeline.quant_summaries),
+                    "memory_plan": pipeline.plan.to_dict() if pipeline.plan else None,
+                    "streamed_bytes": pipeline.streamed_bytes},
+        "options": dict(run_options or {}),
+        "image": _image_record(resolved.image),
+        "checkpoint": checkpoint,
+        "timings_s": {**timings, "hashing": time.perf_counter() - hash_start},
+    }
+
+
 def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequest, output: Path, *,
                    embedding_cache: EmbeddingCache | None,
                    on_step: Callable[[StepInfo], None] | None = None,
@@ -299,10 +338,7 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
     """
     started = time.perf_counter()
     output = check_output_path(output)
-    seed_was_random = request.seed < 0
-    seed = secrets.randbelow(sys.maxsize + 1) if seed_was_random else request.seed
-    if seed > _MAX_SEED:
-        raise InputError(f"--seed {seed} is too large; use 0..{_MAX_SEED}, or -1 for a random one")
+    seed, seed_was_random = draw_seed(request.seed)
     resolved = dataclasses.replace(request, seed=seed).resolved(pipeline.task)
     if pipeline.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipeline.device)
@@ -312,30 +348,8 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
     text_seconds = time.perf_counter() - text_start
     expert_timer = _ExpertTimer(on_step)
     latents = (sample or pipeline.sample)(resolved, embeddings, on_step=expert_timer)
-
-    hash_start = time.perf_counter()
-    checkpoint = _checkpoint_record(pipeline.files)
-    sidecar: dict[str, Any] = {
-        "wanrt_version": wanrt.__version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "device": _device_name(pipeline.device),
-        "task": pipeline.task.name,
-        "settings": resolved.settings(),
-        "seed": seed,
-        "seed_was_random": seed_was_random,
-        "fps": fps or pipeline.task.sample.fps,
-        "runtime": {"device": str(pipeline.device), "dit_dtype": str(pipeline.dit_dtype).removeprefix("torch."),
-                    "text_device": str(pipeline.text_device), "embedding_cache": cache_state,
-                    "precision": pipeline.precision, "quantization": dict(pipeline.quant_summaries),
-                    "memory_plan": pipeline.plan.to_dict() if pipeline.plan else None,
-                    "streamed_bytes": pipeline.streamed_bytes},
-        "options": dict(run_options or {}),
-        "image": _image_record(resolved.image),
-        "checkpoint": checkpoint,
-        "timings_s": {"text_encoding": text_seconds, "sampling": dict(expert_timer.seconds),
-                      "hashing": time.perf_counter() - hash_start},
-    }
+    sidecar = run_sidecar(pipeline, resolved, seed_was_random, fps or pipeline.task.sample.fps, cache_state,
+                          run_options, {"text_encoding": text_seconds, "sampling": dict(expert_timer.seconds)})
     latents_path = latents_path_for(output)
     save_latents(latents_path, latents, pipeline.task.name, pipeline.files.root.resolve(), sidecar)
     return _decode_and_write(pipeline, latents, output, latents_path, sidecar, started, on_decode)
