@@ -61,7 +61,7 @@ def test_decoded_wav_resamples_to_16k_mono(tmp_path):
     assert abs(wave[1000:7000].abs().max().item() - 0.375) < 0.01
 
 
-def _flac_declaring(path, total_samples: int) -> None:
+def flac_declaring(path, total_samples: int) -> None:
     """A 0.1 s silent 16 kHz FLAC whose STREAMINFO claims `total_samples` (0: unknown)."""
     write_wav(path, np.zeros((1, 1600)), 16000, container_format="flac")
     data = bytearray(path.read_bytes())
@@ -73,7 +73,7 @@ def _flac_declaring(path, total_samples: int) -> None:
 
 def test_audio_without_declared_duration_stops_decoding_at_the_limit(tmp_path):
     path = tmp_path / "unknown_length.flac"
-    _flac_declaring(path, 0)
+    flac_declaring(path, 0)
     assert read_audio(path).samples.shape == (1, 1600)
     with pytest.raises(InputError, match="longer than"):
         read_audio(path, max_seconds=0.05)
@@ -89,7 +89,7 @@ def test_bad_audio_is_refused_in_one_line(tmp_path, kind):
     elif kind == "ten_hours":
         # A FLAC file whose STREAMINFO declares 10 h of 16 kHz audio: refused from the
         # metadata, before anything is decoded.
-        _flac_declaring(path, 10 * 3600 * 16000)
+        flac_declaring(path, 10 * 3600 * 16000)
     with pytest.raises(InputError) as error:
         speech_waveform(path)
     message = str(error.value)
