@@ -61,6 +61,37 @@ def _declared_seconds(container, stream) -> float | None:
     return None
 
 
+def probe_audio(path: Path, max_seconds: float = MAX_AUDIO_SECONDS) -> None:
+    """Refuse, in one line and without decoding, a missing file, one without an audio stream,
+    or one whose container declares it empty or longer than `max_seconds`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--audio {path} does not exist or is not a file; {_AUDIO_FIX}")
+    try:
+        with av.open(str(path)) as container:
+            _check_declared(container, path, max_seconds)
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as error:
+        raise InputError(f"--audio {path} cannot be decoded ({_first_line(error)}); {_AUDIO_FIX}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _check_declared(container, path: Path, max_seconds: float):
+    """The first audio stream, after checking what its metadata declares."""
+    if not container.streams.audio:
+        raise InputError(f"--audio {path} has no audio stream; {_AUDIO_FIX}")
+    stream = container.streams.audio[0]
+    declared = _declared_seconds(container, stream)
+    if declared is not None and declared > max_seconds:
+        raise InputError(f"--audio {path} is {declared:.0f} s long, more than {max_seconds:.0f} s; "
+                         f"trim it (e.g. ffmpeg -t {max_seconds:.0f}) or split it")
+    if declared == 0:
+        raise InputError(f"--audio {path} contains no audio samples; {_AUDIO_FIX}")
+    return stream
+
+
 def read_audio(path: Path, rate: int | None = None, mono: bool = False,
                max_seconds: float = MAX_AUDIO_SECONDS) -> AudioTrack:
     """The first audio stream of `path`, resampled to `rate` (default: its own) and, with
@@ -71,17 +102,10 @@ def read_audio(path: Path, rate: int | None = None, mono: bool = False,
         raise InputError(f"--audio {path} does not exist or is not a file; {_AUDIO_FIX}")
     try:
         with av.open(str(path)) as container:
-            if not container.streams.audio:
-                raise InputError(f"--audio {path} has no audio stream; {_AUDIO_FIX}")
-            stream = container.streams.audio[0]
-            declared = _declared_seconds(container, stream)
-            if declared is not None and declared > max_seconds:
-                raise InputError(f"--audio {path} is {declared:.0f} s long, more than {max_seconds:.0f} s; "
-                                 f"trim it (e.g. ffmpeg -t {max_seconds:.0f}) or split it")
+            stream = _check_declared(container, path, max_seconds)
             chunks = _decode(container, stream, rate, max_seconds, path)
     except (av.error.FFmpegError, OSError, UnicodeDecodeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"--audio {path} cannot be decoded ({reason}); {_AUDIO_FIX}") from None
+        raise InputError(f"--audio {path} cannot be decoded ({_first_line(error)}); {_AUDIO_FIX}") from None
     if not chunks or sum(c.shape[1] for c in chunks) == 0:
         raise InputError(f"--audio {path} contains no audio samples; {_AUDIO_FIX}")
     samples = torch.from_numpy(np.concatenate(chunks, axis=1))

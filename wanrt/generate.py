@@ -292,6 +292,19 @@ def draw_seed(seed: int) -> tuple[int, bool]:
     return seed, False
 
 
+def start_run(pipeline: Pipeline, request, embedding_cache: EmbeddingCache | None):
+    """What every run does first: draw the seed, resolve (validate) the request, reset the
+    peak-memory counter, embed the prompts. Returns (resolved, seed_was_random, embeddings,
+    embedding cache state, text-encoding seconds)."""
+    seed, seed_was_random = draw_seed(request.seed)
+    resolved = dataclasses.replace(request, seed=seed).resolved(pipeline.task)
+    if pipeline.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pipeline.device)
+    text_start = time.perf_counter()
+    embeddings, cache_state = text_embeddings(pipeline, resolved, embedding_cache)
+    return resolved, seed_was_random, embeddings, cache_state, time.perf_counter() - text_start
+
+
 def run_sidecar(pipeline: Pipeline, resolved, seed_was_random: bool, fps: int, cache_state: str,
                 run_options: Mapping[str, Any] | None, timings: dict[str, Any]) -> dict[str, Any]:
     """The sidecar of a run before its video is written (`resolved` has `settings()`,
@@ -338,14 +351,7 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
     """
     started = time.perf_counter()
     output = check_output_path(output)
-    seed, seed_was_random = draw_seed(request.seed)
-    resolved = dataclasses.replace(request, seed=seed).resolved(pipeline.task)
-    if pipeline.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(pipeline.device)
-
-    text_start = time.perf_counter()
-    embeddings, cache_state = text_embeddings(pipeline, resolved, embedding_cache)
-    text_seconds = time.perf_counter() - text_start
+    resolved, seed_was_random, embeddings, cache_state, text_seconds = start_run(pipeline, request, embedding_cache)
     expert_timer = _ExpertTimer(on_step)
     latents = (sample or pipeline.sample)(resolved, embeddings, on_step=expert_timer)
     sidecar = run_sidecar(pipeline, resolved, seed_was_random, fps or pipeline.task.sample.fps, cache_state,

@@ -7,16 +7,13 @@ every clip, because the next clip's motion latents are the re-encoded last frame
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch
-
 from wanrt.audio import read_audio
 from wanrt.generate import (EmbeddingCache, GenerationRecord, _ExpertTimer, _peak_memory, _video_record,
-                            check_output_path, draw_seed, run_sidecar, sidecar_path_for, text_embeddings)
+                            check_output_path, run_sidecar, sidecar_path_for, start_run)
 from wanrt.hashing import file_sha256, files_under
 from wanrt.loading.save import write_json
 from wanrt.pipelines.core import StepInfo
@@ -29,19 +26,13 @@ def generate_s2v_video(pipeline: S2VPipeline, request: S2VRequest, output: Path,
                        on_step: Callable[[StepInfo], None] | None = None,
                        on_clip: Callable[[int, int], None] | None = None,
                        run_options: Mapping[str, Any] | None = None) -> GenerationRecord:
-    """Generate and write `output`; the audio file is decoded and checked (duration, not
-    empty, decodable) before any model loads."""
+    """Generate and write `output`. The audio file's metadata is checked when the request is
+    resolved, and the whole file decoded (bounded) before any model loads."""
     started = time.perf_counter()
     output = check_output_path(output)
-    seed, seed_was_random = draw_seed(request.seed)
-    resolved = dataclasses.replace(request, seed=seed).resolved(pipeline.task)
-    audio = read_audio(resolved.audio)
-    if pipeline.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(pipeline.device)
-
-    text_start = time.perf_counter()
-    embeddings, cache_state = text_embeddings(pipeline, resolved, embedding_cache)
-    text_seconds = time.perf_counter() - text_start
+    request.resolved(pipeline.task)
+    audio = read_audio(request.audio)
+    resolved, seed_was_random, embeddings, cache_state, text_seconds = start_run(pipeline, request, embedding_cache)
     timer = _ExpertTimer(on_step)
     video = pipeline.generate(resolved, embeddings, on_step=timer, on_clip=on_clip)
     fps = pipeline.task.sample.fps

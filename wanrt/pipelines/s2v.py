@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wanrt.audio import SpeechFeatureExtractor, encode_speech
+from wanrt.audio import SpeechFeatureExtractor, encode_speech, probe_audio
 from wanrt.configs import SIZES, TaskSpec, parse_size
 from wanrt.errors import InputError, parse_choice
 from wanrt.loading.checkpoint import Expert
 from wanrt.loading.s2v import load_s2v_dit
 from wanrt.models.s2v_dit import WanS2VDiT
 from wanrt.pipelines.core import StepInfo, TextEmbeddings, noise_for, run_steps
-from wanrt.pipelines.video import Pipeline
+from wanrt.pipelines.video import Pipeline, resolve_size, resolve_steps
 from wanrt.runtime.planner import MemoryPlan, make_plan, require_fit
 from wanrt.schedulers import Solver
 
@@ -53,7 +53,8 @@ FIRST_CLIP_DROPPED_FRAMES = 3
 
 @dataclass(frozen=True)
 class S2VRequest:
-    """What the user asked for; unset values take the official defaults."""
+    """What the user asked for; unset values take the official defaults. The image is
+    fitted within the area of `size`."""
 
     prompt: str
     image: Tensor = field(repr=False)  # [3, H, W] in [-1, 1]
@@ -72,20 +73,14 @@ class S2VRequest:
 
     def resolved(self, task: TaskSpec) -> "S2VResolved":
         defaults = task.sample
-        size = self.size or defaults.sizes[0]
-        if size not in defaults.sizes:
-            raise InputError(f"--size {size} is not supported by {task.name}; choose one of "
-                             f"{', '.join(defaults.sizes)} (the image is fitted within its area)")
+        size = resolve_size(task, self.size)
         infer_frames = task.extras["infer_frames"] if self.infer_frames is None else self.infer_frames
         if infer_frames < 4 or infer_frames % 4:
             raise InputError(f"--infer_frames {infer_frames} must be a positive multiple of 4 (e.g. 48, 80)")
         if self.num_clip is not None and self.num_clip < 1:
             raise InputError(f"--num_clip {self.num_clip} must be at least 1 (default: as many as the audio covers)")
-        steps = defaults.steps if self.steps is None else self.steps
-        if steps < 1:
-            raise InputError(f"--steps {steps} must be at least 1")
-        if not Path(self.audio).is_file():
-            raise InputError(f"--audio {self.audio} does not exist or is not a file")
+        steps = resolve_steps(task, self.steps)
+        probe_audio(Path(self.audio))
         if self.pose_video is not None and not Path(self.pose_video).is_file():
             raise InputError(f"--pose_video {self.pose_video} does not exist or is not a file")
         guide = defaults.guide_scale[0] if self.guide_scale is None else self.guide_scale

@@ -30,11 +30,27 @@ from wanrt.errors import CheckpointError, InputError, parse_choice
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
                                       load_t5, load_vae, locate_checkpoint)
 from wanrt.models.dit import WanDiT
-from wanrt.pipelines.core import (Guidance, MemoryBudget, StepInfo, StreamingConfig, TextEmbeddings,
-                                  noise_for, run_steps)
+from wanrt.pipelines.core import (Guidance, MemoryBudget, NonFiniteLatentsError, StepInfo, StreamingConfig,
+                                  TextEmbeddings, noise_for, run_steps)
 from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
 from wanrt.runtime.streaming import BlockStreamer
 from wanrt.schedulers import FlowScheduler, Solver, make_scheduler
+
+
+def resolve_size(task: TaskSpec, size: str | None) -> str:
+    """`--size`, default the task's first; one line naming the supported ones otherwise."""
+    size = size or task.sample.sizes[0]
+    if size not in task.sample.sizes:
+        raise InputError(f"--size {size} is not supported by {task.name}; "
+                         f"choose one of {', '.join(task.sample.sizes)}")
+    return size
+
+
+def resolve_steps(task: TaskSpec, steps: int | None) -> int:
+    steps = task.sample.steps if steps is None else steps
+    if steps < 1:
+        raise InputError(f"--steps {steps} must be at least 1")
+    return steps
 
 
 @dataclass(frozen=True)
@@ -56,16 +72,11 @@ class GenerationRequest:
     def resolved(self, task: TaskSpec) -> "ResolvedRequest":
         """Fill defaults and validate; raises InputError with one line naming the flag."""
         defaults = task.sample
-        size = self.size or defaults.sizes[0]
-        if size not in defaults.sizes:
-            raise InputError(f"--size {size} is not supported by {task.name}; "
-                             f"choose one of {', '.join(defaults.sizes)}")
+        size = resolve_size(task, self.size)
         frame_num = defaults.frame_num if self.frame_num is None else self.frame_num
         if frame_num < 1 or (frame_num - 1) % task.vae_stride[0]:
             raise InputError(f"--frame-num {frame_num} must be 4n+1 (e.g. 81, 121)")
-        steps = defaults.steps if self.steps is None else self.steps
-        if steps < 1:
-            raise InputError(f"--steps {steps} must be at least 1")
+        steps = resolve_steps(task, self.steps)
         solver = parse_choice(Solver, self.solver, "--solver")
         guide = defaults.guide_scale if self.guide_scale is None else self.guide_scale
         if isinstance(guide, (int, float)):
