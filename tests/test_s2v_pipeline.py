@@ -23,7 +23,7 @@ from wanrt.configs import get_task
 from wanrt.demo import speech_like_audio, write_tiny_checkpoint
 from wanrt.export.quantize import quantize
 from wanrt.loading.s2v import load_s2v_dit
-from wanrt.pipelines.s2v import s2v_output_size
+from wanrt.pipelines.s2v import fit_pose_frames, fit_reference_image, s2v_output_size
 from wanrt.runtime.streaming import BlockStreamer
 from wanrt.video_io import write_video
 
@@ -154,3 +154,15 @@ def test_tts_and_speech_flags_elsewhere_are_refused(s2v_inputs, tmp_path):
     result = wanrt("generate", "--task", "tiny-s2v", "--ckpt-dir", ckpt, "--prompt", "a cat", "--image", image,
                    "--audio", speech, "--infer_frames", 6)
     _one_line_error(result, "--infer_frames 6")
+
+
+def test_fitted_images_are_padded_where_torchvision_pads():
+    # A 16:9 image for 1280x704: resized to 704x1251, center-cropped to 1280 wide, i.e.
+    # padded 14 columns left and 15 right (black for the PIL ref image, 0 for pose tensors).
+    image = torch.rand(3, 720, 1280) * 1.6 - 0.8
+    ref = fit_reference_image(image, 704, 1280)
+    pose = fit_pose_frames(image[None], 704, 1280)[0]
+    assert ref.shape == pose.shape == (3, 704, 1280)
+    for fitted, fill in ((ref, -1.0), (pose, 0.0)):
+        assert (fitted[:, :, :14] == fill).all() and (fitted[:, :, -15:] == fill).all()
+        assert (fitted[:, :, 14] != fill).any() and (fitted[:, :, -16] != fill).any()

@@ -155,9 +155,13 @@ def _short_side_size(height: int, width: int, short: int) -> tuple[int, int]:
     return int(short * height / width), short
 
 
-def _center_crop_box(height: int, width: int, out_h: int, out_w: int) -> tuple[int, int]:
-    """torchvision `CenterCrop`'s (top, left)."""
-    return int(round((height - out_h) / 2.0)), int(round((width - out_w) / 2.0))
+def _center_crop_offset(size: int, out: int) -> int:
+    """torchvision `CenterCrop`'s start along one side; negative where it pads (zeros, the
+    padding split as `(out - size) // 2` before): a 16:9 image resized for a 1280x704 video
+    is 1251 wide and gets 14 columns of padding on the left."""
+    if out > size:
+        return -((out - size) // 2)
+    return int(round((size - out) / 2.0))
 
 
 def fit_reference_image(image: Tensor, height: int, width: int) -> Tensor:
@@ -169,7 +173,8 @@ def fit_reference_image(image: Tensor, height: int, width: int) -> Tensor:
     picture = Image.fromarray(pixels)
     new_h, new_w = _short_side_size(picture.height, picture.width, min(height, width))
     picture = picture.resize((new_w, new_h), Image.BILINEAR)
-    top, left = _center_crop_box(new_h, new_w, height, width)
+    # PIL fills outside the image with 0, as torchvision's padding of a PIL image.
+    top, left = _center_crop_offset(new_h, height), _center_crop_offset(new_w, width)
     picture = picture.crop((left, top, left + width, top + height))
     array = torch.from_numpy(np.asarray(picture, dtype=np.uint8).copy()).permute(2, 0, 1)
     return array.float().div(255) * 2 - 1.0
@@ -180,8 +185,11 @@ def fit_pose_frames(frames: Tensor, height: int, width: int) -> Tensor:
     (bilinear, antialiased) and `CenterCrop((H, W))`."""
     new_h, new_w = _short_side_size(frames.shape[2], frames.shape[3], min(height, width))
     resized = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    top, left = _center_crop_box(new_h, new_w, height, width)
-    return resized[:, :, top:top + height, left:left + width]
+    top, left = _center_crop_offset(new_h, height), _center_crop_offset(new_w, width)
+    # Padding is 0 in the [-1, 1] values the official code crops (mid gray).
+    padded = F.pad(resized, (max(0, -left), max(0, width - new_w + left), max(0, -top), max(0, height - new_h + top)))
+    top, left = max(0, top), max(0, left)
+    return padded[:, :, top:top + height, left:left + width]
 
 
 def read_pose_frames(path: Path, count: int, fps: int) -> Tensor:
