@@ -278,8 +278,9 @@ class S2VPipeline(Pipeline):
                                                      t5_cpu=self.text_device.type == "cpu")))
 
     def _as_official_pixels(self, pixels: Tensor) -> Tensor:
-        """The official pipeline holds motion and pose pixels in the DiT's dtype (bf16 on
-        GPU) before the float32 VAE encodes them; a no-op in float32."""
+        """The official pipeline holds the pose pixels and the first motion frames (black,
+        or the ref image) in the DiT's dtype (bf16 on GPU); the generated frames that join
+        them later stay float32. A no-op in float32."""
         return pixels.to(self.dit_dtype).float()
 
     def _pose_latents(self, request: S2VResolved, clips: int, height: int, width: int) -> list[Tensor]:
@@ -313,7 +314,8 @@ class S2VPipeline(Pipeline):
             recent = torch.zeros(1, 3, motion_frames, height, width, device=self.device)
             if request.start_from_ref:
                 recent[:, :, -REF_MOTION_FRAMES:] = ref_pixels
-            motion_latents = self.vae.encode(self._as_official_pixels(recent))
+            recent = self._as_official_pixels(recent)
+            motion_latents = self.vae.encode(recent)
             pose = self._pose_latents(request, clips, height, width) if request.pose_video else None
 
         stride_t, stride_h, stride_w = self.task.vae_stride
@@ -340,7 +342,7 @@ class S2VPipeline(Pipeline):
                 if clip + 1 < clips:
                     overlap = min(motion_frames, frames.shape[2])
                     recent = torch.cat([recent[:, :, overlap:], frames[:, :, -overlap:]], dim=2)
-                    motion_latents = self.vae.encode(self._as_official_pixels(recent))
+                    motion_latents = self.vae.encode(recent)
         return torch.cat(video, dim=1)
 
     def _denoise_clip(self, request: S2VResolved, embeddings: TextEmbeddings, noise: Tensor,
