@@ -94,7 +94,7 @@ def test_generate_s2v_writes_video_with_the_audio(s2v_inputs, tmp_path):
     ckpt, image, speech, pose = s2v_inputs
     output = tmp_path / "talk.mp4"
     result = wanrt("generate", "--task", "tiny-s2v", "--ckpt_dir", ckpt, "--prompt", "a cat", "--image", image,
-                   "--audio", speech, "--pose_video", pose, "--num_clip", 2, "--sample_steps", 2,
+                   "--audio", speech, "--pose_video", pose, "--num_clip", 2, "--infer_frames", 4, "--sample_steps", 2,
                    "--base_seed", 3, "--save_file", output)
     assert result.exit_code == 0, result.output
     with av.open(str(output)) as container:
@@ -104,14 +104,14 @@ def test_generate_s2v_writes_video_with_the_audio(s2v_inputs, tmp_path):
         frames = sum(1 for _ in container.decode(video=0))
     with av.open(str(output)) as container:
         samples = sum(frame.samples for frame in container.decode(audio=0))
-    # Clip 1 keeps 8 - 3 frames, clip 2 all 8; the 1 s speech is cut to those 13 frames.
-    assert frames == 13 and video_seconds == pytest.approx(13 / 16, abs=1 / 16)
+    # Clip 1 keeps 4 - 3 frames, clip 2 all 4; the 1 s speech is cut to those 5 frames.
+    assert frames == 5 and video_seconds == pytest.approx(5 / 16, abs=1 / 16)
     assert audio_stream.codec_context.name == "aac" and audio_stream.sample_rate == 16000
     assert abs(audio_seconds - video_seconds) <= 1024 / 16000
-    assert samples >= 13 / 16 * 16000
+    assert samples >= 5 / 16 * 16000
     sidecar = json.loads(output.with_suffix(".json").read_text())
     assert sidecar["settings"]["num_clip"] == 2 and sidecar["seed"] == 3
-    assert sidecar["audio"]["seconds_in_video"] == pytest.approx(13 / 16)
+    assert sidecar["audio"]["seconds_in_video"] == pytest.approx(5 / 16)
     assert any(name.startswith("wav2vec2-large-xlsr-53-english/") for name in sidecar["checkpoint"]["sha256"])
     assert not list(tmp_path.glob("*.latents.safetensors"))
 
