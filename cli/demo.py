@@ -22,7 +22,7 @@ from wanrt.pipelines import GenerationRequest, Pipeline
 from wanrt.pipelines.s2v import S2VPipeline, S2VRequest
 
 DEMO_TASKS = ("tiny-t2v", "tiny-i2v", "tiny-ti2v", "tiny-s2v")
-DEMO_SPEECH_SECONDS = 1.5
+DEMO_SPEECH_SECONDS = 1.0  # two 8-frame clips: the second sees the first as motion frames
 # Whole words of the toy tokenizer's vocabulary, so the prompt is not all <unk>.
 DEMO_PROMPT = "a cat surfing on the beach at sunset"
 
