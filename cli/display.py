@@ -47,8 +47,8 @@ class TerminalProgress:
         self._progress.refresh()
         return handle
 
-    def update(self, handle: TaskID, completed: int, note: str = "") -> None:
-        self._progress.update(handle, completed=completed, note=note)
+    def update(self, handle: TaskID, completed: int, note: str = "", total: int | None = None) -> None:
+        self._progress.update(handle, completed=completed, note=note, **({} if total is None else {"total": total}))
 
     def finish(self, handle: TaskID) -> None:
         if handle not in self._open:
@@ -81,7 +81,9 @@ class RunDisplay:
         self._reporter.finish(self._handle)
 
     def on_step(self, info: StepInfo) -> None:
-        self._reporter.update(self._handle, info.index + 1, note=f"{info.expert.value.replace('_', '-')} expert")
+        # `total`: an s2v run learns each clip's step count as it starts it.
+        self._reporter.update(self._handle, info.index + 1, note=f"{info.expert.value.replace('_', '-')} expert",
+                              total=info.total)
 
     def on_decode(self) -> None:
         self._reporter.finish(self._handle)

@@ -18,6 +18,7 @@ import torch
 import typer
 
 from wanrt.cli.display import RunDisplay
+from wanrt.configs import ModelType
 from wanrt.distributed.config import ParallelConfig
 from wanrt.distributed.launch import check_gpu_count, is_rank_zero, launched_world_size, relaunch, run_rank
 from wanrt.engines.base import EngineKind, use_engine
@@ -121,7 +122,8 @@ def show_extension(extension: PromptExtension) -> None:
 def print_result(record: GenerationRecord) -> None:
     typer.echo(f"video:   {record.video_path.absolute()}")
     typer.echo(f"sidecar: {record.sidecar_path.absolute()}")
-    typer.echo(f"latents: {record.latents_path.absolute()}")
+    if record.latents_path is not None:
+        typer.echo(f"latents: {record.latents_path.absolute()}")
     typer.echo(f"total:   {record.sidecar['timings_s']['total']:.1f} s")
     for expert, summary in record.sidecar["runtime"]["quantization"].items():
         typer.echo(f"quantized {expert}: {summary}")
@@ -288,9 +290,34 @@ def generate_command(
     prompt_extend_strict: Annotated[bool, typer.Option(
         "--prompt-extend-strict", help="Stop when prompt extension fails instead of using the original prompt.")]
     = False,
+    audio: Annotated[Path | None, typer.Option("--audio", help="s2v: the speech that drives the video.")] = None,
+    pose_video: Annotated[Path | None, typer.Option(
+        "--pose-video", "--pose_video", help="s2v: a pose (DWPose) video that drives the motion.")] = None,
+    num_clip: Annotated[int | None, typer.Option(
+        "--num-clip", "--num_clip", help="s2v: clips to generate (default and most: what the audio covers).")]
+    = None,
+    infer_frames: Annotated[int | None, typer.Option(
+        "--infer-frames", "--infer_frames", help="s2v: frames per clip, a multiple of 4 (default 80).")] = None,
+    start_from_ref: Annotated[bool, typer.Option(
+        "--start-from-ref", "--start_from_ref", help="s2v: start the video from the reference image.")] = False,
+    enable_tts: Annotated[bool, typer.Option(
+        "--enable-tts", "--enable_tts", help="s2v: synthesize the speech with CosyVoice2 (see README).")] = False,
+    tts_prompt_audio: Annotated[Path | None, typer.Option("--tts-prompt-audio", "--tts_prompt_audio")] = None,
+    tts_prompt_text: Annotated[str | None, typer.Option("--tts-prompt-text", "--tts_prompt_text")] = None,
+    tts_text: Annotated[str | None, typer.Option("--tts-text", "--tts_text")] = None,
 ) -> None:
-    """Generate a video from a prompt (and an image for i2v/ti2v)."""
+    """Generate a video from a prompt (an image for i2v/ti2v; an image and speech for s2v)."""
     spec = generation_task(task)
+    speech = {"--audio": audio, "--pose_video": pose_video, "--num_clip": num_clip, "--infer_frames": infer_frames,
+              "--start_from_ref": start_from_ref or None, "--enable_tts": enable_tts or None,
+              "--tts_prompt_audio": tts_prompt_audio, "--tts_prompt_text": tts_prompt_text, "--tts_text": tts_text}
+    if spec.dit.model_type is ModelType.S2V:
+        from wanrt.cli.s2v import generate_s2v
+
+        return generate_s2v(ctx, spec, speech)
+    given = [flag for flag, value in speech.items() if value is not None]
+    if given:
+        raise InputError(f"{', '.join(given)} only apply to s2v tasks, not {task}")
     if prompt is None or not (prompt or (use_prompt_extend and image)):
         raise InputError("--prompt is required (it may be empty only with --use_prompt_extend and --image, "
                          "which write it from the image)")

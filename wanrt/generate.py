@@ -47,8 +47,9 @@ _LATENTS_KEY = "latents"
 _EMBEDDING_KEY = "embedding"
 # The official CLI draws random seeds up to sys.maxsize; torch generators take < 2**64.
 _MAX_SEED = sys.maxsize
-# Model types whose sampling `Pipeline` implements (s2v and animate are not yet).
-_GENERATION_MODEL_TYPES = (ModelType.T2V, ModelType.I2V, ModelType.TI2V)
+# Model types `wanrt generate` samples (animate is not implemented yet); s2v runs through
+# `wanrt.s2v_generate`.
+_GENERATION_MODEL_TYPES = (ModelType.T2V, ModelType.I2V, ModelType.TI2V, ModelType.S2V)
 
 
 class DecodeFailedError(WanrtError):
@@ -59,7 +60,7 @@ class DecodeFailedError(WanrtError):
 class GenerationRecord:
     video_path: Path
     sidecar_path: Path
-    latents_path: Path
+    latents_path: Path | None  # None for s2v, which decodes inside its clip loop
     video_info: VideoInfo
     sidecar: Mapping[str, Any]  # what the sidecar file holds
 
@@ -118,7 +119,8 @@ def default_output_path(task: TaskSpec, request: ResolvedRequest, now: datetime 
     prompt = request.prompt.replace(" ", "_").replace("/", "_")[:50]
     stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
     # 'x' rather than the official '*': a '*' in a file name trips up shells and Windows.
-    return Path(f"{task.name}_{output_size(task, request).replace('*', 'x')}_{prompt}_{stamp}.mp4")
+    size = output_size(task, request) if isinstance(request, ResolvedRequest) else request.size
+    return Path(f"{task.name}_{size.replace('*', 'x')}_{prompt}_{stamp}.mp4")
 
 
 def latents_path_for(output: Path) -> Path:
@@ -299,6 +301,60 @@ def read_latents(path: Path) -> tuple[Tensor, dict[str, str]]:
 # ---------------------------------------------------------------------- runs
 
 
+def draw_seed(seed: int) -> tuple[int, bool]:
+    """(the seed to use, whether it was drawn): a negative seed draws a random one, as the
+    official CLI does."""
+    if seed < 0:
+        return secrets.randbelow(_MAX_SEED + 1), True
+    if seed > _MAX_SEED:
+        raise InputError(f"--seed {seed} is too large; use 0..{_MAX_SEED}, or -1 for a random one")
+    return seed, False
+
+
+def start_run(pipeline: Pipeline, request, embedding_cache: EmbeddingCache | None):
+    """What every run does first: draw the seed, resolve (validate) the request, reset the
+    peak-memory counter, embed the prompts. Returns (resolved, seed_was_random, embeddings,
+    embedding cache state, text-encoding seconds)."""
+    seed, seed_was_random = draw_seed(request.seed)
+    resolved = dataclasses.replace(request, seed=seed).resolved(pipeline.task)
+    if pipeline.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pipeline.device)
+    text_start = time.perf_counter()
+    embeddings, cache_state = text_embeddings(pipeline, resolved, embedding_cache)
+    return resolved, seed_was_random, embeddings, cache_state, time.perf_counter() - text_start
+
+
+def run_sidecar(pipeline: Pipeline, resolved, seed_was_random: bool, fps: int, cache_state: str,
+                run_options: Mapping[str, Any] | None, timings: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar of a run before its video is written (`resolved` has `settings()`,
+    `seed` and `image`); hashing the checkpoint is timed into `timings`."""
+    hash_start = time.perf_counter()
+    checkpoint = _checkpoint_record(pipeline.files)
+    return {
+        "wanrt_version": wanrt.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": _device_name(pipeline.device),
+        "task": pipeline.task.name,
+        "settings": resolved.settings(),
+        "seed": resolved.seed,
+        "seed_was_random": seed_was_random,
+        "fps": fps,
+        "runtime": {"device": str(pipeline.device), "dit_dtype": str(pipeline.dit_dtype).removeprefix("torch."),
+                    "text_device": str(pipeline.text_device), "embedding_cache": cache_state,
+                    "precision": weight_precision(pipeline), "quantization": dict(pipeline.quant_summaries),
+                    "memory_plan": pipeline.plan.to_dict() if pipeline.plan else None,
+                    "streamed_bytes": pipeline.streamed_bytes, "dit_forwards": pipeline.dit_forwards,
+                    "step_cache": None if pipeline.step_cache is None else
+                    {**pipeline.step_cache.record(resolved.steps), "skipped_steps": list(pipeline.cached_steps)},
+                    "loras": pipeline.lora_records()},
+        "options": dict(run_options or {}),
+        "image": _image_record(resolved.image),
+        "checkpoint": checkpoint,
+        "timings_s": {**timings, "hashing": time.perf_counter() - hash_start},
+    }
+
+
 def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequest, output: Path, *,
                    embedding_cache: EmbeddingCache | None,
                    on_step: Callable[[StepInfo], None] | None = None,
@@ -317,47 +373,13 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
     """
     started = time.perf_counter()
     output = check_output_path(output)
-    seed_was_random = request.seed < 0
-    seed = secrets.randbelow(sys.maxsize + 1) if seed_was_random else request.seed
-    if seed > _MAX_SEED:
-        raise InputError(f"--seed {seed} is too large; use 0..{_MAX_SEED}, or -1 for a random one")
-    resolved = dataclasses.replace(request, seed=seed).resolved(pipeline.task)
-    if pipeline.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(pipeline.device)
-
-    text_start = time.perf_counter()
-    embeddings, cache_state = text_embeddings(pipeline, resolved, embedding_cache)
-    text_seconds = time.perf_counter() - text_start
+    resolved, seed_was_random, embeddings, cache_state, text_seconds = start_run(pipeline, request, embedding_cache)
     expert_timer = _ExpertTimer(on_step)
     latents = (sample or pipeline.sample)(resolved, embeddings, on_step=expert_timer)
-
-    hash_start = time.perf_counter()
-    checkpoint = _checkpoint_record(pipeline.files)
-    sidecar: dict[str, Any] = {
-        "wanrt_version": wanrt.__version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "device": _device_name(pipeline.device),
-        "task": pipeline.task.name,
-        "settings": {**resolved.settings(), "size": output_size(pipeline.task, resolved),
-                     "requested_size": resolved.size},
-        "seed": seed,
-        "seed_was_random": seed_was_random,
-        "fps": fps or pipeline.task.sample.fps,
-        "runtime": {"device": str(pipeline.device), "dit_dtype": str(pipeline.dit_dtype).removeprefix("torch."),
-                    "text_device": str(pipeline.text_device), "embedding_cache": cache_state,
-                    "precision": weight_precision(pipeline), "quantization": dict(pipeline.quant_summaries),
-                    "memory_plan": pipeline.plan.to_dict() if pipeline.plan else None,
-                    "streamed_bytes": pipeline.streamed_bytes, "dit_forwards": pipeline.dit_forwards,
-                    "step_cache": None if pipeline.step_cache is None else
-                    {**pipeline.step_cache.record(resolved.steps), "skipped_steps": list(pipeline.cached_steps)},
-                    "loras": pipeline.lora_records()},
-        "options": dict(run_options or {}),
-        "image": _image_record(resolved.image),
-        "checkpoint": checkpoint,
-        "timings_s": {"text_encoding": text_seconds, "sampling": dict(expert_timer.seconds),
-                      "hashing": time.perf_counter() - hash_start},
-    }
+    sidecar = run_sidecar(pipeline, resolved, seed_was_random, fps or pipeline.task.sample.fps, cache_state,
+                          run_options, {"text_encoding": text_seconds, "sampling": dict(expert_timer.seconds)})
+    # The video actually generated: an image-conditioned run keeps the image's aspect.
+    sidecar["settings"].update(size=output_size(pipeline.task, resolved), requested_size=resolved.size)
     latents_path = latents_path_for(output)
     save_latents(latents_path, latents, pipeline.task.name, pipeline.files.root.resolve(), sidecar)
     return _decode_and_write(pipeline, latents, output, latents_path, sidecar, started, on_decode)

@@ -21,8 +21,9 @@ class Reporter(Protocol):
     def start(self, description: str, total: int | None) -> object:
         """Begin a bar; returns the handle the other calls take."""
 
-    def update(self, handle: object, completed: int, note: str = "") -> None:
-        """`completed` units of the bar are done; `note` is shown beside it."""
+    def update(self, handle: object, completed: int, note: str = "", total: int | None = None) -> None:
+        """`completed` units of the bar are done (of `total`, when it changes); `note` is
+        shown beside it."""
 
     def finish(self, handle: object) -> None: ...
 

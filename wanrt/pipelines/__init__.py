@@ -1,7 +1,8 @@
 """Sampling pipelines, one module per task family over a shared core.
 
 - `core`: the step loop, guidance, noise, memory/streaming settings (every family);
-- `video`: text/image-to-video (t2v-A14B, i2v-A14B, ti2v-5B).
+- `video`: text/image-to-video (t2v-A14B, i2v-A14B, ti2v-5B);
+- `s2v`: speech-to-video (s2v-14B), `S2VPipeline` over `video.Pipeline`'s components.
 """
 
 from wanrt.pipelines.core import (Guidance, MemoryBudget, NonFiniteLatentsError, StepInfo, StreamingConfig,

@@ -25,21 +25,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wanrt.configs import SIZES, ModelType, TaskSpec, get_task, parse_size
+from wanrt.configs import SIZES, ModelType, SampleDefaults, TaskSpec, get_task, parse_size
 from wanrt.errors import CheckpointError, InputError, parse_choice
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_checkpoint_task, check_dit_matches_vae,
                                       load_dit, load_t5, load_vae, locate_checkpoint)
 from wanrt.loading.component_files import ComponentFiles, apply_component_files, stored_precision
 from wanrt.lora import LoadedLora, LoraSpec, check_loras, merge_loras, parameter_shapes
 from wanrt.models.dit import WanDiT
-from wanrt.pipelines.core import (Guidance, MemoryBudget, StepInfo, StreamingConfig, TextEmbeddings,
-                                  noise_for, run_steps)
+from wanrt.pipelines.core import (Guidance, MemoryBudget, NonFiniteLatentsError, StepInfo, StreamingConfig,
+                                  TextEmbeddings, noise_for, run_steps)
 from wanrt.progress import track
 from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
 from wanrt.runtime.step_cache import EasyCache, StepCacheConfig
 from wanrt.runtime.streaming import BlockStreamer
 from wanrt.schedulers import FlowScheduler, Solver, make_scheduler
 from wanrt.schedulers.distill import DISTILL_SHIFT, DISTILL_STEPS
+
+
+def resolve_size(task: TaskSpec, size: str | None) -> str:
+    """`--size`, default the task's first; one line naming the supported ones otherwise."""
+    size = size or task.sample.sizes[0]
+    if size not in task.sample.sizes:
+        raise InputError(f"--size {size} is not supported by {task.name}; "
+                         f"choose one of {', '.join(task.sample.sizes)}")
+    return size
+
+
+def resolve_steps(defaults: SampleDefaults, steps: int | None) -> int:
+    """`--steps`, default the sampler's (the task's, or the distilled sampler's)."""
+    steps = defaults.steps if steps is None else steps
+    if steps < 1:
+        raise InputError(f"--steps {steps} must be at least 1")
+    return steps
 
 
 @dataclass(frozen=True)
@@ -72,16 +89,11 @@ class GenerationRequest:
                                            shift=DISTILL_SHIFT, guide_scale=(1.0, 1.0))
         elif self.denoising_steps is not None:
             raise InputError(f"--denoising-step-list applies to --sampler distill, not {solver.value}")
-        size = self.size or defaults.sizes[0]
-        if size not in defaults.sizes:
-            raise InputError(f"--size {size} is not supported by {task.name}; "
-                             f"choose one of {', '.join(defaults.sizes)}")
+        size = resolve_size(task, self.size)
         frame_num = defaults.frame_num if self.frame_num is None else self.frame_num
         if frame_num < 1 or (frame_num - 1) % task.vae_stride[0]:
             raise InputError(f"--frame-num {frame_num} must be 4n+1 (e.g. 81, 121)")
-        steps = defaults.steps if self.steps is None else self.steps
-        if steps < 1:
-            raise InputError(f"--steps {steps} must be at least 1")
+        steps = resolve_steps(defaults, self.steps)
         guide = defaults.guide_scale if self.guide_scale is None else self.guide_scale
         if isinstance(guide, (int, float)):
             guide = (float(guide), float(guide))
@@ -367,8 +379,7 @@ class Pipeline:
             self._experts[expert] = model
         if expert not in self._experts:
             folder = self._require_files().dit_dirs[expert]
-            model = self._timed_load(f"dit_{expert.value}", lambda: load_dit(
-                folder, expect=self.task.dit, dtype=self.dit_dtype))
+            model = self._timed_load(f"dit_{expert.value}", lambda: self.read_dit(folder))
             check_dit_matches_vae(model.config, self.task.vae, str(folder))
             # LoRAs first: quantization, pinning and streaming then see the merged weights.
             self._merge_loras(expert, model)
@@ -390,6 +401,11 @@ class Pipeline:
             model = self._experts[expert]
             self._runners[expert] = model if self.wrap_expert is None else self.wrap_expert(expert, model)
         return self._experts[expert]
+
+    def read_dit(self, folder: Path) -> WanDiT:
+        """One DiT folder in host memory, in the DiT dtype (a task family's own DiT class
+        overrides this)."""
+        return load_dit(folder, expect=self.task.dit, dtype=self.dit_dtype)
 
     def _place(self, expert: Expert, device: torch.device | str) -> None:
         """Move what of `expert` is not streamed (all of it without streaming)."""
@@ -627,11 +643,14 @@ class Pipeline:
             request = request.resolved(self.task)
         if self.memory is None or self.dit_dtype != torch.bfloat16:
             return None
-        self.plan = require_fit(make_plan(
+        return self.adopt_plan(require_fit(make_plan(
             self.task, request.size, request.frame_num, self.precision, self.memory.vram_gib,
             self.memory.ram_gib, image=request.image is not None,
-            t5_cpu=self.text_device.type == "cpu"))
-        if self.plan.streaming and self.streaming is None:
-            self.streaming = StreamingConfig(self.plan.resident_blocks, self.plan.prefetch_depth,
-                                             self.plan.pinned_bytes)
-        return self.plan
+            t5_cpu=self.text_device.type == "cpu")))
+
+    def adopt_plan(self, plan: MemoryPlan) -> MemoryPlan:
+        """Run by `plan`: stream the DiT blocks it streams (unless streaming was set explicitly)."""
+        self.plan = plan
+        if plan.streaming and self.streaming is None:
+            self.streaming = StreamingConfig(plan.resident_blocks, plan.prefetch_depth, plan.pinned_bytes)
+        return plan

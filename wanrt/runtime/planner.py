@@ -19,9 +19,10 @@ from enum import Enum
 
 import torch
 
-from wanrt.configs import SIZES, DiTConfig, ModelType, TaskSpec, VAEVersion, parse_size
+from wanrt.configs import SIZES, DiTConfig, ModelType, S2VConfig, TaskSpec, VAEVersion, parse_size
 from wanrt.errors import InputError
 from wanrt.models.dit import WanDiT
+from wanrt.models.s2v_dit import WanS2VDiT
 
 GIB = 2**30
 
@@ -83,13 +84,14 @@ class ModelBytes:
         return self.block * self.num_blocks + self.other
 
 
-def dit_bytes(config: DiTConfig, precision: Precision) -> ModelBytes:
+def dit_bytes(config: DiTConfig, precision: Precision, s2v: S2VConfig | None = None) -> ModelBytes:
     """Exact weight bytes from the model built on `meta`: Linear weights in the blocks at
     `precision` (plus per-channel float32 scales when quantized); biases, norms and the
     modulation tables float32/bf16 as loaded; everything outside the blocks bf16, except
     the float32 time MLPs and head."""
     with torch.device("meta"):
-        model = WanDiT(config)
+        # S2V adds its audio encoder and injectors (~1.9B parameters on 14B) outside the blocks.
+        model = WanDiT(config) if s2v is None else WanS2VDiT(config, s2v)
 
     def size(name: str, param: torch.Tensor, in_block: bool) -> int:
         parts = name.split(".")
@@ -188,11 +190,11 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
     """Plan a run; raises InputError naming the remedy when it cannot fit."""
     precision = Precision(precision)
     vram, ram = int(vram_gib * GIB), int(ram_gib * GIB)
-    weights = dit_bytes(task.dit, precision)
+    weights = dit_bytes(task.dit, precision, task.s2v)
     # Quantized runs keep the first and the last block in bf16 (the default precision
     # policy of wanrt.export.quantize): the first is resident, the last may stream, so the
     # slots are bf16-block sized.
-    bf16_block = dit_bytes(task.dit, Precision.BF16).block
+    bf16_block = dit_bytes(task.dit, Precision.BF16, task.s2v).block
     extra_high = 0 if precision is Precision.BF16 else bf16_block - weights.block
     grid = token_grid(task, size, frames)
     tokens = math.prod(grid)
