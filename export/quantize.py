@@ -130,6 +130,14 @@ class QuantizedLinear(nn.Module):
         """float32 `[out, in]`: exactly the values the quantized weight stands for."""
         return self.weight.float() * self.weight_scale[:, None]
 
+    def store_dense(self, weight: Tensor) -> None:
+        """Replace the stored values by `weight` (float `[out, in]`, e.g. a LoRA merged into
+        `dequantized_weight()`), quantized in this layer's own format."""
+        with torch.no_grad():
+            values, scale = quantize_rows(weight.float(), self.qmax, self.storage_dtype)
+        self.weight = values.to(self.weight.device)
+        self.weight_scale = scale.flatten().to(self.weight_scale.device)
+
     def forward(self, x: Tensor) -> Tensor:
         dtype = compute_dtype(x)
         rows = x.reshape(-1, self.in_features)

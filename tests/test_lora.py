@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from wanrt.configs import get_task
 from wanrt.errors import InputError
-from wanrt.export.quantize import PrecisionPolicy, quantize
+from wanrt.export.quantize import Float8Linear, Int8Linear, PrecisionPolicy, quantize
 from wanrt.loading.checkpoint import Expert
+from wanrt.loading.stored_linears import Int8BlockLinear
 from wanrt.lora import LoadedLora, LoraError, LoraExpert, LoraFormat, LoraSpec, merge_loras, parameter_shapes
 from wanrt.models.dit import WanDiT
 from wanrt.pipelines import Pipeline
@@ -213,6 +214,41 @@ def test_fp8_quantization_after_the_merge_keeps_the_lora(tmp_path):
         error_merged = (merged(x, t, context) - target).abs().max().item()
         error_unmerged = (quantize(tiny_dit(), "fp8", every_block)(x, t, context) - target).abs().max().item()
     # What fp8 loses is its own rounding, a fraction of what the LoRA changes.
+    assert error_merged < 0.2 * error_unmerged
+
+
+@pytest.mark.parametrize("linear_class", [Float8Linear, Int8Linear, Int8BlockLinear])
+def test_lora_merges_into_linears_stored_in_8_bits(tmp_path, linear_class):
+    """A fp8/int8/Q8_0 single file runs as stored: the LoRA is added to the dequantized
+    weight and quantized again in the layer's own format (scales included)."""
+    path, expected = wan_lora(tmp_path)
+    lora = load(path)
+    x, t, context = torch.randn(1, 16, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 7, TASK.dit.text_dim)
+
+    def stored_in_8_bits() -> WanDiT:
+        model = tiny_dit()
+        for name, module in list(model.named_modules()):
+            if name.startswith("blocks.") and type(module) is torch.nn.Linear:
+                # Placeholder values and scales: store_dense writes both, in the format's layout.
+                layer = linear_class(torch.zeros(module.weight.shape, dtype=linear_class.storage_dtype),
+                                     torch.ones(module.out_features), module.bias.detach().clone())
+                layer.store_dense(module.weight)
+                model.set_submodule(name, layer)
+        return model
+
+    merged_float = tiny_dit()
+    merge_loras(merged_float, [lora])
+    merged, unmerged = stored_in_8_bits(), stored_in_8_bits()
+    merge_loras(merged, [lora])
+    q = merged.get_submodule("blocks.0.self_attn.q")
+    # The stored layer now stands for weight + delta, within its format's rounding.
+    reference = merged_float.get_submodule("blocks.0.self_attn.q").weight
+    assert (q.dequantized_weight() - reference).abs().max() <= 0.07 * reference.abs().max()
+    assert q.weight.dtype == linear_class.storage_dtype
+    with torch.no_grad():
+        target = merged_float(x, t, context)
+        error_merged = (merged(x, t, context) - target).abs().max().item()
+        error_unmerged = (unmerged(x, t, context) - target).abs().max().item()
     assert error_merged < 0.2 * error_unmerged
 
 

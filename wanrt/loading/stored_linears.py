@@ -55,6 +55,17 @@ class Int8BlockLinear(Int8Linear):
         blocks = self.weight.float().reshape(self.out_features, -1, Q8_0_BLOCK)
         return (blocks * self.weight_scale.float()[:, :, None]).reshape(self.out_features, self.in_features)
 
+    def store_dense(self, weight: Tensor) -> None:
+        """Q8_0 again: one float16 scale (amax/127) per 32 inputs; the values are rounded
+        against the float16 scale they will be read with."""
+        with torch.no_grad():
+            blocks = weight.float().reshape(self.out_features, -1, Q8_0_BLOCK)
+            # Clamped in float16, where a tiny scale would round to 0.
+            scale = (blocks.abs().amax(dim=-1) / self.qmax).to(torch.float16).clamp_min(torch.finfo(torch.float16).tiny)
+            values = (blocks / scale.float()[:, :, None]).round_().clamp_(-self.qmax, self.qmax)
+        self.weight = values.to(torch.int8).reshape(self.out_features, self.in_features).to(self.weight.device)
+        self.weight_scale = scale.to(self.weight_scale.device)
+
 
 LINEAR_CLASSES: dict[StoredKind, type[QuantizedLinear]] = {
     StoredKind.FP8_E4M3: Float8Linear,

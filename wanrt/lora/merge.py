@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from wanrt.errors import CheckpointError, InputError
+from wanrt.export.quantize import QuantizedLinear
 from wanrt.loading.checkpoint import Expert
 from wanrt.lora.files import LoraError, LoraFile, LoraPlan
 
@@ -108,12 +109,22 @@ def parameter_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
+def stored_linear_weights(model: nn.Module) -> dict[str, QuantizedLinear]:
+    """`<module>.weight` -> the 8-bit Linear holding it (its weight is a buffer, not a parameter)."""
+    return {f"{name}.weight": module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
+
+
 def merge_loras(model: nn.Module, loras: Sequence[LoadedLora]) -> int:
     """Add every LoRA's delta to `model`'s weights in place; returns the parameters changed.
 
-    A LoRA at strength 0 changes nothing (its keys are still checked)."""
+    A Linear stored in 8 bits (an fp8/int8/Q8_0 single file) is merged through its
+    dequantized weight and quantized again in its own format, so a LoRA also applies to
+    the files that run as stored. A LoRA at strength 0 changes nothing (its keys are
+    still checked)."""
     parameters = dict(model.named_parameters())
+    stored = stored_linear_weights(model)
     shapes = {name: tuple(p.shape) for name, p in parameters.items()}
+    shapes.update({name: (module.out_features, module.in_features) for name, module in stored.items()})
     by_parameter = defaultdict(list)
     for lora in loras:
         plan = lora.file.plan(shapes)  # the model may differ from the one checked up front
@@ -123,9 +134,14 @@ def merge_loras(model: nn.Module, loras: Sequence[LoadedLora]) -> int:
                 by_parameter[patch.parameter].append((lora.file, patch, lora.spec.strength, tensors))
     with torch.no_grad():
         for name, patches in by_parameter.items():
-            parameter = parameters[name]
-            merged = parameter.detach().to(torch.float32, copy=True)
+            module = stored.get(name)
+            target = module.weight if module is not None else parameters[name]
+            merged = (module.dequantized_weight() if module is not None
+                      else target.detach().to(torch.float32, copy=True))
             for file, patch, strength, tensors in patches:
-                merged += file.delta(patch, strength, tensors, parameter.device).view(parameter.shape)
-            parameter.copy_(merged)
+                merged += file.delta(patch, strength, tensors, target.device).view(merged.shape)
+            if module is not None:
+                module.store_dense(merged)
+            else:
+                target.copy_(merged)
     return len(by_parameter)
