@@ -1,0 +1,278 @@
+"""8-bit attention and the fused activation quantizer: Triton kernels run on the CPU through
+Triton's interpreter (TRITON_INTERPRET=1, set here before any kernel module is imported),
+checked against float64 SDPA and the torch references; the attention backends, their guard
+and a pipeline run with --attention sage on the tiny models.
+
+Error budgets (relative L2 vs float64 SDPA), from int8 per-block Q/K (~1% per element on
+Gaussian inputs) and fp16 P·V: `SAGE_BUDGET`. Against a torch emulation of the same
+quantization the kernel must agree to fp16 rounding: `EMULATION_BUDGET`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FIXTURES
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton", reason="the 8-bit kernels are written in Triton, which is not installed")
+
+from wanrt.configs import get_task  # noqa: E402
+from wanrt.errors import ConfigError, InputError  # noqa: E402
+from wanrt.export.quantize import FP8_MAX, INT8_MAX, Scheme, auto_scheme, quantize_rows  # noqa: E402
+from wanrt.kernels.row_quant import fused_quantize_rows  # noqa: E402
+from wanrt.kernels.sage_attention import (  # noqa: E402
+    LOG2E,
+    attend_quantized_values,
+    quantize_per_block,
+    sage_attention,
+    smoothing_mean,
+)
+from wanrt.loading.checkpoint import Expert, load_dit  # noqa: E402
+from wanrt.models.dit import WanDiT  # noqa: E402
+from wanrt.pipeline import GenerationRequest, Pipeline, TextEmbeddings  # noqa: E402
+from wanrt.random_weights import randomize_  # noqa: E402
+from wanrt.runtime.attention import (  # noqa: E402
+    AttentionBackend,
+    AttentionGuard,
+    attach_attention,
+    relative_error,
+    restore_sdpa,
+    use_attention,
+)
+
+SAGE_BUDGET = 3e-2
+EMULATION_BUDGET = 1e-3
+BLOCK = 16  # the tests' query/key tiles: many blocks at small shapes
+
+# (batch, query tokens, key tokens, heads, head_dim, visible keys per batch or None)
+SHAPES = [
+    (1, 37, 37, 2, 16, None),            # odd token count, one partial block
+    (2, 50, 45, 3, 24, (30, 45)),        # padded keys, Lq != Lk, head_dim not a power of two
+    (1, 64, 64, 2, 64, (57,)),           # whole blocks, the last keys padded
+]
+
+
+def _inputs(batch, q_len, kv_len, heads, head_dim, visible, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, q_len, heads, head_dim, generator=generator)
+    # K with a shared channel offset, as real keys have: what K smoothing removes.
+    k = torch.randn(batch, kv_len, heads, head_dim, generator=generator) + 3 * torch.randn(
+        heads, head_dim, generator=generator)
+    v = torch.randn(batch, kv_len, heads, head_dim, generator=generator)
+    mask = None
+    if visible is not None:
+        mask = torch.arange(kv_len)[None, :] < torch.tensor(visible)[:, None]
+    return q, k, v, mask
+
+
+def _sdpa64(q, k, v, mask):
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :] if mask is not None else None)
+    return out.transpose(1, 2)
+
+
+def _round_half_away(x):
+    return torch.trunc(x + 0.5 * torch.sign(x))
+
+
+def _quantize_blocks_reference(x, block, multiplier=1.0, mean=None, mask=None):
+    """float64 dequantized values of the kernel's per-block int8 quantization."""
+    x = x.double() * multiplier
+    if mean is not None:
+        x = x - mean[:, None].double()
+    if mask is not None:
+        x = x * mask[:, :, None, None]
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[1], block):
+        chunk = x[:, start:start + block]
+        scale = chunk.abs().amax(dim=(1, 3), keepdim=True).float().clamp_min(1e-12).double() / INT8_MAX
+        out[:, start:start + block] = _round_half_away((chunk.float() / scale.float()).double()) * scale
+    return out
+
+
+def _emulated_sage(q, k, v, mask):
+    """The kernel's arithmetic in float64: quantized Q and K, exact softmax and P·V."""
+    head_dim = q.shape[-1]
+    qd = _quantize_blocks_reference(q, BLOCK, LOG2E / math.sqrt(head_dim))
+    kd = _quantize_blocks_reference(k, BLOCK, mean=smoothing_mean(k, mask), mask=mask)
+    scores = torch.einsum("bqhd,bkhd->bhqk", qd, kd) * math.log(2)  # back to base e
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double())
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + ("-masked" if s[5] else ""))
+def test_sage_kernel_within_budget_of_float64_sdpa(shape):
+    q, k, v, mask = _inputs(*shape)
+    out = sage_attention(q, k, v, mask, block_m=BLOCK, block_n=BLOCK)
+    assert out.shape == q.shape and out.dtype == v.dtype
+    assert relative_error(out, _sdpa64(q, k, v, mask)) <= SAGE_BUDGET
+    # The error is the quantization's, nothing else: the kernel equals its emulation.
+    assert relative_error(out, _emulated_sage(q, k, v, mask)) <= EMULATION_BUDGET
+
+
+def test_sage_kernel_takes_strided_bf16_inputs_and_ignores_padded_keys():
+    q, k, v, mask = _inputs(1, 40, 40, 2, 16, (33,))
+    # The DiT hands [B, L, N, D] views of [B, L, N*D] projections; here transposed storage.
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    garbage = k.clone()
+    garbage[:, 33:] = 1e4  # padded keys must change nothing (scores, K mean, K block scales)
+    out = sage_attention(q, garbage, v.bfloat16(), mask, block_m=BLOCK, block_n=BLOCK)
+    assert out.dtype == torch.bfloat16
+    clean = sage_attention(q, k, v.bfloat16(), mask, block_m=BLOCK, block_n=BLOCK)
+    assert torch.equal(out, clean)
+    assert relative_error(out, _sdpa64(q, k, v, mask)) <= SAGE_BUDGET
+
+
+def test_fp8_pv_logic_through_its_fp16_twin():
+    """The fp8 variant's V per-channel scales and P x 448 run with e4m3-rounded V held in
+    fp16 (the interpreter's own float8 casts are wrong); only P's e4m3 rounding is left to
+    the GPU."""
+    q, k, v, mask = _inputs(2, 50, 45, 3, 24, (30, 45))
+    visible = v * mask[:, :, None, None]
+    scales = visible.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
+    values = (visible / scales[:, None]).to(torch.float8_e4m3fn).to(torch.float16)
+    out = attend_quantized_values(q, k, values, scales.contiguous(), FP8_MAX, mask, BLOCK, BLOCK, torch.float32)
+    assert relative_error(out, _sdpa64(q, k, v, mask)) <= SAGE_BUDGET
+    fp16 = sage_attention(q, k, v, mask, block_m=BLOCK, block_n=BLOCK)
+    assert relative_error(out, fp16) <= 5e-2  # e4m3 V: 3 mantissa bits, ~2-3% per value
+
+
+def test_per_block_quantization_matches_the_reference():
+    q, k, _, mask = _inputs(2, 45, 45, 3, 24, (30, 45))
+    mean = smoothing_mean(k, mask)
+    values, scales = quantize_per_block(k, BLOCK, mean=mean, key_mask=mask.to(torch.int8))
+    assert values.shape == (2, 3, 48, 32) and scales.shape == (2, 3, 3)
+    dequantized = (values.float().unflatten(2, (3, BLOCK)) * scales[..., None, None]).flatten(2, 3)
+    expected = _quantize_blocks_reference(k, BLOCK, mean=mean, mask=mask).transpose(1, 2)
+    assert torch.allclose(dequantized[:, :, :45, :24].double(), expected, atol=1e-6)
+    assert not values[:, :, 45:].any() and not values[..., 24:].any() and not values[0, :, 30:45].any()
+
+
+def test_fused_row_quantization_equals_the_torch_reference():
+    x = torch.randn(9, 2100) * 3
+    x[3] = 0  # an all-zero row (padding tokens): zeros, not 0/0
+    x[5, 7] = 100.0
+    for dtype in (torch.float32, torch.bfloat16):
+        values, scales = fused_quantize_rows(x.to(dtype), INT8_MAX, torch.int8)
+        expected_values, expected_scales = quantize_rows(x.to(dtype), INT8_MAX, torch.int8)
+        assert torch.equal(values, expected_values) and torch.equal(scales, expected_scales)
+    # fp8: the same scaling and clamp; the e4m3 cast itself is the GPU's (checked there).
+    values, scales = fused_quantize_rows(x, FP8_MAX, torch.float32)
+    _, expected_scales = quantize_rows(x, FP8_MAX, torch.float8_e4m3fn)
+    assert torch.equal(scales, expected_scales)
+    assert torch.equal(values, (x / expected_scales).clamp(-FP8_MAX, FP8_MAX))
+
+
+def test_auto_precision_per_arch():
+    assert auto_scheme(None) is Scheme.BF16
+    assert auto_scheme((7, 5)) is Scheme.BF16
+    assert auto_scheme((8, 0)) is Scheme.INT8
+    assert auto_scheme((8, 9)) is Scheme.INT8
+    assert auto_scheme((9, 0)) is Scheme.FP8
+    assert auto_scheme((10, 0)) is Scheme.FP8
+
+
+# ------------------------------------------------------------------ backends and guard
+
+
+def _tiny_dit(layers: int = 4) -> WanDiT:
+    config = get_task("tiny-t2v").dit
+    return randomize_(WanDiT(dataclasses.replace(config, num_layers=layers)), seed=1).eval()
+
+
+def _dit_inputs(model: WanDiT):
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(1, model.config.in_dim, 2, 6, 10, generator=generator)  # 2*3*5 = 30 tokens
+    context = torch.randn(1, 7, model.config.text_dim, generator=generator)
+    return dict(x=x, timestep=torch.tensor([500]), context=context, seq_len=32)  # 2 padded tokens
+
+
+def test_sage_backend_within_budget_and_restore_is_exact():
+    model = _tiny_dit()
+    inputs = _dit_inputs(model)
+    with torch.no_grad():
+        expected = model(**inputs)
+        report = use_attention(model, "sage", guard=None)
+        assert report.backend is AttentionBackend.SAGE and all(block.eight_bit for block in report.blocks)
+        eight_bit = model(**inputs)
+        restore_sdpa(model)
+        assert torch.equal(model(**inputs), expected)
+    assert relative_error(eight_bit, expected) <= SAGE_BUDGET
+
+
+def test_guard_keeps_first_last_and_a_damaged_block_on_sdpa():
+    model = _tiny_dit()
+    # Damage block 2: huge logits make softmax nearly one-hot, where int8 Q/K flip the winners.
+    with torch.no_grad():
+        model.blocks[2].self_attn.norm_q.weight.mul_(300.0)
+    inputs = _dit_inputs(model)
+    with torch.no_grad():
+        expected = model(**inputs)
+        report = use_attention(model, "sage", guard=AttentionGuard(threshold=0.05))
+        first = model(**inputs)
+    assert torch.equal(first, expected)  # the deciding call returns SDPA's outputs
+    decisions = [(block.eight_bit, block.reason.split(":")[0]) for block in report.blocks]
+    assert decisions[0] == (False, "one of the first 1 block(s)")
+    assert decisions[3] == (False, "one of the last 1 block(s)")
+    assert decisions[1][0] is True and report.blocks[1].rel_error <= 0.05
+    assert decisions[2] == (False, "guard") and report.blocks[2].rel_error > 0.05
+    assert "1/4 blocks 8-bit, 3 sdpa (1 guard, 2 policy)" in report.summary()
+
+
+def test_non_finite_8bit_output_falls_back_to_sdpa_for_good():
+    model = _tiny_dit(layers=2)
+    inputs = _dit_inputs(model)
+    with torch.no_grad():
+        expected = model(**inputs)
+        report = use_attention(model, "sage", guard=None)
+        kernel = model.blocks[1].self_attn.attention_kernel
+        kernel.kernel = lambda q, k, v, mask: torch.full_like(v, float("nan"))  # a broken kernel
+        out = model(**inputs)
+    assert torch.isfinite(out).all()
+    assert report.blocks[1].eight_bit is False and "non-finite" in report.blocks[1].reason
+    assert report.blocks[0].eight_bit is True
+    assert relative_error(out, expected) <= SAGE_BUDGET
+
+
+def test_backend_choice_on_cpu(monkeypatch):
+    model = _tiny_dit(layers=2)
+    assert use_attention(model, "auto").backend is AttentionBackend.SDPA
+    assert not hasattr(model.blocks[0].self_attn, "__dict__") or "attention_kernel" not in vars(
+        model.blocks[0].self_attn)
+    with pytest.raises(InputError, match="--attention 'flash' is unknown"):
+        use_attention(model, "flash")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="runs on a CUDA GPU"):
+        use_attention(model, "sage")
+
+
+def test_pipeline_with_sage_attention_within_budget_of_sdpa():
+    """A whole tiny t2v run (both experts, CFG, 3 steps) through the interpreter."""
+    task = get_task("tiny-t2v")
+    task = dataclasses.replace(task, dit=dataclasses.replace(task.dit, text_dim=4096))
+    generator = torch.Generator().manual_seed(5)
+    embeddings = TextEmbeddings(torch.randn(7, 4096, generator=generator), torch.randn(11, 4096, generator=generator))
+    request = GenerationRequest(prompt="", size="64*64", frame_num=5, steps=3, seed=3)
+
+    def run(backend):
+        experts = {expert: load_dit(FIXTURES / "dit/t2v" / f"{expert.value}_model")
+                   for expert in (Expert.HIGH_NOISE, Expert.LOW_NOISE)}
+        pipeline = Pipeline.from_models(task, experts)
+        decided = []
+        record = attach_attention(pipeline, backend, AttentionGuard(keep_first_blocks=0, keep_last_blocks=0),
+                                  on_decided=lambda expert, report: decided.append(expert))
+        return pipeline.sample(request, embeddings=embeddings), record, decided
+
+    expected, _, _ = run("sdpa")
+    latents, record, decided = run("sage")
+    assert sorted(decided) == ["high_noise", "low_noise"]
+    assert all(block["eight_bit"] for report in record.values() for block in report["blocks"])
+    assert relative_error(latents, expected) <= SAGE_BUDGET
