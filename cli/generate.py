@@ -26,6 +26,7 @@ from wanrt.errors import InputError
 from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
                             generate_video, generation_task, parse_device)
 from wanrt.pipeline import GenerationRequest, Pipeline, StepInfo
+from wanrt.runtime.attention import AttentionBackend, attach_attention
 from wanrt.runtime.planner import Precision as WeightPrecision
 from wanrt.video_io import load_image
 
@@ -212,6 +213,9 @@ def generate_command(
     engine_dir: Annotated[Path | None, typer.Option(
         "--engine-dir", help="Artifacts written by `wanrt export` (default: build into "
         "$WANRT_CACHE_DIR/engines on first use).")] = None,
+    attention: Annotated[AttentionBackend, typer.Option(
+        "--attention", help="Self-attention kernel: sdpa (exact), sage (8-bit, guarded per block; CUDA) or "
+        "auto (sage on a GPU that runs it, else sdpa).")] = AttentionBackend.SDPA,
     gpus: Annotated[int, typer.Option(
         "--gpus", help="Run on N GPUs: re-launches itself under torchrun with the same arguments.")] = 1,
     ulysses: Annotated[int | None, typer.Option(
@@ -251,6 +255,9 @@ def generate_command(
         expert_per_gpu).check(spec, precision.value, quantized is not None, t5_cpu)
     if parallel.distributed and engine is not EngineKind.EAGER:
         raise InputError(f"--engine {engine.value} runs on one GPU; leave it out with --gpus/torchrun")
+    if attention is not AttentionBackend.SDPA and (parallel.distributed or engine is not EngineKind.EAGER):
+        raise InputError(f"--attention {attention.value} runs with --engine eager on one GPU; "
+                         "leave out --attention, or --engine/--gpus/torchrun")
 
     def build_pipeline(on_device: torch.device | None, show_plan: bool = True) -> Pipeline:
         pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=on_device,
@@ -281,4 +288,9 @@ def generate_command(
     run_options["engine"] = use_engine(pipeline, engine, engine_dir).describe()
     if engine is not EngineKind.EAGER:  # what was asked for, and for auto what it picked
         typer.echo(f"engine: {run_options['engine']}", err=True)
+    if attention is not AttentionBackend.SDPA:
+        # Filled in during sampling (each expert's guard decides on its first forward), so the
+        # sidecar written after it records the decisions.
+        run_options["attention"] = attach_attention(pipeline, attention, on_decided=lambda expert, report: typer.echo(
+            f"attention {expert}: {report.summary()}", err=True))
     run_generation(pipeline, request, target, cache, run_options)

@@ -11,6 +11,7 @@ quantization the kernel must agree to fp16 rounding: `EMULATION_BUDGET`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 
@@ -276,3 +277,23 @@ def test_pipeline_with_sage_attention_within_budget_of_sdpa():
     assert sorted(decided) == ["high_noise", "low_noise"]
     assert all(block["eight_bit"] for report in record.values() for block in report["blocks"])
     assert relative_error(latents, expected) <= SAGE_BUDGET
+
+
+def test_generate_records_the_attention_decisions(checkpoints, tmp_path, cache_dir, monkeypatch):
+    from test_cli import PROMPT, assert_one_line_error, wanrt
+
+    common = ["generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
+              "--frame-num", 5, "--steps", 2, "--seed", 1, "--attention", "sage"]
+    result = wanrt(*common, "--output", tmp_path / "sage.mp4")
+    assert result.exit_code == 0, result.output
+    # The tiny DiT has two blocks: the guard's default keeps the first and the last.
+    line = "sage (int8 QK, fp16 PV; requested): 0/2 blocks 8-bit, 2 sdpa (0 guard, 2 policy)"
+    assert f"attention high_noise: {line}" in result.stderr  # 2 steps of shift 12: both high-noise
+    recorded = json.loads((tmp_path / "sage.json").read_text())["options"]["attention"]
+    assert list(recorded) == ["high_noise"] and recorded["high_noise"]["summary"] == line
+    assert [block["reason"] for block in recorded["high_noise"]["blocks"]] == [
+        "one of the first 1 block(s)", "one of the last 1 block(s)"]
+
+    assert_one_line_error(wanrt(*common, "--engine", "compile"), "--attention sage runs with --engine eager")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert_one_line_error(wanrt(*common), "--attention sage runs on a CUDA GPU, not cpu")
