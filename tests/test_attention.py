@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,7 +262,7 @@ def test_pipeline_with_sage_attention_within_budget_of_sdpa():
     task = dataclasses.replace(task, dit=dataclasses.replace(task.dit, text_dim=4096))
     generator = torch.Generator().manual_seed(5)
     embeddings = TextEmbeddings(torch.randn(7, 4096, generator=generator), torch.randn(11, 4096, generator=generator))
-    request = GenerationRequest(prompt="", size="64*64", frame_num=5, steps=3, seed=3)
+    request = GenerationRequest(prompt="", size="64*64", frame_num=1, steps=3, seed=3)
 
     def run(backend):
         experts = {expert: load_dit(FIXTURES / "dit/t2v" / f"{expert.value}_model")
@@ -283,7 +284,7 @@ def test_generate_records_the_attention_decisions(checkpoints, tmp_path, cache_d
     from test_cli import PROMPT, assert_one_line_error, wanrt
 
     common = ["generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
-              "--frame-num", 5, "--steps", 2, "--seed", 1, "--attention", "sage"]
+              "--frame-num", 1, "--steps", 2, "--seed", 1, "--attention", "sage"]
     result = wanrt(*common, "--output", tmp_path / "sage.mp4")
     assert result.exit_code == 0, result.output
     # The tiny DiT has two blocks: the guard's default keeps the first and the last.
@@ -297,3 +298,22 @@ def test_generate_records_the_attention_decisions(checkpoints, tmp_path, cache_d
     assert_one_line_error(wanrt(*common, "--engine", "compile"), "--attention sage runs with --engine eager")
     monkeypatch.delenv("TRITON_INTERPRET")
     assert_one_line_error(wanrt(*common), "--attention sage runs on a CUDA GPU, not cpu")
+
+
+def test_attention_bench_runs_tiny(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from attention_bench import main
+
+    report = main(["--tiny", "--iters", "1", "--warmup", "0", "--out", str(tmp_path / "attention.json")])
+    assert json.loads((tmp_path / "attention.json").read_text()) == report
+    attention_rows = {row["kernel"]: row for row in report["attention_results"]}
+    assert set(attention_rows) == {"sdpa-bf16", "sage-int8qk-fp16pv"}  # fp8 P·V needs SM89+
+    assert attention_rows["sdpa-bf16"]["rel_l2_vs_bf16"] == 0 and attention_rows["sdpa-bf16"]["speedup_vs_bf16_sdpa"] == 1
+    assert 0 < attention_rows["sage-int8qk-fp16pv"]["rel_l2_vs_bf16"] <= SAGE_BUDGET
+    blocks = [(row["linears"], row["attention"]) for row in report["block_results"]]
+    assert blocks == [("bf16", "sdpa-bf16"), ("bf16", "sage-int8qk-fp16pv"), ("fp8", "sage-int8qk-fp16pv"),
+                      ("int8", "sage-int8qk-fp16pv")]
+    assert all(0 < row["rel_l2_vs_bf16"] <= 0.05 for row in report["block_results"][1:])
+    assert all(row["seconds_median"] > 0 and row["achieved_tflops"] > 0 for row in report["block_results"])

@@ -213,6 +213,8 @@ def attend_quantized_values(q: Tensor, k: Tensor, v_values: Tensor, v_scales: Te
     q_values, q_scales = quantize_per_block(q, block_m, multiplier=LOG2E / math.sqrt(head_dim))
     k_values, k_scales = quantize_per_block(k, block_n, mean=smoothing_mean(k, key_mask), key_mask=mask)
     out = torch.empty(batch, q_len, heads, head_dim, dtype=out_dtype, device=q.device)
+    # 8 warps for 128-wide heads as flash-attention's Triton tutorial; not tuned on a GPU yet.
+    launch.setdefault("num_warps", 8 if head_dim >= 128 else 4)
     _attention_kernel[(q_values.shape[2] // block_m, batch * heads)](
         q_values, k_values, v_values, q_scales, k_scales, v_scales, mask if mask is not None else q_values, out,
         q_len, kv_len, heads, head_dim, q_values.shape[2], k_values.shape[2], *v_values.stride(), *out.stride(),
