@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -21,32 +20,34 @@ import torch
 import torch.nn.functional as F
 from conftest import FIXTURES
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton", reason="the 8-bit kernels are written in Triton, which is not installed")
-
-from wanrt.configs import get_task  # noqa: E402
-from wanrt.errors import ConfigError, InputError  # noqa: E402
-from wanrt.export.quantize import FP8_MAX, INT8_MAX, Scheme, auto_scheme, quantize_rows  # noqa: E402
-from wanrt.kernels.row_quant import fused_quantize_rows  # noqa: E402
-from wanrt.kernels.sage_attention import (  # noqa: E402
-    LOG2E,
-    attend_quantized_values,
-    quantize_per_block,
-    sage_attention,
-    smoothing_mean,
-)
-from wanrt.loading.checkpoint import Expert, load_dit  # noqa: E402
-from wanrt.models.dit import WanDiT  # noqa: E402
-from wanrt.pipeline import GenerationRequest, Pipeline, TextEmbeddings  # noqa: E402
-from wanrt.random_weights import randomize_  # noqa: E402
-from wanrt.runtime.attention import (  # noqa: E402
+from wanrt.configs import get_task
+from wanrt.errors import ConfigError, InputError
+from wanrt.export.quantize import FP8_MAX, INT8_MAX, Scheme, auto_scheme, quantize_rows
+from wanrt.loading.checkpoint import Expert, load_dit
+from wanrt.models.dit import WanDiT
+from wanrt.pipeline import GenerationRequest, Pipeline, TextEmbeddings
+from wanrt.random_weights import randomize_
+from wanrt.runtime.attention import (
     AttentionBackend,
     AttentionGuard,
     attach_attention,
     relative_error,
     restore_sdpa,
     use_attention,
+)
+
+# Without CUDA, conftest.py sets TRITON_INTERPRET=1 before anything imports Triton: the
+# kernels then run in Triton's interpreter on CPU tensors.
+pytest.importorskip("triton", reason="the 8-bit kernels are written in Triton, which is not installed")
+from wanrt.kernels.row_quant import fused_quantize_rows  # noqa: E402
+from wanrt.kernels.sage_attention import (  # noqa: E402
+    LOG2E,
+    PVPrecision,
+    attend_quantized_values,
+    quantize_per_block,
+    quantize_values,
+    sage_attention,
+    smoothing_mean,
 )
 
 SAGE_BUDGET = 3e-2
@@ -138,10 +139,12 @@ def test_fp8_pv_logic_through_its_fp16_twin():
     fp16 (the interpreter's own float8 casts are wrong); only P's e4m3 rounding is left to
     the GPU."""
     q, k, v, mask = _inputs(2, 50, 45, 3, 24, (30, 45))
-    visible = v * mask[:, :, None, None]
-    scales = visible.abs().amax(dim=1).clamp_min(1e-12) / FP8_MAX
-    values = (visible / scales[:, None]).to(torch.float8_e4m3fn).to(torch.float16)
-    out = attend_quantized_values(q, k, values, scales.contiguous(), FP8_MAX, mask, BLOCK, BLOCK, torch.float32)
+    values, scales, p_scale = quantize_values(v, PVPrecision.FP8, mask)
+    assert values.dtype == torch.float8_e4m3fn and values.stride(1) == 1 and p_scale == FP8_MAX
+    # The fp16 copy keeps the token-contiguous strides (preserve_format), as the GPU reads them.
+    twin = values.to(torch.float16)
+    assert twin.stride() == values.stride()
+    out = attend_quantized_values(q, k, twin, scales, p_scale, mask, BLOCK, BLOCK, torch.float32)
     assert relative_error(out, _sdpa64(q, k, v, mask)) <= SAGE_BUDGET
     fp16 = sage_attention(q, k, v, mask, block_m=BLOCK, block_n=BLOCK)
     assert relative_error(out, fp16) <= 5e-2  # e4m3 V: 3 mantissa bits, ~2-3% per value

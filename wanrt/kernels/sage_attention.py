@@ -177,7 +177,15 @@ def quantize_values(v: Tensor, pv: PVPrecision, key_mask: Tensor | None) -> tupl
     visible = v.float() if key_mask is None else v.float() * key_mask[:, :, None, None]
     scales = visible.abs().amax(dim=1).clamp_min(SCALE_FLOOR) / FP8_MAX   # [B, H, D]
     values = (visible / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return values, scales.contiguous(), FP8_MAX
+    return token_contiguous(values), scales.contiguous(), FP8_MAX
+
+
+def token_contiguous(v: Tensor) -> Tensor:
+    """`v [B, L, H, D]` stored `[B, H, D, L]` (tokens contiguous), returned as a `[B, L, H, D]`
+    view. 8-bit tensor-core MMAs (Hopper wgmma, SM89 mma) want both operands contiguous
+    along the reduction, which for P·V is the token axis; the kernel reads V through its
+    strides, and Triton specializes the stride that equals 1."""
+    return v.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
 def check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
