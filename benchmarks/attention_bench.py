@@ -24,7 +24,6 @@ import functools
 import importlib.util
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dit_block_bench import TEXT_LEN, tokens_for
-from quant_bench import bf16_block, kernels_used, output_error, timed
+from quant_bench import bf16_block, device_fields, kernels_used, output_error, timed
 
 from wanrt.bench.flops import block_flops
 from wanrt.configs import DiTConfig, get_task
@@ -179,9 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     report = {
         "benchmark": "attention_bench",
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or 'unknown'})",
-        "compute_capability": list(torch.cuda.get_device_capability()) if cuda else None,
-        "torch": torch.__version__,
+        **device_fields(cuda),
         "note": "attention: one A14B self-attention, bf16 q/k/v [1, L, 40, 128], errors vs bf16 SDPA; "
                 "block: one A14B block under bf16 autocast, random weights, text_len 512, 'linears' = weight "
                 "scheme of every Linear (W8A8 fp8 rowwise _scaled_mm / int8 _int_mm), errors vs the bf16 SDPA "

@@ -50,16 +50,20 @@ class PVPrecision(str, Enum):
 
 
 @triton.jit
+def _program_coordinates(heads):
+    """Both kernels' grid is (token blocks, batch x heads): (block, batch_head, batch, head)."""
+    batch_head = tl.program_id(1)
+    return tl.program_id(0), batch_head, batch_head // heads, batch_head % heads
+
+
+@triton.jit
 def _quantize_blocks_kernel(x_ptr, mean_ptr, mask_ptr, out_ptr, scale_ptr,
                             seq_len, heads, head_dim, padded_len, multiplier,
                             stride_xb, stride_xl, stride_xh, stride_xd,
                             HAS_MEAN: tl.constexpr, HAS_MASK: tl.constexpr,
                             BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """One (block of tokens, batch x head): int8 values into the padded tile, one scale."""
-    block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = batch_head // heads
-    head = batch_head % heads
+    block, batch_head, batch, head = _program_coordinates(heads)
     rows = block * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK_D)
     inside = (rows[:, None] < seq_len) & (cols[None, :] < head_dim)
@@ -90,10 +94,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One (block of queries, batch x head): int8 QK^T, online softmax in base 2, P·V in
     V's dtype (fp16 or fp8 e4m3) with float32 accumulation."""
-    m_block = tl.program_id(0)
-    batch_head = tl.program_id(1)
-    batch = batch_head // heads
-    head = batch_head % heads
+    m_block, batch_head, batch, head = _program_coordinates(heads)
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + (batch_head * q_padded + offs_m[:, None]) * BLOCK_D + offs_d[None, :])
