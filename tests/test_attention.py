@@ -200,6 +200,13 @@ def _dit_inputs(model: WanDiT):
     return dict(x=x, timestep=torch.tensor([500]), context=context, seq_len=32)  # 2 padded tokens
 
 
+def test_tokens_are_contiguous_after_patch_embedding():
+    model = _tiny_dit(layers=1)
+    for seq_len in (30, 32):  # unpadded (the transposed view before issue 15) and padded
+        inputs = {**_dit_inputs(model), "seq_len": seq_len}
+        assert model.embed(**inputs).tokens.is_contiguous()
+
+
 def test_sage_backend_within_budget_and_restore_is_exact():
     model = _tiny_dit()
     inputs = _dit_inputs(model)

@@ -51,8 +51,9 @@ class PVPrecision(str, Enum):
 
 @triton.jit
 def _program_coordinates(heads):
-    """Both kernels' grid is (token blocks, batch x heads): (block, batch_head, batch, head)."""
-    batch_head = tl.program_id(1)
+    """Both kernels' grid is (token blocks, batch x heads): (block, batch_head, batch, head).
+    int64, so offsets past 2^31 elements (a batch of 720P activations) do not wrap."""
+    batch_head = tl.program_id(1).to(tl.int64)
     return tl.program_id(0), batch_head, batch_head // heads, batch_head % heads
 
 
