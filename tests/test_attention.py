@@ -23,6 +23,7 @@ from conftest import FIXTURES
 from wanrt.configs import get_task
 from wanrt.errors import ConfigError, InputError
 from wanrt.export.quantize import FP8_MAX, INT8_MAX, Scheme, auto_scheme, quantize_rows
+from wanrt.kernels import PVPrecision
 from wanrt.loading.checkpoint import Expert, load_dit
 from wanrt.models.dit import WanDiT
 from wanrt.pipeline import GenerationRequest, Pipeline, TextEmbeddings
@@ -31,8 +32,10 @@ from wanrt.runtime.attention import (
     AttentionBackend,
     AttentionGuard,
     attach_attention,
+    pick_auto,
     relative_error,
     restore_sdpa,
+    sage_pv_precision,
     use_attention,
 )
 
@@ -42,7 +45,6 @@ pytest.importorskip("triton", reason="the 8-bit kernels are written in Triton, w
 from wanrt.kernels.row_quant import fused_quantize_rows  # noqa: E402
 from wanrt.kernels.sage_attention import (  # noqa: E402
     LOG2E,
-    PVPrecision,
     attend_quantized_values,
     quantize_per_block,
     quantize_values,
@@ -266,6 +268,15 @@ def test_backend_choice_on_cpu(monkeypatch):
         use_attention(model, "sage")
 
 
+@pytest.mark.parametrize("capability, backend, pv", [((7, 5), "sdpa", "fp16"), ((8, 6), "sage", "fp16"),
+                                                     ((8, 9), "sage", "fp8"), ((9, 0), "sage", "fp8")])
+def test_auto_attention_per_gpu_arch(monkeypatch, capability, backend, pv):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert pick_auto(cuda)[0].value == backend
+    assert sage_pv_precision(cuda).value == pv
+
+
 def test_pipeline_with_sage_attention_within_budget_of_sdpa():
     """A whole tiny t2v run (both experts, CFG, 3 steps) through the interpreter."""
     task = get_task("tiny-t2v")
@@ -320,7 +331,8 @@ def test_attention_bench_runs_tiny(tmp_path):
     assert json.loads((tmp_path / "attention.json").read_text()) == report
     attention_rows = {row["kernel"]: row for row in report["attention_results"]}
     assert set(attention_rows) == {"sdpa-bf16", "sage-int8qk-fp16pv"}  # fp8 P·V needs SM89+
-    assert attention_rows["sdpa-bf16"]["rel_l2_vs_bf16"] == 0 and attention_rows["sdpa-bf16"]["speedup_vs_bf16_sdpa"] == 1
+    sdpa = attention_rows["sdpa-bf16"]
+    assert sdpa["rel_l2_vs_bf16"] == 0 and sdpa["speedup_vs_bf16_sdpa"] == 1
     assert 0 < attention_rows["sage-int8qk-fp16pv"]["rel_l2_vs_bf16"] <= SAGE_BUDGET
     blocks = [(row["linears"], row["attention"]) for row in report["block_results"]]
     assert blocks == [("bf16", "sdpa-bf16"), ("bf16", "sage-int8qk-fp16pv"), ("fp8", "sage-int8qk-fp16pv"),

@@ -25,12 +25,13 @@ Tested on CPU with TRITON_INTERPRET=1 (tests/test_attention.py); on a GPU the ke
 from __future__ import annotations
 
 import math
-from enum import Enum
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from wanrt.kernels import PVPrecision
 
 LOG2E = 1.4426950408889634
 INT8_MAX = 127.0
@@ -40,13 +41,6 @@ SCALE_FLOOR = 1e-12
 # The online-softmax running max starts here rather than at -inf, so a query whose first key
 # blocks are all masked never computes exp2(-inf - -inf).
 NEG_START = -1.0e30
-
-
-class PVPrecision(str, Enum):
-    """The dtype of the P·V product."""
-
-    FP16 = "fp16"
-    FP8 = "fp8"   # e4m3, needs fp8 tensor cores (SM89+)
 
 
 @triton.jit

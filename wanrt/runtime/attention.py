@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from wanrt.errors import ConfigError, parse_choice
-from wanrt.kernels import triton_available
+from wanrt.kernels import PVPrecision, triton_available
 from wanrt.models.dit import SelfAttention, attention
 
 if TYPE_CHECKING:
@@ -59,12 +59,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def sage_pv_precision(device: torch.device) -> str:
+def sage_pv_precision(device: torch.device) -> PVPrecision:
     """fp8 e4m3 P·V where the GPU has fp8 tensor cores (SM89+), fp16 elsewhere (and on the
     CPU under the interpreter, whose float8 casts are wrong)."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
-        return "fp8"
-    return "fp16"
+        return PVPrecision.FP8
+    return PVPrecision.FP16
 
 
 def _sage_kernel(device: torch.device) -> tuple[AttentionKernel, str]:
@@ -76,7 +76,7 @@ def _sage_kernel(device: torch.device) -> tuple[AttentionKernel, str]:
     from wanrt.kernels.sage_attention import sage_attention
 
     pv = sage_pv_precision(device)
-    return functools.partial(sage_attention, pv=pv), f"int8 QK, {pv} PV"
+    return functools.partial(sage_attention, pv=pv), f"int8 QK, {pv.value} PV"
 
 
 def _sdpa_kernel(device: torch.device) -> tuple[AttentionKernel, str]:
@@ -96,9 +96,10 @@ def pick_auto(device: torch.device) -> tuple[AttentionBackend, str]:
         return AttentionBackend.SDPA, f"no 8-bit attention kernel on {device.type}"
     if not triton_available():
         return AttentionBackend.SDPA, "Triton is not installed"
-    if torch.cuda.get_device_capability(device) < (8, 0):
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
         return AttentionBackend.SDPA, "the int8 kernel targets SM80 and newer"
-    return AttentionBackend.SAGE, f"int8 tensor cores on SM{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+    return AttentionBackend.SAGE, f"int8 tensor cores on SM{major}{minor}"
 
 
 def resolve_backend(backend: AttentionBackend | str, device: torch.device) -> tuple[AttentionBackend, str]:
@@ -168,6 +169,7 @@ class GuardedAttention:
                                f"{GUARD_REASON}: rel err {error:.2e} > threshold {self.threshold:.2e}")
             return reference
         out = self.kernel(q, k, v, key_mask)
+        # One host sync per block call: microseconds against a block's tens of milliseconds.
         if not torch.isfinite(out).all():
             decision.eight_bit = False
             decision.reason = f"{GUARD_REASON}: non-finite 8-bit output; SDPA from then on"
@@ -191,8 +193,8 @@ class AttentionReport:
         return all(block.eight_bit is not None for block in self.blocks)
 
     def summary(self) -> str:
-        """One line, e.g. 'sage (int8 QK, fp8 PV): 38/40 blocks 8-bit, 2 sdpa (2 policy, 0 guard),
-        max rel err 1.3e-02'."""
+        """One line, e.g. 'sage (int8 QK, fp8 PV; requested): 38/40 blocks 8-bit, 2 sdpa
+        (0 guard, 2 policy), max rel err 1.3e-02'."""
         if self.backend is AttentionBackend.SDPA:
             return f"sdpa ({self.reason})"
         eight_bit = [block for block in self.blocks if block.eight_bit]
@@ -256,7 +258,8 @@ def restore_sdpa(model: nn.Module) -> nn.Module:
     return model
 
 
-def attach_attention(pipeline: "Pipeline", backend: AttentionBackend | str, guard: AttentionGuard | None = DEFAULT_GUARD,
+def attach_attention(pipeline: "Pipeline", backend: AttentionBackend | str,
+                     guard: AttentionGuard | None = DEFAULT_GUARD,
                      on_decided: Callable[[str, AttentionReport], None] | None = None) -> dict[str, dict[str, Any]]:
     """Make every expert `pipeline` loads run its self-attention through `backend`, composed
     with whatever `pipeline.wrap_expert` already does (attach an engine first).
