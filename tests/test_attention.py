@@ -13,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -344,10 +347,8 @@ def test_generate_records_the_attention_decisions(checkpoints, tmp_path, cache_d
 
 
 @interpreter_only
-def test_attention_bench_runs_tiny(tmp_path):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+def test_attention_bench_runs_tiny(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from attention_bench import main
 
     report = main(["--tiny", "--iters", "1", "--warmup", "0", "--out", str(tmp_path / "attention.json")])
@@ -362,3 +363,22 @@ def test_attention_bench_runs_tiny(tmp_path):
                       ("int8", "sage-int8qk-fp16pv")]
     assert all(0 < row["rel_l2_vs_bf16"] <= 0.05 for row in report["block_results"][1:])
     assert all(row["seconds_median"] > 0 and row["achieved_tflops"] > 0 for row in report["block_results"])
+
+
+def test_kernels_compile_to_8bit_tensor_core_instructions():
+    """The interpreter checks numbers, not that the kernels compile: compile them for sm_80,
+    sm_89 and sm_90 on this machine (Triton ships LLVM and ptxas) and read the PTX."""
+    script = Path(__file__).parent / "kernel_compile_check.py"
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9's default, without its warning
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    int8_mma, hopper_int8 = "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32", "wgmma.mma_async.sync.aligned"
+    assert report["attention sm80 fp16"]["mma"] == ["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", int8_mma]
+    assert report["attention sm89 fp8e4nv"]["mma"] == ["mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32", int8_mma]
+    hopper = report["attention sm90 fp8e4nv"]["mma"]
+    assert len(hopper) == 2 and all(op.startswith(hopper_int8) for op in hopper)
+    assert hopper[0].endswith(".f32.e4m3.e4m3") and hopper[1].endswith(".s32.s8.s8")  # P·V fp8, QK^T int8
+    assert all(report[name]["cubin_bytes"] > 0 for name in
+               ("quantize_blocks sm90", "quantize_rows sm90 i8", "quantize_rows sm90 fp8e4nv"))

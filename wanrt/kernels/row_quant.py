@@ -18,7 +18,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-AMAX_FLOOR = 1e-12
+from wanrt.export import quantize
+
+# Triton kernels may read only constexpr globals; the floor is quantize_rows'.
+AMAX_FLOOR_C = tl.constexpr(quantize.AMAX_FLOOR)
 CHUNK = 1024  # columns per step of the row loops
 
 
@@ -32,7 +35,7 @@ def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, columns, stride_x, stride_o
         cols = start + offsets
         x = tl.load(x_ptr + row * stride_x + cols, mask=cols < columns, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax), AMAX_FLOOR) / qmax
+    scale = tl.maximum(tl.max(amax), AMAX_FLOOR_C) / qmax
     for start in range(0, columns, CHUNK):
         cols = start + offsets
         scaled = tl.load(x_ptr + row * stride_x + cols, mask=cols < columns, other=0.0).to(tl.float32) / scale

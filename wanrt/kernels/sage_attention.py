@@ -31,16 +31,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from wanrt.export.quantize import AMAX_FLOOR, FP8_MAX, INT8_MAX
 from wanrt.kernels import PVPrecision
 
 LOG2E = 1.4426950408889634
-INT8_MAX = 127.0
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
-# A block whose values are all zero (padding) gets this scale instead of 0/0.
-SCALE_FLOOR = 1e-12
+# Triton kernels may read only constexpr globals. A block whose values are all zero
+# (padding) gets the floor as its scale instead of 0/0.
+INT8_MAX_C = tl.constexpr(float(INT8_MAX))
+SCALE_FLOOR_C = tl.constexpr(AMAX_FLOOR)
 # The online-softmax running max starts here rather than at -inf, so a query whose first key
 # blocks are all masked never computes exp2(-inf - -inf).
-NEG_START = -1.0e30
+NEG_START_C = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -72,7 +73,7 @@ def _quantize_blocks_kernel(x_ptr, mean_ptr, mask_ptr, out_ptr, scale_ptr,
         inside = inside & (visible[:, None] != 0)
     # Rows past the sequence, masked keys and padded channels are stored as zeros.
     x = tl.where(inside, x * multiplier, 0.0)
-    scale = tl.maximum(tl.max(tl.abs(x)), SCALE_FLOOR) / INT8_MAX
+    scale = tl.maximum(tl.max(tl.abs(x)), SCALE_FLOOR_C) / INT8_MAX_C
     scaled = x / scale
     # Round half away from zero: the int8 cast truncates toward zero.
     values = (scaled + tl.where(scaled >= 0, 0.5, -0.5)).to(tl.int8)
@@ -96,7 +97,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, q_scale_ptr, k_scale_ptr, v_scale_ptr
     q_scale = tl.load(q_scale_ptr + batch_head * tl.num_programs(0) + m_block)
     num_k_blocks = k_padded // BLOCK_N
 
-    running_max = tl.full([BLOCK_M], NEG_START, dtype=tl.float32)
+    running_max = tl.full([BLOCK_M], NEG_START_C, dtype=tl.float32)
     running_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n_block in range(0, num_k_blocks):
@@ -171,7 +172,7 @@ def quantize_values(v: Tensor, pv: PVPrecision, key_mask: Tensor | None) -> tupl
         ones = torch.ones(batch, heads, head_dim, dtype=torch.float32, device=v.device)
         return v.to(torch.float16), ones, 1.0
     visible = v.float() if key_mask is None else v.float() * key_mask[:, :, None, None]
-    scales = visible.abs().amax(dim=1).clamp_min(SCALE_FLOOR) / FP8_MAX   # [B, H, D]
+    scales = visible.abs().amax(dim=1).clamp_min(AMAX_FLOOR) / FP8_MAX   # [B, H, D]
     values = (visible / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return token_contiguous(values), scales.contiguous(), FP8_MAX
 
