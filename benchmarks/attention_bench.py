@@ -1,6 +1,6 @@
 """8-bit attention and 8-bit A14B blocks against bf16 SDPA, at the 480P and 720P token counts.
 
-    python benchmarks/attention_bench.py --out benchmarks/results/attention_<device>.json
+    python benchmarks/attention_bench.py --sweep --out benchmarks/results/attention_<device>.json
     python benchmarks/attention_bench.py --tiny --out /tmp/attention_tiny.json   # CPU script check
 
 Attention alone: one A14B self-attention (40 heads x 128, 32,760 / 75,600 tokens, bf16 inputs
@@ -79,19 +79,32 @@ def attention_variants(device: torch.device) -> dict:
     return variants
 
 
+# Tile and pipeline variants of wanrt's kernel timed at 480P (--sweep): 8 warps, since ptxas
+# reports 4 warps spilling ~660 bytes on sm_90 (tests/kernel_compile_check.py).
+SWEEP = [{"block_n": block_n, "num_stages": stages, "num_warps": 8}
+         for block_n in (64, 128) for stages in (2, 3, 4)]
+
+
+def sweep_variants(device: torch.device) -> dict:
+    pv = "fp8" if torch.cuda.get_device_capability(device) >= (8, 9) else "fp16"
+    return {f"sage-int8qk-{pv}pv bn{c['block_n']} s{c['num_stages']} w{c['num_warps']}": functools.partial(
+        sage(pv), **c) for c in SWEEP}
+
+
 def with_speedups(rows: list[dict]) -> list[dict]:
     baseline = rows[0]["seconds_median"]
     return [{**row, "speedup_vs_bf16_sdpa": baseline / row["seconds_median"]} for row in rows]
 
 
-def bench_attention(config: DiTConfig, seq_len: int, device: torch.device, warmup: int, iters: int) -> list[dict]:
+def bench_attention(config: DiTConfig, seq_len: int, device: torch.device, warmup: int, iters: int,
+                    extra: dict | None = None) -> list[dict]:
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, seq_len, config.num_heads, config.head_dim, generator=gen).to(device, DTYPE)
                for _ in range(3))
     flops = attention_flops(seq_len, config)
     reference = attention(q, k, v)
     rows = []
-    for name, kernel in attention_variants(device).items():
+    for name, kernel in {**attention_variants(device), **(extra or {})}.items():
         try:
             out = kernel(q, k, v, None)
         except Exception as error:  # a third-party kernel that cannot run here is reported, not fatal
@@ -149,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU through Triton's interpreter")
+    parser.add_argument("--sweep", action="store_true", help="also time tile/pipeline variants of the kernel at 480P")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.tiny
     if not cuda and not args.tiny:
@@ -167,9 +181,10 @@ def main(argv: list[str] | None = None) -> dict:
         scenarios = [("tiny (CPU interpreter: script check only)", (2, 6, 9))]
 
     attention_rows, block_rows = [], []
-    for label, grid in scenarios:
+    for index, (label, grid) in enumerate(scenarios):
         seq_len = grid[0] * grid[1] * grid[2]
-        for row in bench_attention(task.dit, seq_len, device, args.warmup, args.iters):
+        extra = sweep_variants(device) if args.sweep and cuda and index == 0 else None
+        for row in bench_attention(task.dit, seq_len, device, args.warmup, args.iters, extra):
             attention_rows.append({"scenario": label, **row})
             print(json.dumps(attention_rows[-1]), flush=True)
         for row in bench_block(task.dit, grid, device, args.warmup, args.iters):

@@ -349,7 +349,7 @@ def test_generate_records_the_attention_decisions(checkpoints, tmp_path, cache_d
 @interpreter_only
 def test_attention_bench_runs_tiny(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from attention_bench import main
+    from attention_bench import main, sweep_variants
 
     report = main(["--tiny", "--iters", "1", "--warmup", "0", "--out", str(tmp_path / "attention.json")])
     assert json.loads((tmp_path / "attention.json").read_text()) == report
@@ -363,6 +363,10 @@ def test_attention_bench_runs_tiny(tmp_path, monkeypatch):
                       ("int8", "sage-int8qk-fp16pv")]
     assert all(0 < row["rel_l2_vs_bf16"] <= 0.05 for row in report["block_results"][1:])
     assert all(row["seconds_median"] > 0 and row["achieved_tflops"] > 0 for row in report["block_results"])
+    # --sweep (GPU only): the fp8 kernel's tiles and pipeline depths on an H100.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert list(sweep_variants(torch.device("cuda"))) == [
+        f"sage-int8qk-fp8pv bn{block_n} s{stages} w8" for block_n in (64, 128) for stages in (2, 3, 4)]
 
 
 def test_kernels_compile_to_8bit_tensor_core_instructions():
