@@ -19,7 +19,9 @@ A key padding mask (`key_mask [B, Lk]`, True where visible) excludes keys from t
 the K mean and the K/V scales. Q and K are stored quantized in `[B, H, L_padded, D_padded]`
 tiles so the attention kernel reads whole blocks without bounds checks.
 
-Tested on CPU with TRITON_INTERPRET=1 (tests/test_attention.py); on a GPU the kernels compile.
+Tested on CPU tensors through Triton's interpreter (TRITON_INTERPRET=1), and compiled for
+sm_80/89/90 on the CPU to check the PTX's tensor-core instructions (tests/test_attention.py,
+tests/kernel_compile_check.py); not yet timed on a GPU.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def quantize_per_block(x: Tensor, block: int, multiplier: float = 1.0, mean: Ten
 
     Returns values `[B, H, ceil(L/block)*block, D_padded]` int8 (zeros past L, past D and on
     masked rows) and float32 scales `[B, H, ceil(L/block)]`: x*multiplier - mean ≈ values*scale.
-    `mean` is `[B, H, D]` float32 (K smoothing), `key_mask [B, L]` bool.
+    `mean` is `[B, H, D]` float32 (K smoothing), `key_mask [B, L]` int8, nonzero where visible.
     """
     batch, length, heads, head_dim = x.shape
     blocks = triton.cdiv(length, block)
@@ -218,7 +220,8 @@ def attend_quantized_values(q: Tensor, k: Tensor, v_values: Tensor, v_scales: Te
     q_values, q_scales = quantize_per_block(q, block_m, multiplier=LOG2E / math.sqrt(head_dim))
     k_values, k_scales = quantize_per_block(k, block_n, mean=smoothing_mean(k, key_mask), key_mask=mask)
     out = torch.empty(batch, q_len, heads, head_dim, dtype=out_dtype, device=q.device)
-    # 8 warps for 128-wide heads as flash-attention's Triton tutorial; not tuned on a GPU yet.
+    # 8 warps for 128-wide heads: with 4, ptxas reports the sm_90 kernel spilling 660 bytes.
+    # Not tuned on a GPU yet (benchmarks/attention_bench.py --sweep).
     launch.setdefault("num_warps", 8 if head_dim >= 128 else 4)
     _attention_kernel[(q_values.shape[2] // block_m, batch * heads)](
         q_values, k_values, v_values, q_scales, k_scales, v_scales, mask if mask is not None else q_values, out,
