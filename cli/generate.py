@@ -26,7 +26,7 @@ from wanrt.errors import InputError
 from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
                             generate_video, generation_task, parse_device)
 from wanrt.pipeline import GenerationRequest, Pipeline, StepInfo
-from wanrt.runtime.attention import AttentionBackend, attach_attention
+from wanrt.runtime.attention import AttentionBackend, AttentionReport, attach_attention
 from wanrt.runtime.planner import Precision as WeightPrecision
 from wanrt.video_io import load_image
 
@@ -288,9 +288,11 @@ def generate_command(
     run_options["engine"] = use_engine(pipeline, engine, engine_dir).describe()
     if engine is not EngineKind.EAGER:  # what was asked for, and for auto what it picked
         typer.echo(f"engine: {run_options['engine']}", err=True)
-    if attention is not AttentionBackend.SDPA:
-        # Filled in during sampling (each expert's guard decides on its first forward), so the
-        # sidecar written after it records the decisions.
-        run_options["attention"] = attach_attention(pipeline, attention, on_decided=lambda expert, report: typer.echo(
-            f"attention {expert}: {report.summary()}", err=True))
+
+    def print_decision(expert: str, report: AttentionReport) -> None:
+        typer.echo(f"attention {expert}: {report.summary()}", err=True)
+    # Filled in during sampling (each expert's guard decides on its first forward), so the
+    # sidecar written after it records the decisions; 8-bit ones are printed too.
+    run_options["attention"] = attach_attention(
+        pipeline, attention, on_decided=print_decision if attention is not AttentionBackend.SDPA else None)
     run_generation(pipeline, request, target, cache, run_options)

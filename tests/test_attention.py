@@ -318,7 +318,9 @@ def test_pipeline_with_sage_attention_within_budget_of_sdpa():
                                   on_decided=lambda expert, report: decided.append(expert))
         return pipeline.sample(request, embeddings=embeddings), record, decided
 
-    expected, _, _ = run("sdpa")
+    expected, sdpa_record, _ = run("sdpa")
+    assert sdpa_record == {expert: {"backend": "sdpa", "kernel": "torch SDPA", "reason": "requested",
+                                    "summary": "sdpa (requested)"} for expert in ("high_noise", "low_noise")}
     latents, record, decided = run("sage")
     assert sorted(decided) == ["high_noise", "low_noise"]
     assert all(block["eight_bit"] for report in record.values() for block in report["blocks"])

@@ -208,9 +208,12 @@ class AttentionReport:
                 f"8-bit, {len(kept)} sdpa ({by_guard} guard, {len(kept) - by_guard} policy){waiting}{error}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend.value, "kernel": self.kernel, "reason": self.reason,
-                "guard": dataclasses.asdict(self.guard) if self.guard else None,
-                "summary": self.summary(), "blocks": [dataclasses.asdict(block) for block in self.blocks]}
+        record = {"backend": self.backend.value, "kernel": self.kernel, "reason": self.reason,
+                  "summary": self.summary()}
+        if self.backend is AttentionBackend.SDPA:  # every block runs it: nothing more to say
+            return record
+        return {**record, "guard": dataclasses.asdict(self.guard) if self.guard else None,
+                "blocks": [dataclasses.asdict(block) for block in self.blocks]}
 
 
 def _self_attentions(model: nn.Module) -> list[SelfAttention]:
