@@ -26,7 +26,7 @@ from wanrt.errors import InputError
 from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
                             generate_video, generation_task, parse_device)
 from wanrt.pipeline import GenerationRequest, Pipeline, StepInfo
-from wanrt.runtime.attention import AttentionBackend, AttentionReport, attach_attention
+from wanrt.runtime.attention import AttentionBackend, AttentionReport, attach_attention, check_backend
 from wanrt.runtime.planner import Precision as WeightPrecision
 from wanrt.video_io import load_image
 
@@ -285,6 +285,7 @@ def generate_command(
             lead=lambda leader, agreed, options: run_generation(leader, agreed, target, cache, options)),
             parse_device(device))
     pipeline = build_pipeline(parse_device(device))
+    check_backend(attention, pipeline.device)  # before anything loads
     run_options["engine"] = use_engine(pipeline, engine, engine_dir).describe()
     if engine is not EngineKind.EAGER:  # what was asked for, and for auto what it picked
         typer.echo(f"engine: {run_options['engine']}", err=True)

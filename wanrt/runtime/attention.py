@@ -111,6 +111,14 @@ def resolve_backend(backend: AttentionBackend | str, device: torch.device) -> tu
     return backend, "requested"
 
 
+def check_backend(backend: AttentionBackend | str, device: torch.device) -> AttentionBackend:
+    """The concrete backend `backend` runs on `device`; a ConfigError naming the fix if it
+    cannot run there (call it before expensive work)."""
+    chosen, _ = resolve_backend(backend, device)
+    BACKENDS[chosen](device)
+    return chosen
+
+
 @dataclass(frozen=True)
 class AttentionGuard:
     """Which blocks keep SDPA. `threshold` is the relative L2 error of a block's 8-bit
@@ -271,8 +279,7 @@ def attach_attention(pipeline: "Pipeline", backend: AttentionBackend | str,
     each forward (for the sidecar). `on_decided(expert, report)` is called once per expert,
     after the forward in which its guard decided every block (the CLI prints the summary).
     An unusable backend raises here, before anything loads."""
-    chosen, _ = resolve_backend(backend, pipeline.device)
-    BACKENDS[chosen](pipeline.device)
+    check_backend(backend, pipeline.device)
     record: dict[str, dict[str, Any]] = {}
     announced: set[str] = set()
     wrapped = pipeline.wrap_expert
