@@ -1,7 +1,8 @@
-"""8-bit attention and the fused activation quantizer: Triton kernels run on the CPU through
-Triton's interpreter (TRITON_INTERPRET=1, set here before any kernel module is imported),
-checked against float64 SDPA and the torch references; the attention backends, their guard
-and a pipeline run with --attention sage on the tiny models.
+"""8-bit attention and the fused activation quantizer: the Triton kernels, run on CPU tensors
+through Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 where there is no CUDA) or
+on the GPU, checked against float64 SDPA and the torch references, and compiled for sm_80/89/90
+(kernel_compile_check.py); the attention backends, their guard, a pipeline run and
+`wanrt generate --attention sage` on the tiny models; the benchmark script, tiny.
 
 Error budgets (relative L2 vs float64 SDPA), from int8 per-block Q/K (~1% per element on
 Gaussian inputs) and fp16 P·V: `SAGE_BUDGET`. Against a torch emulation of the same
