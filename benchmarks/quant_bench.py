@@ -149,6 +149,13 @@ def bench_linear(in_features: int, out_features: int, rows: int, device: torch.d
     return results
 
 
+def device_fields(cuda: bool) -> dict:
+    """What every benchmark report says about the machine it measured."""
+    return {"device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or 'unknown'})",
+            "compute_capability": list(torch.cuda.get_device_capability()) if cuda else None,
+            "torch": torch.__version__}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -186,10 +193,8 @@ def main() -> None:
 
     report = {
         "benchmark": "quant_bench",
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or 'unknown'})",
+        **device_fields(cuda),
         "cuda_only_numbers": cuda,
-        "compute_capability": list(torch.cuda.get_device_capability()) if cuda else None,
-        "torch": torch.__version__,
         "note": "one A14B block (every Linear quantized) under bf16 autocast, random weights, one batch "
                 "item, text_len 512; errors are against the bf16 block/Linear; fp8 = e4m3 per-channel "
                 "weights + dynamic per-token e4m3 activations (torch._scaled_mm rowwise), int8 = per-channel "

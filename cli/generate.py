@@ -30,6 +30,7 @@ from wanrt.lora import LoraExpert, LoraSpec
 from wanrt.pipelines import GenerationRequest, Pipeline
 from wanrt.prompt_extend import (PromptExtendMethod, PromptExtendOptions, PromptExtension, PromptExtensionCache,
                                  TargetLanguage, extend_prompt)
+from wanrt.runtime.attention import AttentionBackend, AttentionReport, attach_attention, check_backend
 from wanrt.runtime.planner import Precision as WeightPrecision
 from wanrt.runtime.step_cache import StepCacheConfig
 from wanrt.video_io import load_image
@@ -258,6 +259,9 @@ def generate_command(
     engine_dir: Annotated[Path | None, typer.Option(
         "--engine-dir", help="Artifacts written by `wanrt export` (default: build into "
         "$WANRT_CACHE_DIR/engines on first use).")] = None,
+    attention: Annotated[AttentionBackend, typer.Option(
+        "--attention", help="Self-attention kernel: sdpa (exact), sage (8-bit, guarded per block; CUDA) or "
+        "auto (sage on a GPU that runs it, else sdpa).")] = AttentionBackend.SDPA,
     gpus: Annotated[int, typer.Option(
         "--gpus", help="Run on N GPUs: re-launches itself under torchrun with the same arguments.")] = 1,
     ulysses: Annotated[int | None, typer.Option(
@@ -351,6 +355,9 @@ def generate_command(
         expert_per_gpu).check(spec, precision.value, quantized is not None, t5_cpu)
     if parallel.distributed and engine is not EngineKind.EAGER:
         raise InputError(f"--engine {engine.value} runs on one GPU; leave it out with --gpus/torchrun")
+    if attention is not AttentionBackend.SDPA and (parallel.distributed or engine is not EngineKind.EAGER):
+        raise InputError(f"--attention {attention.value} runs with --engine eager on one GPU; "
+                         "leave out --attention, or --engine/--gpus/torchrun")
 
     def build_pipeline(on_device: torch.device | None, show_plan: bool = True) -> Pipeline:
         pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=on_device,
@@ -380,6 +387,7 @@ def generate_command(
             prepare=None if extend_options is None else functools.partial(
                 extended_request, options=extend_options, device=context.device)), parse_device(device))
     pipeline = build_pipeline(parse_device(device))
+    check_backend(attention, pipeline.device)  # before anything loads
     if extend_options is not None:
         # Once the checkpoint is checked, before any weights load (the pipeline loads on first
         # use), so a local Qwen has the memory to itself and is gone when T5 and the DiT load.
@@ -388,4 +396,11 @@ def generate_command(
     run_options["engine"] = use_engine(pipeline, engine, engine_dir).describe()
     if engine is not EngineKind.EAGER:  # what was asked for, and for auto what it picked
         typer.echo(f"engine: {run_options['engine']}", err=True)
+
+    def print_decision(expert: str, report: AttentionReport) -> None:
+        typer.echo(f"attention {expert}: {report.summary()}", err=True)
+    # Filled in during sampling (each expert's guard decides on its first forward), so the
+    # sidecar written after it records the decisions; 8-bit ones are printed too.
+    run_options["attention"] = attach_attention(
+        pipeline, attention, on_decided=print_decision if attention is not AttentionBackend.SDPA else None)
     run_generation(pipeline, request, target, cache, run_options)

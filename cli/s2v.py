@@ -15,6 +15,7 @@ from wanrt.engines.base import EngineKind
 from wanrt.errors import InputError
 from wanrt.generate import EmbeddingCache, check_output_path, default_output_path, parse_device
 from wanrt.pipelines.s2v import S2VPipeline, S2VRequest
+from wanrt.runtime.attention import AttentionBackend
 
 # The official --enable_tts runs CosyVoice2 from a git clone; PyPI's `cosyvoice` (0.0.8, a
 # third-party fork) ships only an API wrapper without `cosyvoice.cli`, so it cannot serve it.
@@ -42,6 +43,8 @@ def generate_s2v(ctx: typer.Context, spec: TaskSpec, speech: Mapping[str, Any]) 
         if options.get(name):
             raise InputError(f"--{name.removesuffix('_file').replace('_', '-')} is not supported for {spec.name} yet; "
                              "leave it out")
+    if options["attention"] is not AttentionBackend.SDPA:
+        raise InputError(f"--attention {options['attention'].value} is not supported for {spec.name} yet; leave it out")
     if options["engine"] is not EngineKind.EAGER:
         raise InputError(f"--engine {options['engine'].value} is not supported for {spec.name}; leave it out")
     if not options["prompt"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# Without CUDA the Triton kernels (wanrt.kernels) run in Triton's interpreter on CPU tensors.
+# Triton reads this when a kernel is defined, so it is set before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Parity bar (see tests/fixtures/README.md): float32 re-implementations land near 1e-5
 # absolute; anything at or above 1e-3 is a bug. We require 1e-4 relative to the output scale.

@@ -129,6 +129,11 @@ class FP32LayerNorm(nn.LayerNorm):
 
 
 class SelfAttention(nn.Module):
+    # The attention kernel, `(q, k, v, key_mask) -> out` on `[B, L, N, D]`: exact SDPA here.
+    # A hook point for runtime transforms (wanrt.runtime.attention sets it per module to an
+    # 8-bit kernel); the model never changes it.
+    attention_kernel = staticmethod(attention)
+
     def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -152,7 +157,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, rope_cos: Tensor, rope_sin: Tensor,
                 key_mask: Tensor | None) -> Tensor:
         q, k, v = self.rotated_qkv(x, rope_cos, rope_sin)
-        return self.o(attention(q, k, v, key_mask).flatten(2))
+        return self.o(self.attention_kernel(q, k, v, key_mask).flatten(2))
 
 
 class CrossAttention(SelfAttention):
@@ -266,7 +271,9 @@ class WanDiT(nn.Module):
         seq_len = num_tokens if seq_len is None else seq_len
         if seq_len < num_tokens:
             raise ValueError(f"seq_len {seq_len} is shorter than the {num_tokens} video tokens")
-        tokens = F.pad(tokens.float(), (0, 0, 0, seq_len - num_tokens))
+        # Contiguous: the transposed view would make every residual add of every block read
+        # strided memory (5-8% of a CPU forward, issue 15). Padding copies already.
+        tokens = F.pad(tokens.float(), (0, 0, 0, seq_len - num_tokens)).contiguous()
         key_mask = None
         if seq_len > num_tokens:
             key_mask = (torch.arange(seq_len, device=x.device) < num_tokens).expand(x.shape[0], -1)
