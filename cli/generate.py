@@ -118,7 +118,7 @@ class RunDisplay:
 def print_result(record: GenerationRecord) -> None:
     typer.echo(f"video:   {record.video_path.absolute()}")
     typer.echo(f"sidecar: {record.sidecar_path.absolute()}")
-    typer.echo(f"latents: {record.latents_path.absolute()}")
+    typer.echo(f"latents: {record.latents_path.absolute() if record.latents_path else 'not saved (disk full)'}")
     typer.echo(f"total:   {record.sidecar['timings_s']['total']:.1f} s")
     for expert, summary in record.sidecar["runtime"]["quantization"].items():
         typer.echo(f"quantized {expert}: {summary}")

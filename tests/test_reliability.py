@@ -4,6 +4,8 @@ checks it now ends in one line naming the input (exit 2) with nothing lost or le
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -14,10 +16,15 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from safetensors.torch import load_file, save_file
 from test_cli import PROMPT, assert_one_line_error, wanrt
 
 from wanrt import limits
-from wanrt.errors import InputError
+from wanrt.configs import get_task
+from wanrt.errors import CheckpointError, InputError
+from wanrt.loading.checkpoint import load_dit
+from wanrt.loading.files import read_safetensors_header
+from wanrt.models.tokenizer import PromptTokenizer
 from wanrt.video_io import InputTooLargeError, load_image, read_video
 
 pytestmark = pytest.mark.usefixtures("cache_dir")
@@ -118,3 +125,209 @@ def test_refine_with_a_huge_init_video_is_one_line(checkpoints, tmp_path):
                    "--prompt", PROMPT, "--output", tmp_path / "out.mp4")
     assert_one_line_error(result, "--init-video", "481 frames")
     assert not (tmp_path / "out.mp4").exists()
+
+
+# ---------------------------------------------------------------------- 2, 6: checkpoint files
+
+
+@pytest.fixture
+def dit_folder(checkpoints, tmp_path) -> Path:
+    """A private copy of a tiny sharded DiT expert (three shards and an index)."""
+    folder = tmp_path / "dit"
+    shutil.copytree(checkpoints["tiny-t2v"] / "high_noise_model", folder)
+    return folder
+
+
+def edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
+FIRST_SHARD = "diffusion_pytorch_model-00001-of-00003.safetensors"
+
+
+@pytest.mark.parametrize("entry", ["absolute", "dotdot", "symlink"])
+def test_index_shard_outside_the_folder_is_refused(dit_folder, tmp_path, entry):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.move(dit_folder / FIRST_SHARD, outside / FIRST_SHARD)  # a valid shard, just elsewhere
+    names = {"absolute": str(outside / FIRST_SHARD), "dotdot": f"../elsewhere/{FIRST_SHARD}",
+             "symlink": FIRST_SHARD}
+    if entry == "symlink":
+        (dit_folder / FIRST_SHARD).symlink_to(outside / FIRST_SHARD)
+
+    def point_outside(index):
+        index["weight_map"] = {key: names[entry] if name == FIRST_SHARD else name
+                               for key, name in index["weight_map"].items()}
+    edit_json(dit_folder / INDEX, point_outside)
+    with pytest.raises(CheckpointError, match="points outside"):
+        load_dit(dit_folder, expect=get_task("tiny-t2v").dit)
+
+
+def test_key_in_two_shards_is_refused_naming_both(dit_folder):
+    first = dit_folder / FIRST_SHARD
+    second = dit_folder / "diffusion_pytorch_model-00002-of-00003.safetensors"
+    stolen = load_file(str(first))
+    save_file({**load_file(str(second)), "patch_embedding.bias": stolen["patch_embedding.bias"]}, str(second))
+    with pytest.raises(CheckpointError, match="'patch_embedding.bias' is in both") as error:
+        load_dit(dit_folder)
+    assert str(first) in str(error.value) and str(second) in str(error.value)
+
+
+def raw_safetensors(path: Path, header: bytes | object, data: bytes = bytes(64)) -> Path:
+    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
+    return path
+
+
+def entry(begin: int, end: int, shape=(4,), dtype="F32") -> dict:
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+
+
+MALFORMED_HEADERS = {
+    "overlapping-offsets": ({"a": entry(0, 16), "b": entry(8, 24)}, "overlap"),
+    "offsets-short-of-shape": ({"a": entry(0, 8, shape=(4,))}, "do not hold shape"),
+    "list-header": ([1, 2, 3], "not a JSON object"),
+    "missing-data-offsets": ({"a": {"dtype": "F32", "shape": [4]}}, "no dtype, shape and data_offsets"),
+    "deep-json": (b"[" * 100_000 + b"]" * 100_000, "corrupt safetensors header"),
+    "string-shape": ({"a": {"dtype": "F32", "shape": "4", "data_offsets": [0, 16]}}, "bad shape"),
+    "unknown-dtype": ({"a": entry(0, 16, dtype="F128")}, "unsupported safetensors dtype"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_HEADERS)
+def test_malformed_safetensors_header_is_a_checkpoint_error(tmp_path, case):
+    header, needle = MALFORMED_HEADERS[case]
+    path = raw_safetensors(tmp_path / "bad.safetensors", header)
+    with pytest.raises(CheckpointError, match=needle) as error:
+        read_safetensors_header(path)
+    assert str(path) in str(error.value)
+
+
+MALFORMED_CONFIGS = {
+    "num-heads-zero": ("num_heads", 0, "num_heads 0 must be a positive integer"),
+    "dim-a-string": ("dim", "64", "dim '64' must be a positive integer"),
+    "eps-a-string": ("eps", "x", "eps 'x' must be a small positive number"),
+    "model-type-unknown": ("model_type", "t3v", "model_type 't3v' is unknown"),
+    "layers-bool": ("num_layers", True, "num_layers True must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_CONFIGS)
+def test_malformed_config_values_are_checkpoint_errors(dit_folder, case):
+    key, value, needle = MALFORMED_CONFIGS[case]
+    edit_json(dit_folder / "config.json", lambda config: config.update({key: value}))
+    with pytest.raises(CheckpointError, match=re.escape(needle)):
+        load_dit(dit_folder)
+
+
+@pytest.mark.parametrize("content", ["[]", '{"weight_map": ["a"]}', '{"weight_map": {"k": 3}}'])
+def test_non_dict_index_is_a_checkpoint_error(dit_folder, content):
+    (dit_folder / INDEX).write_text(content)
+    with pytest.raises(CheckpointError, match="not a valid safetensors index"):
+        load_dit(dit_folder)
+
+
+def private_checkpoint(checkpoints, tmp_path, task: str = "tiny-t2v") -> Path:
+    root = tmp_path / task
+    shutil.copytree(checkpoints[task], root, symlinks=True)
+    return root
+
+
+@pytest.fixture
+def no_text_encoder(monkeypatch):
+    """Fail the test if T5 is loaded: the checks it guards must come before."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("T5 was loaded before the check")
+    monkeypatch.setattr("wanrt.pipeline.load_t5", refuse)
+
+
+def break_low_noise_config(root: Path) -> None:
+    edit_json(root / "low_noise_model" / "config.json", lambda config: config.update(num_heads=0))
+
+
+def git_lfs_pointer(path: Path) -> None:
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def wan22_vae(path: Path, checkpoints) -> None:
+    shutil.copy(checkpoints["tiny-ti2v"] / "Wan2.2_VAE.pth", path)
+
+
+# (what is broken, the one line's needles): found before T5 and before step 1.
+BROKEN_COMPONENTS = {
+    "low-noise-expert-config": (lambda root, ckpts: break_low_noise_config(root), ("num_heads 0", "low_noise")),
+    "vae-lfs-pointer": (lambda root, ckpts: git_lfs_pointer(root / "Wan2.1_VAE.pth"), ("git-lfs pointer",)),
+    "vae-truncated": (lambda root, ckpts: truncate(root / "Wan2.1_VAE.pth"), ("truncated",)),
+    "vae-48-channels": (lambda root, ckpts: wan22_vae(root / "Wan2.1_VAE.pth", ckpts), ("48 latent channels",)),
+    "t5-truncated": (lambda root, ckpts: truncate(root / "models_t5_umt5-xxl-enc-bf16.pth"), ("truncated",)),
+    "tokenizer-missing": (lambda root, ckpts: (root / "google/umt5-xxl/tokenizer.json").unlink(),
+                          ("tokenizer.json",)),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_COMPONENTS)
+def test_every_component_is_checked_before_t5_and_sampling(checkpoints, tmp_path, no_text_encoder, case):
+    root = private_checkpoint(checkpoints, tmp_path)
+    break_it, needles = BROKEN_COMPONENTS[case]
+    break_it(root, checkpoints)
+    result = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", root, "--prompt", PROMPT, "--steps", 2,
+                   "--output", tmp_path / "out.mp4", "--no-embedding-cache")
+    assert_one_line_error(result, *needles)
+    assert not list(tmp_path.glob("out*"))
+
+
+# ---------------------------------------------------------------------- 4, 5: values checked up front
+
+
+EARLY_VALUE_CASES = {
+    "prompt-invalid-utf8": (["--prompt", "\udcff\udcfe"], "--prompt"),
+    "negative-prompt-invalid-utf8": (["--negative-prompt", "ok \udcff"], "--negative-prompt"),
+    "prompt-too-long": (["--prompt", "dog " * 6000], "--prompt"),
+    "guide-scale-nan": (["--guide-scale", "nan"], "--guide-scale"),
+    "guide-scale-inf": (["--guide-scale", "3,inf"], "--guide-scale"),
+    "shift-nan": (["--shift", "nan"], "--shift"),
+    "shift-inf": (["--shift", "inf"], "--shift"),
+    "shift-zero": (["--shift", "0"], "--shift"),
+    "shift-negative": (["--shift", "-2"], "--shift"),
+    "frame-num-huge": (["--frame-num", 400001], "--frame-num"),
+}
+
+
+@pytest.mark.parametrize("case", EARLY_VALUE_CASES)
+def test_bad_values_fail_before_anything_loads(checkpoints, tmp_path, no_text_encoder, monkeypatch, case):
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the check")
+    monkeypatch.setattr("wanrt.pipeline.load_dit", no_load)
+    extra, flag = EARLY_VALUE_CASES[case]
+    result = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
+                   "--output", tmp_path / "out.mp4", *extra)
+    assert_one_line_error(result, flag)
+    assert not list(tmp_path.glob("out*"))
+
+
+# ---------------------------------------------------------------------- 3: tokenizer
+
+
+def test_missing_tokenizer_json_is_refused_not_a_video_from_an_ignored_prompt(checkpoints, tmp_path):
+    root = private_checkpoint(checkpoints, tmp_path)
+    (root / "google/umt5-xxl/tokenizer.json").unlink()
+    result = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", root, "--prompt", PROMPT, "--steps", 2,
+                   "--output", tmp_path / "out.mp4", "--no-embedding-cache")
+    assert_one_line_error(result, "tokenizer.json", after_phase_lines=True)
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_tokenizer_vocab_must_fit_the_encoder_embedding(checkpoints):
+    folder = checkpoints["tiny-t2v"] / "google/umt5-xxl"
+    assert len(PromptTokenizer.from_folder(folder, vocab_size=256).hf_tokenizer) == 66
+    with pytest.raises(CheckpointError, match="66 tokens but the text encoder embeds 64"):
+        PromptTokenizer.from_folder(folder, vocab_size=64)
+    with pytest.raises(CheckpointError, match="66 tokens but the text encoder embeds 256384"):
+        PromptTokenizer.from_folder(folder, vocab_size=256384)

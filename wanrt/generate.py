@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import platform
 import secrets
@@ -31,11 +32,13 @@ import wanrt
 from wanrt.configs import TASK_NAMES, ModelType, TaskSpec, get_task
 from wanrt.errors import InputError, WanrtError
 from wanrt.hashing import cache_root, file_sha256, files_under, tree_sha256
-from wanrt.loading.checkpoint import CheckpointFiles
+from wanrt.loading.checkpoint import CheckpointFiles, check_checkpoint
 from wanrt.loading.files import safetensors_shards
 from wanrt.loading.save import DIT_WEIGHTS_STEM, write_atomic, write_json
 from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
 from wanrt.video_io import VideoInfo, write_video
+
+_log = logging.getLogger(__name__)
 
 LATENTS_SUFFIX = ".latents.safetensors"
 LATENTS_FORMAT = "wanrt-latents/1"
@@ -55,7 +58,7 @@ class DecodeFailedError(WanrtError):
 class GenerationRecord:
     video_path: Path
     sidecar_path: Path
-    latents_path: Path
+    latents_path: Path | None  # None when no disk could take it (the video was still written)
     video_info: VideoInfo
     sidecar: Mapping[str, Any]  # what the sidecar file holds
 
@@ -261,6 +264,24 @@ def save_latents(path: Path, latents: Tensor, task: str, ckpt_dir: Path, sidecar
     write_atomic(Path(path), lambda tmp: save_file({_LATENTS_KEY: tensor}, str(tmp), metadata=metadata))
 
 
+def save_latents_or_fallback(path: Path, latents: Tensor, task: str, ckpt_dir: Path,
+                             sidecar: Mapping[str, Any]) -> Path | None:
+    """`save_latents` to `path`, else (a full disk, a folder gone read-only) to the cache
+    folder, saying so on stderr; the latents stay in memory for the decode either way, so
+    None (neither could be written) still lets the video be written."""
+    fallback = cache_root() / "latents" / path.name
+    for attempt in (path, fallback):
+        try:
+            save_latents(attempt, latents, task, ckpt_dir, sidecar)
+        except OSError as error:
+            _log.warning("could not save the latents to %s (%s)", attempt, error.strerror or error)
+            continue
+        if attempt == fallback:
+            _log.warning("saved the latents to %s instead", fallback)
+        return attempt
+    return None
+
+
 def read_latents(path: Path) -> tuple[Tensor, dict[str, str]]:
     """Latents `[C, F, h, w]` and the metadata written by `save_latents`."""
     path = Path(path)
@@ -304,6 +325,8 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
     if seed > _MAX_SEED:
         raise InputError(f"--seed {seed} is too large; use 0..{_MAX_SEED}, or -1 for a random one")
     resolved = dataclasses.replace(request, seed=seed).resolved(pipeline.task)
+    if pipeline.files is not None:
+        check_checkpoint(pipeline.files, pipeline.task, check_dits=pipeline.quantized_files is None)
     if pipeline.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipeline.device)
 
@@ -336,8 +359,8 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
         "timings_s": {"text_encoding": text_seconds, "sampling": dict(expert_timer.seconds),
                       "hashing": time.perf_counter() - hash_start},
     }
-    latents_path = latents_path_for(output)
-    save_latents(latents_path, latents, pipeline.task.name, pipeline.files.root.resolve(), sidecar)
+    latents_path = save_latents_or_fallback(latents_path_for(output), latents, pipeline.task.name,
+                                            pipeline.files.root.resolve(), sidecar)
     return _decode_and_write(pipeline, latents, output, latents_path, sidecar, started, on_decode)
 
 
@@ -361,7 +384,7 @@ def decode_latents(latents_path: Path, output: Path | None = None, ckpt_dir: Pat
     return _decode_and_write(pipeline, latents, output, latents_path, sidecar, started, on_decode)
 
 
-def _decode_and_write(pipeline: Pipeline, latents: Tensor, output: Path, latents_path: Path,
+def _decode_and_write(pipeline: Pipeline, latents: Tensor, output: Path, latents_path: Path | None,
                       sidecar: dict[str, Any], started: float,
                       on_decode: Callable[[], None] | None) -> GenerationRecord:
     timings = sidecar["timings_s"]
@@ -379,13 +402,17 @@ def _decode_and_write(pipeline: Pipeline, latents: Tensor, output: Path, latents
         # Loads of an earlier run (sampling, when this is `wanrt decode`) are kept.
         timings["load"] = {**timings.get("load", {}), **pipeline.load_seconds}
         timings["total"] = time.perf_counter() - started
-        sidecar.update(peak_memory=_peak_memory(pipeline.device), latents=str(latents_path),
+        sidecar.update(peak_memory=_peak_memory(pipeline.device),
+                       latents=str(latents_path) if latents_path is not None else None,
                        video=_video_record(info))
         write_json(sidecar_path, sidecar)
     # Whatever failed (VAE out of memory, full disk, a codec error), the sampled latents
     # are safe on disk: say how to finish instead of losing the run.
     except Exception as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if latents_path is None:
+            raise DecodeFailedError(f"decoding to {output} failed ({reason}), and the latents could not be "
+                                    "saved either (see above); free disk space and run again") from error
         raise DecodeFailedError(f"decoding to {output} failed ({reason}); the sampled latents are saved, "
                                 f"finish with: wanrt decode {latents_path}") from error
     return GenerationRecord(output, sidecar_path, latents_path, info, sidecar)

@@ -30,6 +30,7 @@ from wanrt.errors import CheckpointError, InputError, WanrtError, parse_choice
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
                                       load_t5, load_vae, locate_checkpoint)
 from wanrt.models.dit import WanDiT
+from wanrt.request_checks import check_frame_num, check_guide_scale, check_shift, check_text
 from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
 from wanrt.runtime.streaming import BlockStreamer
 from wanrt.schedulers import FlowScheduler, Solver, make_scheduler
@@ -65,6 +66,7 @@ class GenerationRequest:
         frame_num = defaults.frame_num if self.frame_num is None else self.frame_num
         if frame_num < 1 or (frame_num - 1) % task.vae_stride[0]:
             raise InputError(f"--frame-num {frame_num} must be 4n+1 (e.g. 81, 121)")
+        check_frame_num(frame_num)
         steps = defaults.steps if self.steps is None else self.steps
         if steps < 1:
             raise InputError(f"--steps {steps} must be at least 1")
@@ -78,10 +80,11 @@ class GenerationRequest:
         if self.image is not None and task.dit.model_type is ModelType.T2V:
             raise InputError(f"{task.name} takes no --image; use an i2v or ti2v task")
         return ResolvedRequest(
-            prompt=self.prompt, size=size, frame_num=frame_num, steps=steps,
-            shift=defaults.shift if self.shift is None else self.shift,
-            guide_scale=tuple(guide), solver=solver, seed=self.seed,
-            negative_prompt=self.negative_prompt or defaults.negative_prompt, image=self.image)
+            prompt=check_text(self.prompt, "--prompt"), size=size, frame_num=frame_num, steps=steps,
+            shift=check_shift(defaults.shift if self.shift is None else self.shift),
+            guide_scale=check_guide_scale(tuple(guide)), solver=solver, seed=self.seed,
+            negative_prompt=check_text(self.negative_prompt or defaults.negative_prompt, "--negative-prompt"),
+            image=self.image)
 
 
 @dataclass(frozen=True)
@@ -417,7 +420,8 @@ class Pipeline:
             from wanrt.text_encoder import TextEncoder
 
             files = self._require_files()
-            tokenizer = PromptTokenizer.from_folder(files.tokenizer, text_len=self.task.t5.text_len)
+            tokenizer = PromptTokenizer.from_folder(files.tokenizer, text_len=self.task.t5.text_len,
+                                                    vocab_size=self.task.t5.vocab_size)
             encoder = self._timed_load("t5", lambda: load_t5(files.t5, self.task.t5, dtype=self.text_dtype))
             # Kept in host memory; `encode_text` brings it to `text_device` only to encode.
             self._text_encoder = TextEncoder(tokenizer, encoder)

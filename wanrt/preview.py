@@ -167,7 +167,7 @@ class PreviewCandidate:
     seed: int
     video: str      # file names relative to the preview folder
     sidecar: str
-    latents: str
+    latents: str | None  # None when the disk was full (see generate.save_latents_or_fallback)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -279,7 +279,7 @@ def run_preview(pipeline: Pipeline, request: GenerationRequest, count: int, fold
                                 folder / f"{candidate_stem(index)}.mp4", embedding_cache=shared,
                                 on_step=on_step, run_options={**options, "candidate": index}, sample=sample)
         written.append(PreviewCandidate(index, seed, record.video_path.name, record.sidecar_path.name,
-                                        record.latents_path.name))
+                                        record.latents_path and record.latents_path.name))
     candidates = tuple(sorted(ranks.gather(written), key=lambda candidate: candidate.index))
     index = PreviewIndex(folder, pipeline.task.name, str(pipeline.files.root.resolve()),
                          dataclasses.replace(resolved, seed=base_seed).settings(), base_seed,
