@@ -3,7 +3,9 @@ checks it now ends in one line naming the input (exit 2) with nothing lost or le
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 import struct
@@ -16,12 +18,14 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from test_cli import PROMPT, assert_one_line_error, wanrt
 
 from wanrt import limits
 from wanrt.configs import get_task
 from wanrt.errors import CheckpointError, InputError
+from wanrt.generate import read_latents, save_latents_or_fallback
 from wanrt.loading.checkpoint import load_dit
 from wanrt.loading.files import read_safetensors_header
 from wanrt.models.tokenizer import PromptTokenizer
@@ -331,3 +335,36 @@ def test_tokenizer_vocab_must_fit_the_encoder_embedding(checkpoints):
         PromptTokenizer.from_folder(folder, vocab_size=64)
     with pytest.raises(CheckpointError, match="66 tokens but the text encoder embeds 256384"):
         PromptTokenizer.from_folder(folder, vocab_size=256384)
+
+
+def test_latents_go_to_the_cache_when_the_output_disk_is_full(checkpoints, tmp_path, cache_dir, monkeypatch,
+                                                              caplog):
+    out = tmp_path / "out"
+    real_save_file = save_file
+
+    def full_output_disk(tensors, filename, metadata=None):
+        if Path(filename).parent == out:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save_file(tensors, filename, metadata=metadata)
+    monkeypatch.setattr("wanrt.generate.save_file", full_output_disk)
+    result = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
+                   "--steps", 2, "--output", out / "video.mp4")
+    assert result.exit_code == 0, result.output
+    fallback = cache_dir / "latents" / "video.latents.safetensors"
+    # Logged on stderr (Python's last-resort handler prints the message alone).
+    assert caplog.messages == [
+        f"could not save the latents to {out / 'video.latents.safetensors'} (No space left on device)",
+        f"saved the latents to {fallback} instead"]
+    assert f"latents: {fallback}" in result.stdout
+    assert read_latents(fallback)[0].shape[0] == 16
+    assert json.loads((out / "video.json").read_text())["latents"] == str(fallback)
+    assert sorted(path.name for path in out.iterdir()) == ["video.json", "video.mp4"]
+
+
+def test_latents_kept_in_memory_when_no_disk_takes_them(tmp_path, cache_dir, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr("wanrt.generate.save_file", no_space)
+    saved = save_latents_or_fallback(tmp_path / "v.latents.safetensors", torch.zeros(4, 1, 2, 2), "tiny-t2v",
+                                     tmp_path, {})
+    assert saved is None and [path for path in tmp_path.rglob("*") if path.is_file()] == []
