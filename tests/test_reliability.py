@@ -368,3 +368,15 @@ def test_latents_kept_in_memory_when_no_disk_takes_them(tmp_path, cache_dir, mon
     saved = save_latents_or_fallback(tmp_path / "v.latents.safetensors", torch.zeros(4, 1, 2, 2), "tiny-t2v",
                                      tmp_path, {})
     assert saved is None and [path for path in tmp_path.rglob("*") if path.is_file()] == []
+
+
+# ---------------------------------------------------------------------- 13: memory budgets
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-4"])
+@pytest.mark.parametrize("flag", ["--ram", "--vram"])
+def test_memory_budget_must_be_positive_and_finite(checkpoints, tmp_path, flag, value):
+    generate = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
+                     "--device", "cpu", "--output", tmp_path / "out.mp4", flag, value)
+    assert_one_line_error(generate, f"{flag} {float(value)} must be a positive number of GiB")
+    assert_one_line_error(wanrt("plan", "--task", "t2v-A14B", flag, value), flag)

@@ -43,3 +43,10 @@ def check_guide_scale(scales: tuple[float, float]) -> tuple[float, float]:
     if not all(math.isfinite(scale) for scale in scales):
         raise InputError(f"--guide-scale {','.join(map(str, scales))} must be finite numbers (e.g. 5.0)")
     return scales
+
+
+def check_memory_gib(value: float | None, flag: str) -> float | None:
+    """A memory budget (`--vram`, `--ram`) in GiB: positive and finite, or None (detect it)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise InputError(f"{flag} {value} must be a positive number of GiB (e.g. 24)")
+    return value
