@@ -4,10 +4,12 @@ checks it now ends in one line naming the input (exit 2) with nothing lost or le
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -25,7 +27,8 @@ from test_cli import PROMPT, assert_one_line_error, wanrt
 from wanrt import limits
 from wanrt.configs import get_task
 from wanrt.errors import CheckpointError, InputError
-from wanrt.generate import read_latents, save_latents_or_fallback
+from wanrt.generate import LATENTS_FORMAT, read_latents, save_latents_or_fallback
+from wanrt.hashing import file_sha256
 from wanrt.loading.checkpoint import load_dit
 from wanrt.loading.files import read_safetensors_header
 from wanrt.models.tokenizer import PromptTokenizer
@@ -380,3 +383,68 @@ def test_memory_budget_must_be_positive_and_finite(checkpoints, tmp_path, flag, 
                      "--device", "cpu", "--output", tmp_path / "out.mp4", flag, value)
     assert_one_line_error(generate, f"{flag} {float(value)} must be a positive number of GiB")
     assert_one_line_error(wanrt("plan", "--task", "t2v-A14B", flag, value), flag)
+
+
+# ---------------------------------------------------------------------- 11, 12: provenance, outputs
+
+
+def test_in_place_edit_with_the_mtime_set_back_is_hashed_again(tmp_path, cache_dir):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    before = path.stat()
+    assert file_sha256(path) == hashlib.sha256(b"a" * 1000).hexdigest()
+    with open(path, "r+b") as handle:  # same size, same inode
+        handle.write(b"b")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert file_sha256(path) == hashlib.sha256(b"b" + b"a" * 999).hexdigest()
+
+
+def fake_latents(path: Path, sidecar: str) -> Path:
+    save_file({"latents": torch.zeros(16, 3, 8, 8)}, str(path),
+              metadata={"format": LATENTS_FORMAT, "task": "tiny-t2v", "ckpt_dir": "/nowhere", "sidecar": sidecar})
+    return path
+
+
+@pytest.mark.parametrize("sidecar", ["not json", "[1, 2]", '{"timings_s": 3}'])
+def test_decode_refuses_a_sidecar_that_is_not_a_json_object(tmp_path, sidecar):
+    path = fake_latents(tmp_path / "run.latents.safetensors", sidecar)
+    assert_one_line_error(wanrt("decode", path), str(path), "not a JSON object")
+
+
+def test_unrelated_json_beside_the_output_is_never_replaced(checkpoints, tmp_path):
+    mine = tmp_path / "out.json"
+    mine.write_text('{"my": "notes"}')
+    result = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
+                   "--output", tmp_path / "out.mp4")
+    assert_one_line_error(result, str(mine), "not a wanrt sidecar")
+    assert mine.read_text() == '{"my": "notes"}'
+
+
+def test_decode_writes_a_new_file_and_marks_the_copied_record(checkpoints, tmp_path):
+    run = tmp_path / "run.mp4"
+    generated = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
+                      "--steps", 2, "--frame-num", 5, "--output", run)
+    assert generated.exit_code == 0, generated.output
+    latents = tmp_path / "run.latents.safetensors"
+    # Every output gets the permissions a plain open() gives (umask applied), latents too.
+    assert len({stat.S_IMODE(path.stat().st_mode) for path in (run, run.with_suffix(".json"), latents)}) == 1
+    originals = {path: path.read_bytes() for path in (run, run.with_suffix(".json"))}
+    decoded = wanrt("decode", latents)
+    assert decoded.exit_code == 0, decoded.output
+    assert f"video:   {tmp_path / 'run_decoded.mp4'}" in decoded.stdout
+    assert all(path.read_bytes() == content for path, content in originals.items())
+    record = json.loads((tmp_path / "run_decoded.json").read_text())["decode_run"]["sampling_record"]
+    assert record == {"copied_from": str(latents), "latents_sha256": file_sha256(latents), "verified": False}
+
+
+def test_refine_from_an_index_pointing_outside_the_preview_is_refused(tmp_path):
+    folder, outside = tmp_path / "preview", black_video(tmp_path / "elsewhere.mp4", 9, 32, 32)
+    folder.mkdir()
+    candidate = {"index": 0, "seed": 1, "video": "../elsewhere.mp4", "sidecar": "c.json", "latents": None}
+    (folder / "index.json").write_text(json.dumps({
+        "format": "wanrt-preview/1", "task": "tiny-t2v", "ckpt_dir": "/nowhere", "settings": {}, "base_seed": 1,
+        "seed_was_random": False, "image_path": None, "world_size": 1, "candidates": [candidate]}))
+    result = wanrt("refine", "--from", folder, "--pick", 0)
+    assert_one_line_error(result, "'../elsewhere.mp4' points outside", str(folder))
+    assert outside.is_file()

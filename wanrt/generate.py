@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -39,6 +40,8 @@ from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, StepInf
 from wanrt.video_io import VideoInfo, write_video
 
 _log = logging.getLogger(__name__)
+# A sidecar is a few KB; a larger .json beside an output is someone else's file.
+_MAX_SIDECAR_BYTES = 2**20
 
 LATENTS_SUFFIX = ".latents.safetensors"
 LATENTS_FORMAT = "wanrt-latents/1"
@@ -108,7 +111,22 @@ def check_output_path(output: Path) -> Path:
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"--output {output}: {folder} is not a writable folder")
+    sidecar = sidecar_path_for(output)
+    if sidecar.exists() and not _is_wanrt_sidecar(sidecar):
+        raise InputError(f"--output {output}: {sidecar} exists and is not a wanrt sidecar; the run would "
+                         "replace it, choose another --output")
     return output
+
+
+def _is_wanrt_sidecar(path: Path) -> bool:
+    """Whether `path` is a sidecar an earlier run wrote (which a new run may replace)."""
+    try:
+        if path.stat().st_size > _MAX_SIDECAR_BYTES:
+            return False
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(data, dict) and "wanrt_version" in data
 
 
 def default_output_path(task: TaskSpec, request: ResolvedRequest, now: datetime | None = None) -> Path:
@@ -372,16 +390,41 @@ def decode_latents(latents_path: Path, output: Path | None = None, ckpt_dir: Pat
     started = time.perf_counter()
     latents_path = Path(latents_path)
     latents, metadata = read_latents(latents_path)
-    if output is None:
-        name = latents_path.name.removesuffix(LATENTS_SUFFIX)
-        output = latents_path.with_name(name).with_suffix(".mp4")
-    output = check_output_path(output)
+    sidecar = _copied_sidecar(latents_path, metadata["sidecar"])
+    output = check_output_path(output or _free_decode_path(latents_path))
     pipeline = Pipeline.from_pretrained(ckpt_dir or metadata["ckpt_dir"], metadata["task"], device=device)
-    sidecar = json.loads(metadata["sidecar"])
+    # What sampling recorded is copied as the latents file holds it: nothing here can
+    # check it, so the decode run says so next to what it did verify.
     sidecar["decode_run"] = {"ckpt_dir": str(pipeline.files.root.resolve()),
                              "device": _device_name(pipeline.device),
-                             "vae_sha256": tree_sha256(pipeline.files.vae)}
+                             "vae_sha256": tree_sha256(pipeline.files.vae),
+                             "sampling_record": {"copied_from": str(latents_path.absolute()),
+                                                 "latents_sha256": file_sha256(latents_path),
+                                                 "verified": False}}
     return _decode_and_write(pipeline, latents, output, latents_path, sidecar, started, on_decode)
+
+
+def _copied_sidecar(latents_path: Path, text: str) -> dict[str, Any]:
+    """The partial sidecar a latents file carries, refused unless it is a JSON object."""
+    try:
+        sidecar = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        sidecar = None
+    if not isinstance(sidecar, dict) or not isinstance(sidecar.get("timings_s", {}), dict):
+        raise InputError(f"{latents_path}: its sidecar metadata is not a JSON object; the file was not written "
+                         "by `wanrt generate` or was edited")
+    sidecar.setdefault("timings_s", {})
+    return sidecar
+
+
+def _free_decode_path(latents_path: Path) -> Path:
+    """The run's own `<run>.mp4` beside the latents when neither it nor its sidecar exists
+    (the decode it failed), else `<run>_decoded.mp4`, `<run>_decoded_2.mp4`, ...: a decode
+    never replaces a video or sidecar unless `--output` names it."""
+    stem = latents_path.name.removesuffix(LATENTS_SUFFIX)
+    suffixes = itertools.chain(["", "_decoded"], (f"_decoded_{number}" for number in itertools.count(2)))
+    outputs = (latents_path.with_name(f"{stem}{suffix}.mp4") for suffix in suffixes)
+    return next(path for path in outputs if not path.exists() and not sidecar_path_for(path).exists())
 
 
 def _decode_and_write(pipeline: Pipeline, latents: Tensor, output: Path, latents_path: Path | None,

@@ -208,7 +208,7 @@ class PreviewIndex:
             candidates = tuple(PreviewCandidate(**entry) for entry in raw["candidates"])
             return cls(folder, raw["task"], raw["ckpt_dir"], raw["settings"], raw["base_seed"],
                        raw["seed_was_random"], raw["image_path"], candidates, raw["world_size"])
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise InputError(f"--from {folder}: {path} is not a wanrt preview index ({error}); "
                              "write it again with `wanrt preview`") from None
 

@@ -19,7 +19,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor
 
-from wanrt.errors import CheckpointError
+from wanrt.errors import CheckpointError, WanrtError
 
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
 
@@ -152,12 +152,13 @@ def safetensors_shards(folder: Path, stem: str) -> list[Path]:
     raise CheckpointError(f"{folder}: no {single.name} and no {index_path.name}; is this a model folder?")
 
 
-def confined_path(folder: Path, name: str, source: Path) -> Path:
-    """`folder / name`, refused unless it resolves (symlinks included) inside `folder`."""
+def confined_path(folder: Path, name: str, source: Path, error: type[WanrtError] = CheckpointError) -> Path:
+    """`folder / name`, refused unless it resolves (symlinks included) inside `folder`:
+    a file that lists other files (an index) must not lead anywhere else on the machine."""
     path = Path(folder) / name
     if Path(name).is_absolute() or not path.resolve().is_relative_to(Path(folder).resolve()):
-        raise CheckpointError(f"{source}: {name!r} points outside {folder}; only files inside the folder "
-                              "are read, fix or re-download the index")
+        raise error(f"{source}: {name!r} points outside {folder}; only files inside the folder are read, "
+                    f"fix or write {source.name} again")
     return path
 
 
