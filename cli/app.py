@@ -17,6 +17,7 @@ from wanrt.cli import bench
 from wanrt.cli import k8s, preview, refine
 from wanrt.cli import export
 from wanrt.errors import WanrtError
+from wanrt.interrupts import Interrupted, signals_as_interrupts
 
 # Recent Typer releases vendor click as `typer._click` and raise its exception classes;
 # older ones use click itself.
@@ -32,7 +33,11 @@ def one_line(message: str) -> str:
 class _WanrtGroup(TyperGroup):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with signals_as_interrupts():
+                return super().invoke(ctx)
+        except Interrupted as interrupt:
+            click.echo(f"interrupted ({interrupt.signal_name}): {one_line(interrupt.kept)}", err=True)
+            ctx.exit(interrupt.exit_code)
         except WanrtError as error:
             click.echo(f"error: {one_line(str(error))}", err=True)
             ctx.exit(USER_ERROR_EXIT_CODE)

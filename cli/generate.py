@@ -8,6 +8,7 @@ command lines run unchanged.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Mapping
@@ -26,6 +27,7 @@ from wanrt.errors import InputError
 from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
                             generate_video, generation_task, parse_device)
 from wanrt.pipeline import GenerationRequest, Pipeline, StepInfo
+from wanrt.resume import DEFAULT_INTERVAL_S, SavedSampling, read_sampling_state
 from wanrt.runtime.planner import Precision as WeightPrecision
 from wanrt.video_io import load_image
 
@@ -125,11 +127,13 @@ def print_result(record: GenerationRecord) -> None:
 
 
 def run_generation(pipeline: Pipeline, request: GenerationRequest, output: Path,
-                   embedding_cache: EmbeddingCache | None, run_options: Mapping[str, Any]) -> GenerationRecord:
+                   embedding_cache: EmbeddingCache | None, run_options: Mapping[str, Any],
+                   **checkpointing: Any) -> GenerationRecord:
+    """`checkpointing`: generate_video's `checkpoint_every_s` and `resume` (one process only)."""
     with RunDisplay(request.resolved(pipeline.task).steps) as display:
         record = generate_video(pipeline, request, output, embedding_cache=embedding_cache,
                                 on_step=display.on_step, on_decode=display.on_decode,
-                                run_options=run_options)
+                                run_options=run_options, **checkpointing)
     print_result(record)
     return record
 
@@ -226,14 +230,26 @@ def generate_command(
     expert_per_gpu: Annotated[bool, typer.Option(
         "--expert-per-gpu", help="A14B on 2 GPUs: the high-noise expert on one, the low-noise one on the other.")]
     = False,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue a stopped run from the .sampling.safetensors file it saved (its prompt, "
+        "settings and output are the defaults).")] = None,
+    checkpoint_minutes: Annotated[float, typer.Option(
+        "--checkpoint-minutes", help="Save the sampling state this often (and at the MoE boundary), to --resume "
+        "from.")] = DEFAULT_INTERVAL_S / 60,
 ) -> None:
     """Generate a video from a prompt (and an image for i2v/ti2v)."""
+    if not (math.isfinite(checkpoint_minutes) and checkpoint_minutes > 0):
+        raise InputError(f"--checkpoint-minutes {checkpoint_minutes} must be a positive number")
+    saved = resumed_run(resume, ctx) if resume is not None else None
+    if saved is not None:
+        task, prompt = saved.task, saved.request.prompt
+        ckpt_dir, output = ckpt_dir or Path(saved.ckpt_dir), output or Path(saved.output)
     spec = generation_task(task)
     if not prompt:
         raise InputError("--prompt is required")
     if ckpt_dir is None:
         raise InputError("--ckpt-dir is required: the folder of the downloaded checkpoint")
-    request = GenerationRequest(
+    request = saved.request if saved is not None else GenerationRequest(
         prompt=prompt, size=size, frame_num=frame_num, steps=steps, shift=shift,
         guide_scale=parse_guide_scale(guide_scale), solver=solver or spec.sample.solver, seed=seed,
         negative_prompt=negative_prompt, image=load_image_option(image))
@@ -249,6 +265,8 @@ def generate_command(
     parallel = ParallelConfig.from_options(
         world_size if world_size > 1 else gpus, ulysses, cfg_parallel, dit_fsdp, t5_fsdp,
         expert_per_gpu).check(spec, precision.value, quantized is not None, t5_cpu)
+    if parallel.distributed and saved is not None:
+        raise InputError("--resume continues a run on one GPU; leave out --gpus/torchrun")
     if parallel.distributed and engine is not EngineKind.EAGER:
         raise InputError(f"--engine {engine.value} runs on one GPU; leave it out with --gpus/torchrun")
 
@@ -281,4 +299,20 @@ def generate_command(
     run_options["engine"] = use_engine(pipeline, engine, engine_dir).describe()
     if engine is not EngineKind.EAGER:  # what was asked for, and for auto what it picked
         typer.echo(f"engine: {run_options['engine']}", err=True)
-    run_generation(pipeline, request, target, cache, run_options)
+    run_generation(pipeline, request, target, cache, run_options, checkpoint_every_s=checkpoint_minutes * 60,
+                   resume=saved)
+
+
+# What a resumed run takes from its sampling state, not from the command line.
+_SAVED_SETTINGS = ("prompt", "task", "size", "frame_num", "image", "negative_prompt", "seed", "solver", "steps",
+                   "shift", "guide_scale")
+
+
+def resumed_run(path: Path, ctx: typer.Context) -> SavedSampling:
+    """The run `--resume` continues, refusing options that would change what it samples."""
+    params = {param.name: param for param in ctx.command.params}
+    # By name: Typer may vendor its own click, whose ParameterSource is another enum.
+    given = [params[name].opts[0] for name in _SAVED_SETTINGS if ctx.get_parameter_source(name).name != "DEFAULT"]
+    if given:
+        raise InputError(f"--resume continues the saved run's own settings; drop {', '.join(given)}")
+    return read_sampling_state(path)

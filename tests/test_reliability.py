@@ -3,12 +3,14 @@ checks it now ends in one line naming the input (exit 2) with nothing lost or le
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import stat
 import struct
 import subprocess
@@ -24,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_cli import PROMPT, assert_one_line_error, wanrt
 
-from wanrt import limits
+from wanrt import limits, video_io
 from wanrt.configs import get_task
 from wanrt.errors import CheckpointError, InputError
 from wanrt.generate import LATENTS_FORMAT, read_latents, save_latents_or_fallback
@@ -32,6 +34,9 @@ from wanrt.hashing import file_sha256
 from wanrt.loading.checkpoint import load_dit
 from wanrt.loading.files import read_safetensors_header
 from wanrt.models.tokenizer import PromptTokenizer
+from wanrt.pipeline import GenerationRequest, Pipeline
+from wanrt.resume import (SamplingCheckpointer, SamplingFailedError, read_sampling_state, resumed_state,
+                          sample_with_checkpoints)
 from wanrt.video_io import InputTooLargeError, load_image, read_video
 
 pytestmark = pytest.mark.usefixtures("cache_dir")
@@ -448,3 +453,98 @@ def test_refine_from_an_index_pointing_outside_the_preview_is_refused(tmp_path):
     result = wanrt("refine", "--from", folder, "--pick", 0)
     assert_one_line_error(result, "'../elsewhere.mp4' points outside", str(folder))
     assert outside.is_file()
+
+
+# ---------------------------------------------------------------------- 9, 10: interrupts, resume
+
+
+RESUME_STEPS = 4  # tiny-t2v: high, high, high | low (the MoE boundary before step 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(checkpoints):
+    """A tiny-t2v pipeline, a request crossing the MoE boundary, its embeddings and the
+    final latents of an uninterrupted run."""
+    pipeline = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
+    request = GenerationRequest(prompt=PROMPT, steps=RESUME_STEPS, frame_num=5, seed=11).resolved(pipeline.task)
+    embeddings = pipeline.encode_text(request.prompt, request.negative_prompt)
+    reference = pipeline.denoise(pipeline.start(request), embeddings).latents[0]
+    return pipeline, request, embeddings, reference
+
+
+def test_sampling_checkpoint_at_the_boundary_and_every_interval(tiny_run, tmp_path):
+    pipeline, request, embeddings, reference = tiny_run
+    path = tmp_path / "run.sampling.safetensors"
+    at_boundary = SamplingCheckpointer(path, pipeline, request, embeddings, tmp_path / "run.mp4", interval_s=1e9)
+    final = sample_with_checkpoints(pipeline, pipeline.start(request), embeddings, at_boundary)
+    assert torch.equal(final, reference)  # the hook changes nothing
+    assert at_boundary.written_step == 3 and read_sampling_state(path).step == 3
+    ticks = iter(range(100))
+    every_step = SamplingCheckpointer(path, pipeline, request, embeddings, tmp_path / "run.mp4", interval_s=1,
+                                      clock=lambda: next(ticks))
+    sample_with_checkpoints(pipeline, pipeline.start(request), embeddings, every_step)
+    assert every_step.written_step == RESUME_STEPS
+
+
+def test_a_failure_at_step_k_resumes_bit_identically(tiny_run, tmp_path):
+    pipeline, request, embeddings, reference = tiny_run
+    path = tmp_path / "run.sampling.safetensors"
+    checkpointer = SamplingCheckpointer(path, pipeline, request, embeddings, tmp_path / "run.mp4", interval_s=1e9)
+
+    def out_of_memory_at_the_last_step(info):
+        if info.index == RESUME_STEPS - 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+    with pytest.raises(SamplingFailedError, match=f"after step 3/4 is saved, continue with: "
+                                                  f"wanrt generate --resume {re.escape(str(path))}"):
+        sample_with_checkpoints(pipeline, pipeline.start(request), embeddings, checkpointer,
+                                on_step=out_of_memory_at_the_last_step)
+    saved = read_sampling_state(path)
+    assert saved.request == dataclasses.replace(request, image=None) and saved.step == 3
+    fresh = Pipeline.from_pretrained(pipeline.files.root, "tiny-t2v", device="cpu")
+    resumed = fresh.denoise(resumed_state(fresh, saved), saved.embeddings).latents[0]
+    assert torch.equal(resumed, reference)
+
+
+def test_sigint_keeps_the_state_and_sigterm_during_the_mux_leaves_no_temporary(tiny_run, checkpoints, tmp_path,
+                                                                                monkeypatch):
+    *_, reference = tiny_run
+    folder = tmp_path / "out"
+    output, state_file = folder / "run.mp4", folder / "run.sampling.safetensors"
+
+    def ctrl_c_at_step_2(self, info):
+        if info.index == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    with monkeypatch.context() as patch:
+        patch.setattr("wanrt.cli.generate.RunDisplay.on_step", ctrl_c_at_step_2)
+        interrupted = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt",
+                            PROMPT, "--steps", RESUME_STEPS, "--frame-num", 5, "--seed", 11, "--output", output)
+    assert interrupted.exit_code == 130, interrupted.output
+    assert interrupted.stderr.strip().splitlines()[-1] == (
+        f"interrupted (SIGINT): the sampling state after step 2/4 is saved, continue with: "
+        f"wanrt generate --resume {state_file}")
+    assert sorted(path.name for path in folder.iterdir()) == [state_file.name]
+
+    # The resumed run is stopped in turn while its mp4 is being verified (after the mux).
+    real_count = video_io._count_decoded_frames
+
+    def sigterm_then_count(path):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_count(path)
+    monkeypatch.setattr("wanrt.video_io._count_decoded_frames", sigterm_then_count)
+    monkeypatch.setattr("wanrt.cli.generate.load_image_option", None)  # --resume reads no option
+    resumed = wanrt("generate", "--resume", state_file)
+    latents_file = folder / "run.latents.safetensors"
+    assert resumed.exit_code == 143, resumed.output
+    assert resumed.stderr.strip().splitlines()[-1] == (
+        f"interrupted (SIGTERM): the sampled latents are saved, finish with: wanrt decode {latents_file}")
+    assert sorted(path.name for path in folder.iterdir()) == [latents_file.name]  # no hidden .tmp.mp4
+    latents, metadata = read_latents(latents_file)
+    assert torch.equal(latents, reference)
+    assert json.loads(metadata["sidecar"])["resumed_from"] == {"path": str(state_file), "step": 2}
+
+
+def test_resume_refuses_options_that_would_change_the_run(tmp_path):
+    result = wanrt("generate", "--resume", tmp_path / "run.sampling.safetensors", "--steps", 8, "--prompt", "x")
+    assert_one_line_error(result, "--resume", "drop --prompt, --steps")
+    assert_one_line_error(wanrt("generate", "--resume", tmp_path / "missing.sampling.safetensors"),
+                          "--resume", "does not exist")

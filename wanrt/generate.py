@@ -33,10 +33,13 @@ import wanrt
 from wanrt.configs import TASK_NAMES, ModelType, TaskSpec, get_task
 from wanrt.errors import InputError, WanrtError
 from wanrt.hashing import cache_root, file_sha256, files_under, tree_sha256
+from wanrt.interrupts import Interrupted
 from wanrt.loading.checkpoint import CheckpointFiles, check_checkpoint
 from wanrt.loading.files import safetensors_shards
 from wanrt.loading.save import DIT_WEIGHTS_STEM, write_atomic, write_json
 from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
+from wanrt.resume import (DEFAULT_INTERVAL_S, SamplingCheckpointer, SavedSampling, resumed_state,
+                          sample_with_checkpoints, sampling_state_path_for)
 from wanrt.video_io import VideoInfo, write_video
 
 _log = logging.getLogger(__name__)
@@ -326,13 +329,17 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
                    on_decode: Callable[[], None] | None = None,
                    run_options: Mapping[str, Any] | None = None,
                    sample: Callable[..., Tensor] | None = None,
-                   fps: int | None = None) -> GenerationRecord:
+                   fps: int | None = None,
+                   checkpoint_every_s: float | None = None,
+                   resume: SavedSampling | None = None) -> GenerationRecord:
     """Sample, save the latents, decode, write `output` (mp4) and its JSON sidecar.
 
     A negative seed draws a random one (as the official CLI), recorded in the sidecar.
     `run_options` are extra settings to record under "options" (e.g. the official
     `offload_model`, the image path). `sample(resolved, embeddings, on_step=...)` replaces
     `pipeline.sample` (a refine starts from an encoded video); `fps` replaces the task's.
+    With `checkpoint_every_s`, sampling is checkpointed (wanrt.resume) at the MoE boundary,
+    that often, and on failure; `resume` continues such a checkpoint (`request` is then its).
     Raises `NonFiniteLatentsError` with nothing written if sampling diverges, and
     `DecodeFailedError` naming the saved latents if decoding or writing fails.
     """
@@ -349,10 +356,19 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
         torch.cuda.reset_peak_memory_stats(pipeline.device)
 
     text_start = time.perf_counter()
-    embeddings, cache_state = text_embeddings(pipeline, resolved, embedding_cache)
+    if resume is not None:
+        embeddings, cache_state = resume.embeddings, "resumed"
+    else:
+        embeddings, cache_state = text_embeddings(pipeline, resolved, embedding_cache)
     text_seconds = time.perf_counter() - text_start
     expert_timer = _ExpertTimer(on_step)
-    latents = (sample or pipeline.sample)(resolved, embeddings, on_step=expert_timer)
+    if checkpoint_every_s is None and resume is None:
+        latents = (sample or pipeline.sample)(resolved, embeddings, on_step=expert_timer)
+    else:
+        state = resumed_state(pipeline, resume) if resume is not None else pipeline.start(resolved)
+        checkpointer = SamplingCheckpointer(sampling_state_path_for(output), pipeline, resolved, embeddings, output,
+                                            interval_s=checkpoint_every_s or DEFAULT_INTERVAL_S)
+        latents = sample_with_checkpoints(pipeline, state, embeddings, checkpointer, on_step=expert_timer)
 
     hash_start = time.perf_counter()
     checkpoint = _checkpoint_record(pipeline.files)
@@ -377,8 +393,12 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
         "timings_s": {"text_encoding": text_seconds, "sampling": dict(expert_timer.seconds),
                       "hashing": time.perf_counter() - hash_start},
     }
+    if resume is not None:
+        sidecar["resumed_from"] = {"path": str(resume.path.absolute()), "step": resume.step}
     latents_path = save_latents_or_fallback(latents_path_for(output), latents, pipeline.task.name,
                                             pipeline.files.root.resolve(), sidecar)
+    if latents_path is not None:  # the final latents supersede any sampling checkpoint
+        sampling_state_path_for(output).unlink(missing_ok=True)
     return _decode_and_write(pipeline, latents, output, latents_path, sidecar, started, on_decode)
 
 
@@ -449,6 +469,10 @@ def _decode_and_write(pipeline: Pipeline, latents: Tensor, output: Path, latents
                        latents=str(latents_path) if latents_path is not None else None,
                        video=_video_record(info))
         write_json(sidecar_path, sidecar)
+    except Interrupted as interrupt:
+        if latents_path is not None:
+            interrupt.kept = f"the sampled latents are saved, finish with: wanrt decode {latents_path}"
+        raise
     # Whatever failed (VAE out of memory, full disk, a codec error), the sampled latents
     # are safe on disk: say how to finish instead of losing the run.
     except Exception as error:

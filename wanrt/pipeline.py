@@ -542,11 +542,13 @@ class Pipeline:
         return [(t, self.expert_for(t)) for t in timesteps]
 
     def denoise(self, state: SamplingState, embeddings: TextEmbeddings, stop: int | None = None,
-                on_step: Callable[[StepInfo], None] | None = None) -> SamplingState:
+                on_step: Callable[[StepInfo], None] | None = None,
+                on_state: Callable[[SamplingState], None] | None = None) -> SamplingState:
         """Run steps `state.step .. stop` (default: to the end) and return the state after them.
 
         Starting mid-schedule (refining a video, handing a run to another device) continues
-        the scheduler it is given; its step counter is set from `state.step`."""
+        the scheduler it is given; its step counter is set from `state.step`. `on_state`
+        sees the state after each step (to checkpoint it: wanrt.resume)."""
         steps = self.schedule(state, stop)
         total = len(state.scheduler.timesteps)
         for expert in dict.fromkeys(expert for _, expert in steps):
@@ -579,6 +581,8 @@ class Pipeline:
                         "quantized precision, or another seed")
                 if on_step is not None:
                     on_step(StepInfo(index, total, t, expert, scale))
+                if on_state is not None:
+                    on_state(dataclasses.replace(state, latents=latents, step=index + 1))
         return dataclasses.replace(state, latents=latents, step=state.step + len(steps))
 
     def sample(self, request: GenerationRequest | ResolvedRequest, embeddings: TextEmbeddings | None = None,
