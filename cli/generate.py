@@ -216,6 +216,9 @@ def generate_command(
     engine_dir: Annotated[Path | None, typer.Option(
         "--engine-dir", help="Artifacts written by `wanrt export` (default: build into "
         "$WANRT_CACHE_DIR/engines on first use).")] = None,
+    engine_cache_gib: Annotated[float | None, typer.Option(
+        "--engine-cache-gib", help="Most disk the engine cache keeps, GiB; least recently used artifacts go first "
+        "(default: 64).")] = None,
     gpus: Annotated[int, typer.Option(
         "--gpus", help="Run on N GPUs: re-launches itself under torchrun with the same arguments.")] = 1,
     ulysses: Annotated[int | None, typer.Option(
@@ -296,7 +299,7 @@ def generate_command(
             lead=lambda leader, agreed, options: run_generation(leader, agreed, target, cache, options)),
             parse_device(device))
     pipeline = build_pipeline(parse_device(device))
-    run_options["engine"] = use_engine(pipeline, engine, engine_dir).describe()
+    run_options["engine"] = use_engine(pipeline, engine, engine_dir, engine_cache_gib).describe()
     if engine is not EngineKind.EAGER:  # what was asked for, and for auto what it picked
         typer.echo(f"engine: {run_options['engine']}", err=True)
     run_generation(pipeline, request, target, cache, run_options, checkpoint_every_s=checkpoint_minutes * 60,

@@ -25,10 +25,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_cli import PROMPT, assert_one_line_error, wanrt
+from test_manifest import IDENTITY, PROFILE, CountingBuilder
 
 from wanrt import limits, video_io
 from wanrt.configs import get_task
 from wanrt.errors import CheckpointError, InputError
+from wanrt.engines.base import use_engine
+from wanrt.export.manifest import ArtifactBuildError, ArtifactStore, BuiltFiles, TamperedArtifactError, verify
 from wanrt.generate import LATENTS_FORMAT, read_latents, save_latents_or_fallback
 from wanrt.hashing import file_sha256
 from wanrt.loading.checkpoint import load_dit
@@ -548,3 +551,60 @@ def test_resume_refuses_options_that_would_change_the_run(tmp_path):
     assert_one_line_error(result, "--resume", "drop --prompt, --steps")
     assert_one_line_error(wanrt("generate", "--resume", tmp_path / "missing.sampling.safetensors"),
                           "--resume", "does not exist")
+
+
+# ---------------------------------------------------------------------- 8: engine cache
+
+
+def test_engine_build_refused_when_the_disk_is_too_small(tmp_path, monkeypatch):
+    store, builder = ArtifactStore(tmp_path), CountingBuilder()
+    free = shutil.disk_usage(tmp_path).free
+    with pytest.raises(ArtifactBuildError, match="needs about .* GiB in .* but .* GiB are free"):
+        store.get(IDENTITY, PROFILE, builder, expected_bytes=free + 2**40)
+    assert builder.calls == 0 and not list(tmp_path.glob(".build-*"))
+
+
+def test_disk_full_during_a_build_is_one_line_and_leaves_no_temporary(tmp_path):
+    def full_disk(folder: Path) -> BuiltFiles:
+        (folder / "model.bin").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(ArtifactBuildError, match="ran out of disk space"):
+        ArtifactStore(tmp_path).get(IDENTITY, PROFILE, full_disk)
+    assert not list(tmp_path.glob(".build-*"))
+
+
+def test_folders_of_killed_builds_are_swept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    killed = [tmp_path / f".build-{dead}-abc", tmp_path / ".build-xyz"]  # a killed build, an old-style name
+    running = tmp_path / f".build-{os.getpid()}-def"
+    for folder in (*killed, running):
+        folder.mkdir()
+    (killed[0] / "model.bin").write_bytes(b"half")
+    ArtifactStore(tmp_path).get(IDENTITY, PROFILE, CountingBuilder())
+    assert not any(folder.exists() for folder in killed) and running.is_dir()
+
+
+@pytest.mark.parametrize("edit", ["empty-files-map", "unlisted-file"])
+def test_manifest_must_list_every_file(tmp_path, edit):
+    directory, _ = ArtifactStore(tmp_path).get(IDENTITY, PROFILE, CountingBuilder())
+    if edit == "empty-files-map":
+        edit_json(directory / "manifest.json", lambda manifest: manifest.update(files={}))
+        (directory / "model.bin").write_bytes(b"swapped code")
+    else:
+        (directory / "extra.so").write_bytes(b"injected")
+    with pytest.raises(TamperedArtifactError, match="lists no file" if edit == "empty-files-map" else "extra.so"):
+        verify(directory, IDENTITY)
+
+
+@pytest.mark.parametrize("value", ["0", "nan", "-1"])
+def test_engine_cache_gib_must_be_positive(checkpoints, tmp_path, value):
+    result = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
+                   "--device", "cpu", "--output", tmp_path / "out.mp4", "--engine-cache-gib", value)
+    assert_one_line_error(result, "--engine-cache-gib")
+
+
+def test_engine_cache_gib_sets_the_lru_budget(checkpoints):
+    pipeline = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
+    engine = use_engine(pipeline, "aoti", cache_gib=0.5)
+    assert engine.store.max_bytes == 2**29

@@ -30,7 +30,7 @@ from wanrt.errors import CheckpointError, InputError, WanrtError, parse_choice
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
                                       load_t5, load_vae, locate_checkpoint)
 from wanrt.models.dit import WanDiT
-from wanrt.request_checks import (check_frame_num, check_guide_scale, check_memory_gib, check_shift,
+from wanrt.request_checks import (check_frame_num, check_guide_scale, check_gib, check_shift,
                                   check_text)
 from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
 from wanrt.runtime.streaming import BlockStreamer
@@ -312,7 +312,7 @@ class Pipeline:
         """On a GPU the run is planned within `vram_gib`/`ram_gib` (default: what the
         machine has), streaming DiT blocks when the experts do not fit."""
         spec = get_task(task)
-        vram_gib, ram_gib = check_memory_gib(vram_gib, "--vram"), check_memory_gib(ram_gib, "--ram")
+        vram_gib, ram_gib = check_gib(vram_gib, "--vram"), check_gib(ram_gib, "--ram")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # bf16 on GPUs as the official code; float32 on the CPU, where bf16 is slow and the
         # tests compare against float32 references.

@@ -45,8 +45,8 @@ def check_guide_scale(scales: tuple[float, float]) -> tuple[float, float]:
     return scales
 
 
-def check_memory_gib(value: float | None, flag: str) -> float | None:
-    """A memory budget (`--vram`, `--ram`) in GiB: positive and finite, or None (detect it)."""
+def check_gib(value: float | None, flag: str) -> float | None:
+    """A budget in GiB (`--vram`, `--ram`, `--engine-cache-gib`): positive and finite, or None (the default)."""
     if value is not None and not (math.isfinite(value) and value > 0):
         raise InputError(f"{flag} {value} must be a positive number of GiB (e.g. 24)")
     return value

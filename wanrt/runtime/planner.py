@@ -22,7 +22,7 @@ import torch
 from wanrt.configs import SIZES, DiTConfig, ModelType, TaskSpec, VAEVersion, parse_size
 from wanrt.errors import InputError
 from wanrt.models.dit import WanDiT
-from wanrt.request_checks import check_memory_gib
+from wanrt.request_checks import check_gib
 
 GIB = 2**30
 
@@ -179,8 +179,8 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
               t5_cpu: bool | None = None) -> MemoryPlan:
     """Plan a run; raises InputError naming the remedy when it cannot fit."""
     precision = Precision(precision)
-    vram = int(check_memory_gib(vram_gib, "--vram") * GIB)
-    ram = int(check_memory_gib(ram_gib, "--ram") * GIB)
+    vram = int(check_gib(vram_gib, "--vram") * GIB)
+    ram = int(check_gib(ram_gib, "--ram") * GIB)
     weights = dit_bytes(task.dit, precision)
     # Quantized runs keep the first and the last block in bf16 (the default precision
     # policy of wanrt.export.quantize): the first is resident, the last may stream, so the
