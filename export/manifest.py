@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 import wanrt
 from wanrt.errors import WanrtError
+from wanrt.interrupts import process_alive
 from wanrt.export.specs import ShapeProfile
 from wanrt.loading.save import write_json
 
@@ -322,7 +323,7 @@ class ArtifactStore:
         swept = []
         for folder in self.root.glob(f"{BUILD_PREFIX}*"):
             owner = folder.name.removeprefix(BUILD_PREFIX).split("-", 1)[0]
-            if folder.is_dir() and not (owner.isdigit() and _process_alive(int(owner))):
+            if folder.is_dir() and not (owner.isdigit() and process_alive(int(owner))):
                 shutil.rmtree(folder, ignore_errors=True)
                 swept.append(folder)
         return swept
@@ -391,16 +392,6 @@ class ArtifactStore:
             total -= sizes[directory]
             removed.append(directory)
         return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, another user's
-    return True
 
 
 def _touch(directory: Path) -> None:

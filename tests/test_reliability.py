@@ -15,6 +15,7 @@ import stat
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from fractions import Fraction
 from pathlib import Path
@@ -25,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_cli import PROMPT, assert_one_line_error, wanrt
+from test_distributed import TESTS, torchrun
 from test_manifest import IDENTITY, PROFILE, CountingBuilder
 
 from wanrt import limits, video_io
@@ -608,3 +610,23 @@ def test_engine_cache_gib_sets_the_lru_budget(checkpoints):
     pipeline = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
     engine = use_engine(pipeline, "aoti", cache_gib=0.5)
     assert engine.store.max_bytes == 2**29
+
+
+# ---------------------------------------------------------------------- 7: distributed
+
+
+@pytest.mark.parametrize("how", ["kill", "freeze"])
+def test_a_rank_that_dies_or_freezes_is_named_by_rank0(tmp_path, how):
+    started = time.monotonic()
+    # --monitor-interval: the launcher would otherwise stop rank 0 before it reports.
+    done = torchrun("--monitor-interval", "5", "--log-dir", str(tmp_path), "--redirects", "3",
+                    str(TESTS / "distributed_silent_failure_worker.py"), how,
+                    env={"WANRT_HEARTBEAT_TIMEOUT_S": "3"})
+    elapsed = time.monotonic() - started
+    assert done.returncode != 0
+    assert elapsed < 60, f"the ranks took {elapsed:.0f} s to stop"
+    rank0_stderr = next(tmp_path.rglob("attempt_0/0/stderr.log")).read_text()
+    expected = ("error: rank 1: died: its process" if how == "kill" else
+                "error: rank 1: stopped responding: no heartbeat for 3 s")
+    assert expected in rank0_stderr, rank0_stderr
+    assert "Connection reset" not in rank0_stderr

@@ -9,6 +9,7 @@ video being muxed then leaves its hidden temporary file behind. While
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -55,3 +56,24 @@ def signals_as_interrupts() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` (on this machine) still runs. A killed process stays a zombie
+    until its parent (torchrun's agent) reaps it, and signals still reach a zombie: on
+    Linux its state in /proc tells."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # "pid (name) state ...": the name may hold spaces and parentheses.
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass  # no /proc (macOS): whether it exists at all
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by another user
+    return True
