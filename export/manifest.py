@@ -181,6 +181,9 @@ def verify(directory: Path, expected: Identity) -> Manifest:
     differences = expected.differences(manifest.identity)
     if differences:
         raise StaleArtifactError(f"{directory} was built for another setup: {'; '.join(differences)}")
+    for name in manifest.files:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise TamperedArtifactError(f"{directory}: manifest names a file outside the folder ({name})")
     # Every file the folder holds must be listed and hashed: an empty or partial `files`
     # map would otherwise let an unverified file through to the deserializer.
     present = {path.relative_to(directory).as_posix() for path in directory.rglob("*")
@@ -191,8 +194,6 @@ def verify(directory: Path, expected: Identity) -> Manifest:
         raise TamperedArtifactError(f"{directory}: {what}; refusing to load it. Delete {directory} and rebuild")
     for name, recorded in manifest.files.items():
         path = directory / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise TamperedArtifactError(f"{directory}: manifest names a file outside the folder ({name})")
         if not path.is_file():
             raise TamperedArtifactError(f"{path} is missing; delete {directory} and rebuild")
         if file_sha256(path) != recorded:
