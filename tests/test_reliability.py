@@ -31,7 +31,7 @@ from test_manifest import IDENTITY, PROFILE, CountingBuilder
 
 from wanrt import limits, video_io
 from wanrt.configs import get_task
-from wanrt.errors import CheckpointError, InputError
+from wanrt.errors import CheckpointError
 from wanrt.engines.base import use_engine
 from wanrt.export.manifest import ArtifactBuildError, ArtifactStore, BuiltFiles, TamperedArtifactError, verify
 from wanrt.generate import LATENTS_FORMAT, read_latents, save_latents_or_fallback

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -35,7 +35,7 @@ from wanrt.errors import InputError, WanrtError
 from wanrt.hashing import cache_root, file_sha256, files_under, tree_sha256
 from wanrt.interrupts import Interrupted
 from wanrt.loading.checkpoint import CheckpointFiles, check_checkpoint
-from wanrt.loading.files import safetensors_shards
+from wanrt.loading.files import read_wanrt_safetensors, safetensors_shards
 from wanrt.loading.save import DIT_WEIGHTS_STEM, write_atomic, write_json
 from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
 from wanrt.resume import (DEFAULT_INTERVAL_S, SamplingCheckpointer, SavedSampling, resumed_state,
@@ -305,19 +305,11 @@ def save_latents_or_fallback(path: Path, latents: Tensor, task: str, ckpt_dir: P
 
 def read_latents(path: Path) -> tuple[Tensor, dict[str, str]]:
     """Latents `[C, F, h, w]` and the metadata written by `save_latents`."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"latents file {path} does not exist; pass the .latents.safetensors "
-                         "file written next to the video")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            latents = handle.get_tensor(_LATENTS_KEY)
-    except (SafetensorError, OSError) as error:
-        raise InputError(f"{path} is not a readable wanrt latents file ({error})") from None
-    if metadata.get("format") != LATENTS_FORMAT or not {"task", "ckpt_dir", "sidecar"} <= set(metadata):
-        raise InputError(f"{path} was not written by `wanrt generate` (no {LATENTS_FORMAT} metadata)")
-    return latents, metadata
+    fix = "pass the .latents.safetensors file written next to the video"
+    tensors, metadata = read_wanrt_safetensors(Path(path), LATENTS_FORMAT, f"latents file {path}", fix)
+    if _LATENTS_KEY not in tensors or not {"task", "ckpt_dir", "sidecar"} <= set(metadata):
+        raise InputError(f"latents file {path} lacks its latents or its run's metadata; {fix}")
+    return tensors[_LATENTS_KEY], metadata
 
 
 # ---------------------------------------------------------------------- runs

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from wanrt.errors import InputError, WanrtError
 from wanrt.interrupts import Interrupted
+from wanrt.loading.files import read_wanrt_safetensors
 from wanrt.loading.save import write_atomic
 from wanrt.pipeline import (NonFiniteLatentsError, Pipeline, ResolvedRequest, SamplingState, StepInfo,
                             TextEmbeddings, _Conditioning)
@@ -188,15 +188,9 @@ def sample_with_checkpoints(pipeline: Pipeline, state: SamplingState, embeddings
 def read_sampling_state(path: Path) -> SavedSampling:
     """A file written by `SamplingCheckpointer`; InputError naming `--resume` otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--resume {path} does not exist; pass the {SAMPLING_STATE_SUFFIX} file a stopped "
-                         "run saved")
+    tensors, metadata = read_wanrt_safetensors(path, SAMPLING_STATE_FORMAT, f"--resume {path}",
+                                               f"pass the {SAMPLING_STATE_SUFFIX} file a stopped run saved")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-        if metadata.get("format") != SAMPLING_STATE_FORMAT:
-            raise ValueError(f"no {SAMPLING_STATE_FORMAT} metadata")
         settings, layout = json.loads(metadata["request"]), json.loads(metadata["scheduler"])
         request = ResolvedRequest(
             prompt=settings["prompt"], size=settings["size"], frame_num=int(settings["frame_num"]),
@@ -216,8 +210,7 @@ def read_sampling_state(path: Path) -> SavedSampling:
             path, metadata["task"], metadata["ckpt_dir"], metadata["output"], request, int(metadata["step"]),
             TextEmbeddings(tensors["text/cond"], tensors["text/uncond"]), tensors["latents"], scheduler,
             {name: tensors.get(f"conditioning/{name}") for name in _CONDITIONING_FIELDS})
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError,
-            json.JSONDecodeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(f"--resume {path} is not a readable wanrt sampling state ({error}); "
                          "it was not written by `wanrt generate` or is damaged") from None
 

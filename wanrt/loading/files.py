@@ -19,7 +19,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor
 
-from wanrt.errors import CheckpointError, WanrtError
+from wanrt.errors import CheckpointError, InputError, WanrtError
 
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
 
@@ -207,3 +207,22 @@ def load_pth(path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
     return state
+
+
+def read_wanrt_safetensors(path: Path, file_format: str, what: str, fix: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every tensor and the metadata of a file wanrt wrote with metadata `format` =
+    `file_format` (latents, sampling states); otherwise an InputError that starts with
+    `what` (the file as the user named it) and ends with `fix`."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise InputError(f"{what} does not exist; {fix}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"{what} is not a readable safetensors file ({error}); {fix}") from None
+    if metadata.get("format") != file_format:
+        raise InputError(f"{what} was not written by wanrt (no {file_format} metadata); {fix}")
+    return tensors, metadata
