@@ -1,7 +1,7 @@
 """End-to-end T2V-A14B sampling + VAE decode inside a VRAM cap, planned and streamed.
 
 Both full-size experts (random weights, bf16) and the full-size Wan2.1 VAE go through
-`wanrt.pipeline.Pipeline` exactly as `wanrt generate` runs them: the memory planner picks
+`wanrt.pipelines.Pipeline` exactly as `wanrt generate` runs them: the memory planner picks
 the resident/streamed split for the budget, the block streamer copies the rest per step,
 one expert is on the device at a time, the DiT leaves before the decode. Text embeddings
 are random (no T5), which is the only part of a real run left out.
@@ -27,7 +27,7 @@ from stream_bench import build_expert  # noqa: E402
 from wanrt.configs import get_task  # noqa: E402
 from wanrt.loading.checkpoint import Expert  # noqa: E402
 from wanrt.models.vae import WanVAE  # noqa: E402
-from wanrt.pipeline import GenerationRequest, MemoryBudget, Pipeline, TextEmbeddings  # noqa: E402
+from wanrt.pipelines import GenerationRequest, MemoryBudget, Pipeline, TextEmbeddings  # noqa: E402
 from wanrt.random_weights import randomize_  # noqa: E402
 
 GIB = 2**30

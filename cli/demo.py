@@ -16,7 +16,7 @@ from wanrt.errors import InputError
 from wanrt.generate import check_output_path
 from wanrt.hashing import cache_root
 from wanrt.loading.checkpoint import locate_checkpoint
-from wanrt.pipeline import GenerationRequest, Pipeline
+from wanrt.pipelines import GenerationRequest, Pipeline
 
 DEMO_TASKS = ("tiny-t2v", "tiny-i2v", "tiny-ti2v")
 # Whole words of the toy tokenizer's vocabulary, so the prompt is not all <unk>.
@@ -45,13 +45,14 @@ def gradient_image(task: TaskSpec) -> torch.Tensor:
 def demo_command(
     task: Annotated[str, typer.Option("--task", help="tiny-t2v, tiny-i2v or tiny-ti2v.")] = "tiny-t2v",
     output: Annotated[Path | None, typer.Option(
-        "--output", help="Output .mp4 (default: wanrt-demo-<task>.mp4 here).")] = None,
+        "--output", help="Output .mp4 (default: <cache>/demo/outputs/<task>.mp4, never the working folder).")]
+    = None,
 ) -> None:
     """Smoke-test the install with a tiny random-weight model on the CPU."""
     if task not in DEMO_TASKS:
         raise InputError(f"--task {task!r} has no demo; choose one of {', '.join(DEMO_TASKS)}")
     spec = get_task(task)
-    target = check_output_path(output or Path(f"wanrt-demo-{task}.mp4"))
+    target = check_output_path(output or cache_root() / "demo" / "outputs" / f"{task}.mp4")
     typer.echo(f"wanrt demo: {task} is a random-weight smoke model; the video is noise, "
                "not a real generation. It checks that T5, sampling, the VAE and mp4 writing work.")
     image = gradient_image(spec) if spec.dit.model_type is not ModelType.T2V else None

@@ -8,6 +8,8 @@ command lines run unchanged.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from enum import Enum
 from pathlib import Path
@@ -15,18 +17,17 @@ from typing import Annotated, Any, Mapping
 
 import torch
 import typer
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
-                           TimeRemainingColumn)
-from rich.text import Text
 
+from wanrt.cli.display import RunDisplay
 from wanrt.distributed.config import ParallelConfig
 from wanrt.distributed.launch import check_gpu_count, is_rank_zero, launched_world_size, relaunch, run_rank
 from wanrt.engines.base import EngineKind, use_engine
 from wanrt.errors import InputError
 from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
                             generate_video, generation_task, parse_device)
-from wanrt.pipeline import GenerationRequest, Pipeline, StepInfo
+from wanrt.pipelines import GenerationRequest, Pipeline
+from wanrt.prompt_extend import (PromptExtendMethod, PromptExtendOptions, PromptExtension, PromptExtensionCache,
+                                 TargetLanguage, extend_prompt)
 from wanrt.resume import DEFAULT_INTERVAL_S, SavedSampling, read_sampling_state
 from wanrt.runtime.planner import Precision as WeightPrecision
 from wanrt.video_io import load_image
@@ -75,46 +76,28 @@ def load_image_option(path: Path | None) -> torch.Tensor | None:
         raise InputError(f"--image: {error}") from None
 
 
+def extended_request(request: GenerationRequest, options: PromptExtendOptions,
+                     device: torch.device | None) -> tuple[GenerationRequest, dict[str, Any]]:
+    """The request with its prompt extended, and the extension's record for the sidecar."""
+    extension = extend_prompt(request.prompt, request.image, options, seed=request.seed, device=device,
+                              cache=PromptExtensionCache())
+    show_extension(extension)
+    return dataclasses.replace(request, prompt=extension.prompt), {"prompt_extend": extension.record()}
+
+
 # ---------------------------------------------------------------------- display
 
 
-class _StepRateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.speed
-        if not speed:
-            return Text("-- it/s")
-        return Text(f"{speed:.2f} it/s" if speed >= 1 else f"{1 / speed:.1f} s/it")
-
-
-class RunDisplay:
-    """Sampling progress (step i/N, active expert, it/s, ETA) and phase lines on stderr.
-
-    The bar is drawn only on a terminal; redirected or captured output gets the phase
-    lines alone, and the result paths always go to stdout (`print_result`).
-    """
-
-    def __init__(self, steps: int) -> None:
-        self.console = Console(stderr=True, soft_wrap=True, highlight=False)
-        self.progress = Progress(
-            TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[expert]}"),
-            _StepRateColumn(), TimeRemainingColumn(), console=self.console,
-            disable=not self.console.is_terminal)
-        self._task_id = self.progress.add_task("sampling", total=steps, expert="")
-
-    def __enter__(self) -> "RunDisplay":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.progress.stop()
-
-    def on_step(self, info: StepInfo) -> None:
-        self.progress.update(self._task_id, completed=info.index + 1,
-                             expert=f"{info.expert.value.replace('_', '-')} expert")
-
-    def on_decode(self) -> None:
-        self.progress.stop()
-        self.console.print("decoding the latents with the VAE and writing the video...", markup=False)
+def show_extension(extension: PromptExtension) -> None:
+    """Both prompts on stderr, as the official CLI logs them; a failure is one line."""
+    if not extension.extended:
+        typer.echo(f"prompt extension failed ({extension.error}); continuing with the original prompt", err=True)
+        return
+    cached = ", cached" if extension.cache == "hit" else ""
+    typer.echo(f"prompt extension: {extension.method.value} {extension.model} "
+               f"({extension.target_lang.value}, seed {extension.seed}{cached})", err=True)
+    typer.echo(f"original prompt: {extension.original}", err=True)
+    typer.echo(f"extended prompt: {extension.prompt}", err=True)
 
 
 def print_result(record: GenerationRecord) -> None:
@@ -233,6 +216,24 @@ def generate_command(
     expert_per_gpu: Annotated[bool, typer.Option(
         "--expert-per-gpu", help="A14B on 2 GPUs: the high-noise expert on one, the low-noise one on the other.")]
     = False,
+    use_prompt_extend: Annotated[bool, typer.Option(
+        "--use-prompt-extend", "--use_prompt_extend",
+        help="Rewrite the prompt with a language model first (with --image, an empty prompt is written from "
+        "the image).")] = False,
+    prompt_extend_method: Annotated[PromptExtendMethod, typer.Option(
+        "--prompt-extend-method", "--prompt_extend_method",
+        help="dashscope (API; $DASH_API_KEY, $DASH_API_URL) or local_qwen (transformers).")]
+    = PromptExtendOptions.method,
+    prompt_extend_model: Annotated[str | None, typer.Option(
+        "--prompt-extend-model", "--prompt_extend_model",
+        help="DashScope model, or a local Qwen2.5(-VL) folder or cached model id (default: qwen-plus/qwen-vl-max, "
+        "Qwen2.5_14B/QwenVL2.5_7B).")] = None,
+    prompt_extend_target_lang: Annotated[TargetLanguage, typer.Option(
+        "--prompt-extend-target-lang", "--prompt_extend_target_lang", help="Language of the extended prompt.")]
+    = PromptExtendOptions.target_lang,
+    prompt_extend_strict: Annotated[bool, typer.Option(
+        "--prompt-extend-strict", help="Stop when prompt extension fails instead of using the original prompt.")]
+    = False,
     resume: Annotated[Path | None, typer.Option(
         "--resume", help="Continue a stopped run from the .sampling.safetensors file it saved (its prompt, "
         "settings and output are the defaults).")] = None,
@@ -248,8 +249,13 @@ def generate_command(
         task, prompt = saved.task, saved.request.prompt
         ckpt_dir, output = ckpt_dir or Path(saved.ckpt_dir), output or Path(saved.output)
     spec = generation_task(task)
-    if not prompt:
-        raise InputError("--prompt is required")
+    if prompt is None or not (prompt or (use_prompt_extend and image)):
+        raise InputError("--prompt is required (it may be empty only with --use_prompt_extend and --image, "
+                         "which write it from the image)")
+    extend_options = PromptExtendOptions(prompt_extend_method, prompt_extend_model, prompt_extend_target_lang,
+                                         prompt_extend_strict) if use_prompt_extend else None
+    if extend_options is not None:
+        extend_options.check()
     if ckpt_dir is None:
         raise InputError("--ckpt-dir is required: the folder of the downloaded checkpoint")
     request = saved.request if saved is not None else GenerationRequest(
@@ -296,9 +302,15 @@ def generate_command(
 
         run_rank(lambda context: run_on_ranks(
             context, parallel, build_pipeline(context.device), request, ctx.params, run_options,
-            lead=lambda leader, agreed, options: run_generation(leader, agreed, target, cache, options)),
-            parse_device(device))
+            lead=lambda leader, agreed, options: run_generation(leader, agreed, target, cache, options),
+            prepare=None if extend_options is None else functools.partial(
+                extended_request, options=extend_options, device=context.device)), parse_device(device))
     pipeline = build_pipeline(parse_device(device))
+    if extend_options is not None:
+        # Once the checkpoint is checked, before any weights load (the pipeline loads on first
+        # use), so a local Qwen has the memory to itself and is gone when T5 and the DiT load.
+        request, extend_record = extended_request(request, extend_options, pipeline.device)
+        run_options.update(extend_record)
     run_options["engine"] = use_engine(pipeline, engine, engine_dir, engine_cache_gib).describe()
     if engine is not EngineKind.EAGER:  # what was asked for, and for auto what it picked
         typer.echo(f"engine: {run_options['engine']}", err=True)
@@ -308,7 +320,7 @@ def generate_command(
 
 # What a resumed run takes from its sampling state, not from the command line.
 _SAVED_SETTINGS = ("prompt", "task", "size", "frame_num", "image", "negative_prompt", "seed", "solver", "steps",
-                   "shift", "guide_scale")
+                   "shift", "guide_scale", "use_prompt_extend")
 
 
 def resumed_run(path: Path, ctx: typer.Context) -> SavedSampling:

@@ -9,7 +9,7 @@ import torch
 import typer
 
 from wanrt.configs import ModelType, get_task
-from wanrt.pipeline import GenerationRequest
+from wanrt.pipelines import GenerationRequest
 from wanrt.runtime.planner import Precision, make_plan, require_fit
 
 

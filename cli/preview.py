@@ -14,7 +14,7 @@ from wanrt.cli.generate import COMPUTE_DTYPES, ComputeDtype, load_image_option, 
 from wanrt.configs import TaskSpec
 from wanrt.errors import InputError
 from wanrt.generate import EmbeddingCache, generation_task, parse_device
-from wanrt.pipeline import GenerationRequest, Pipeline
+from wanrt.pipelines import GenerationRequest, Pipeline
 from wanrt.distributed.launch import launched_world_size, run_rank
 from wanrt.preview import INDEX_NAME, Ranks, check_preview_folder, preview_request, run_preview
 from wanrt.runtime.planner import Precision as WeightPrecision
@@ -136,7 +136,7 @@ def preview_command(
         pipeline = runtime.load_pipeline(ckpt_dir, spec.name, ranks)
 
         def announce(index: int, seed: int) -> None:
-            typer.echo(f"candidate {index + 1}/{count} (seed {seed}): {resolved.size}, {resolved.steps} steps, "
+            typer.echo(f"candidate {index} of {count} (seed {seed}): {resolved.size}, {resolved.steps} steps, "
                        f"{resolved.frame_num} frames", err=True)
         index = run_preview(pipeline, request, count, folder, embedding_cache=cache, ranks=ranks,
                             image_path=image, on_candidate=announce)

@@ -9,7 +9,7 @@ import typer
 
 from wanrt.cli.generate import load_image_option
 from wanrt.generate import generation_task, parse_device
-from wanrt.pipeline import Pipeline
+from wanrt.pipelines import Pipeline
 from wanrt.quantize_checkpoint import quantize_checkpoint
 from wanrt.runtime.planner import Precision
 

@@ -33,7 +33,7 @@ from wanrt.models.dit import WanDiT
 from wanrt.models.vae import WanVAE
 
 if TYPE_CHECKING:
-    from wanrt.pipeline import Pipeline
+    from wanrt.pipelines import Pipeline
 
 # The build-on-demand cache keeps at most this much; least recently used artifacts go first.
 DEFAULT_CACHE_BYTES = 64 * 2**30

@@ -11,6 +11,7 @@ usage: torchrun --standalone --nproc_per_node 2 distributed_worker.py OUT CHECKP
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from wanrt.distributed.sharding import fsdp_mesh, shard_dit, shard_t5
 from wanrt.distributed.ulysses import SequenceParallelDiT
 from wanrt.models.dit import WanDiT
 from wanrt.models.t5 import UMT5Encoder
-from wanrt.pipeline import GenerationRequest, Pipeline, TextEmbeddings
+from wanrt.pipelines import GenerationRequest, Pipeline, TextEmbeddings
 from wanrt.random_weights import randomize_
 
 
@@ -144,21 +145,30 @@ def check_expert_per_gpu(context: RankContext, checkpoints: dict[str, str]) -> d
 
 def check_generation_protocol(context: RankContext, checkpoints: dict[str, str]) -> dict:
     """`run_on_ranks`: rank 0 leads (T5 sharded, CFG split, expert per rank) while rank 1
-    serves; the latents equal a single-process run with the same (agreed) seed."""
+    serves, and rank 0 alone prepares the request (as prompt extension does); the latents
+    equal a single-process run of the prepared prompt with the same (agreed) seed."""
     results = {}
+    prepared_seeds = []
+
+    def extend(request: GenerationRequest) -> tuple[GenerationRequest, dict]:
+        prepared_seeds.append(request.seed)
+        return dataclasses.replace(request, prompt=f"{request.prompt} at sunset"), {"prompt_extend": "recorded"}
     for name, config in (("cfg_parallel+t5_fsdp", ParallelConfig(2, cfg_parallel=True, t5_fsdp=True)),
                          ("expert_per_gpu", ParallelConfig(2, expert_per_gpu=True))):
         request = GenerationRequest("a cat on the beach", seed=-1, steps=4)
         pipeline = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
         outcome = run_on_ranks(context, config, pipeline, request, {"case": name}, {},
-                                 lambda leader, agreed, options: (leader.sample(agreed), agreed.seed, options))
+                               lambda leader, agreed, options: (leader.sample(agreed), agreed.seed, options),
+                               prepare=extend)
         if context.rank == 0:
             latents, seed, options = outcome
             reference = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
-            expected = reference.sample(GenerationRequest("a cat on the beach", seed=seed, steps=4))
-            results[f"generation/{name}"] = {**error(latents, expected), "options": options["distributed"]}
+            expected = reference.sample(GenerationRequest("a cat on the beach at sunset", seed=seed, steps=4))
+            results[f"generation/{name}"] = {**error(latents, expected), "options": options["distributed"],
+                                             "prepared": options["prompt_extend"], "seed": seed}
         else:
             results[f"generation/{name}"] = {"served": outcome is None}
+    results["generation/prepared_seeds"] = prepared_seeds
     return results
 
 

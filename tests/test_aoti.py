@@ -28,7 +28,7 @@ from wanrt.generate import read_latents
 from wanrt.loading.checkpoint import Expert
 from wanrt.models.dit import WanDiT
 from wanrt.models.vae import WanVAE
-from wanrt.pipeline import GenerationRequest, Pipeline, StreamingConfig, TextEmbeddings
+from wanrt.pipelines import GenerationRequest, Pipeline, StreamingConfig, TextEmbeddings
 from wanrt.random_weights import randomize_
 
 pytestmark = pytest.mark.slow

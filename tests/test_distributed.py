@@ -24,7 +24,7 @@ from wanrt.distributed.config import ParallelConfig
 from wanrt.distributed.generation import group_ranks
 from wanrt.errors import InputError
 from wanrt.generate import read_latents
-from wanrt.pipeline import GenerationRequest, Pipeline
+from wanrt.pipelines import GenerationRequest, Pipeline
 
 TESTS = Path(__file__).parent
 PARALLEL_RTOL = 1e-5
@@ -92,6 +92,16 @@ def test_rank0_leads_a_generation_the_other_rank_serves(worker_results, name):
     assert rank0[f"generation/{name}"]["options"]["world_size"] == 2
     assert rank0[f"generation/{name}"]["options"]["seed_was_random"] is True
     assert rank1[f"generation/{name}"] == {"served": True}
+
+
+def test_rank0_alone_prepares_the_request_with_the_agreed_seed(worker_results):
+    """Prompt extension's path: one extension on rank 0, after the seed is agreed; every rank
+    sampled the prepared prompt (the latents equal a single-process run of it, above)."""
+    rank0, rank1 = worker_results
+    seeds = [rank0[f"generation/{name}"]["seed"] for name in ("cfg_parallel+t5_fsdp", "expert_per_gpu")]
+    assert rank0["generation/prepared_seeds"] == seeds and min(seeds) >= 0
+    assert rank1["generation/prepared_seeds"] == []
+    assert rank0["generation/expert_per_gpu"]["prepared"] == "recorded"
 
 
 def test_ranks_agree_on_a_random_seed_and_refuse_different_files(worker_results):

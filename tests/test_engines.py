@@ -28,7 +28,7 @@ from wanrt.generate import read_latents
 from wanrt.loading.checkpoint import Expert
 from wanrt.models.dit import WanDiT
 from wanrt.models.vae import WanVAE
-from wanrt.pipeline import GenerationRequest, Pipeline, TextEmbeddings
+from wanrt.pipelines import GenerationRequest, Pipeline, TextEmbeddings
 from wanrt.random_weights import randomize_
 
 T2V = get_task("tiny-t2v")

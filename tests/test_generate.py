@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from wanrt import generate as generate_module
-from wanrt import pipeline as pipeline_module
+from wanrt.pipelines import video as pipeline_module
 from wanrt.configs import get_task
 from wanrt.errors import InputError
 from wanrt.generate import (
@@ -26,7 +26,7 @@ from wanrt.generate import (
 )
 from wanrt.hashing import file_sha256
 from wanrt.models.dit import WanDiT
-from wanrt.pipeline import GenerationRequest, NonFiniteLatentsError, Pipeline
+from wanrt.pipelines import GenerationRequest, NonFiniteLatentsError, Pipeline
 from wanrt.video_io import load_image, read_video
 
 PROMPT = "a red car on the street at night"

@@ -47,7 +47,7 @@ def test_streamed_generation_equals_resident_on_cuda(tmp_path):
     from wanrt.configs import get_task
     from wanrt.demo import write_tiny_checkpoint
     from wanrt.loading.checkpoint import locate_checkpoint
-    from wanrt.pipeline import GenerationRequest, Pipeline, StreamingConfig, TextEmbeddings
+    from wanrt.pipelines import GenerationRequest, Pipeline, StreamingConfig, TextEmbeddings
 
     task = get_task("tiny-t2v")
     root = write_tiny_checkpoint(tmp_path / "tiny", task)
@@ -94,7 +94,7 @@ def test_fp8_experts_stream_and_run_scaled_mm_on_cuda(tmp_path):
     from wanrt.demo import write_tiny_checkpoint
     from wanrt.export.quantize import Kernel, QuantizedLinear
     from wanrt.loading.checkpoint import Expert, locate_checkpoint
-    from wanrt.pipeline import GenerationRequest, Pipeline, StreamingConfig, TextEmbeddings
+    from wanrt.pipelines import GenerationRequest, Pipeline, StreamingConfig, TextEmbeddings
 
     tiny = get_task("tiny-t2v")
     task = dataclasses.replace(tiny, dit=dataclasses.replace(tiny.dit, num_layers=4))

@@ -246,7 +246,7 @@ def test_whole_checkpoint_in_both_layouts_generates_the_same_video(tmp_path, tas
     """Every component (DiTs, VAE, T5, tokenizer) through the production loaders."""
     pytest.importorskip("diffusers")
     from wanrt.demo import write_tiny_checkpoint
-    from wanrt.pipeline import GenerationRequest, Pipeline
+    from wanrt.pipelines import GenerationRequest, Pipeline
 
     task = get_task(task_name)
     official = write_tiny_checkpoint(tmp_path / "official", task, seed=4)

@@ -15,7 +15,7 @@ from wanrt.configs import get_task
 from wanrt.demo import write_tiny_checkpoint
 from wanrt.errors import InputError
 from wanrt.loading.checkpoint import Expert, load_dit, locate_checkpoint
-from wanrt.pipeline import (
+from wanrt.pipelines import (
     GenerationRequest,
     NonFiniteLatentsError,
     Pipeline,
@@ -245,7 +245,7 @@ def test_i2v_requires_an_image():
 
 @pytest.mark.parametrize("resident_blocks,depth", [(0, 1), (1, 2)])
 def test_streamed_sampling_equals_resident(dit_only_checkpoint, resident_blocks, depth):
-    from wanrt.pipeline import StreamingConfig
+    from wanrt.pipelines import StreamingConfig
 
     files = locate_checkpoint(dit_only_checkpoint, FIXTURE_T2V)
     request = GenerationRequest(prompt="", size="64*64", frame_num=5, steps=6, seed=3)
@@ -260,7 +260,7 @@ def test_streamed_sampling_equals_resident(dit_only_checkpoint, resident_blocks,
 
 
 def test_plan_run_sets_up_streaming_or_refuses_before_loading():
-    from wanrt.pipeline import MemoryBudget
+    from wanrt.pipelines import MemoryBudget
 
     task = get_task("t2v-A14B")
     # A CPU text device keeps T5 (11 GB) in host memory too, hence the larger RAM budget.

@@ -25,7 +25,7 @@ from wanrt.configs import get_task
 from wanrt.generate import EmbeddingCache, read_latents
 from wanrt.hashing import file_sha256
 from wanrt.loading.checkpoint import Expert
-from wanrt.pipeline import GenerationRequest, Pipeline, noise_for
+from wanrt.pipelines import GenerationRequest, Pipeline, noise_for
 from wanrt.preview import (CONTACT_SHEET_NAME, INDEX_NAME, LABEL_HEIGHT, SHEET_PADDING, preview_request,
                            run_preview, sheet_frame_indices, thumbnail_scale)
 from wanrt.refine import (fit_frames, read_preview_pick, read_source, refine_frame_count, refine_latents,

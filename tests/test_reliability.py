@@ -39,7 +39,7 @@ from wanrt.hashing import file_sha256
 from wanrt.loading.checkpoint import load_dit
 from wanrt.loading.files import read_safetensors_header
 from wanrt.models.tokenizer import PromptTokenizer
-from wanrt.pipeline import GenerationRequest, Pipeline
+from wanrt.pipelines import GenerationRequest, Pipeline
 from wanrt.resume import (SamplingCheckpointer, SamplingFailedError, read_sampling_state, resumed_state,
                           sample_with_checkpoints)
 from wanrt.video_io import InputTooLargeError, load_image, read_video
@@ -258,7 +258,7 @@ def no_text_encoder(monkeypatch):
     """Fail the test if T5 is loaded: the checks it guards must come before."""
     def refuse(*args, **kwargs):
         raise AssertionError("T5 was loaded before the check")
-    monkeypatch.setattr("wanrt.pipeline.load_t5", refuse)
+    monkeypatch.setattr("wanrt.pipelines.video.load_t5", refuse)
 
 
 def break_low_noise_config(root: Path) -> None:
@@ -321,7 +321,7 @@ EARLY_VALUE_CASES = {
 def test_bad_values_fail_before_anything_loads(checkpoints, tmp_path, no_text_encoder, monkeypatch, case):
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the check")
-    monkeypatch.setattr("wanrt.pipeline.load_dit", no_load)
+    monkeypatch.setattr("wanrt.pipelines.video.load_dit", no_load)
     extra, flag = EARLY_VALUE_CASES[case]
     result = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
                    "--output", tmp_path / "out.mp4", *extra)
@@ -520,7 +520,7 @@ def test_sigint_keeps_the_state_and_sigterm_during_the_mux_leaves_no_temporary(t
         if info.index == 2:
             os.kill(os.getpid(), signal.SIGINT)
     with monkeypatch.context() as patch:
-        patch.setattr("wanrt.cli.generate.RunDisplay.on_step", ctrl_c_at_step_2)
+        patch.setattr("wanrt.cli.display.RunDisplay.on_step", ctrl_c_at_step_2)
         interrupted = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt",
                             PROMPT, "--steps", RESUME_STEPS, "--frame-num", 5, "--seed", 11, "--output", output)
     assert interrupted.exit_code == 130, interrupted.output

@@ -32,14 +32,16 @@ from torch import Tensor
 import wanrt
 from wanrt.configs import TASK_NAMES, ModelType, TaskSpec, get_task
 from wanrt.errors import InputError, WanrtError
-from wanrt.hashing import cache_root, file_sha256, files_under, tree_sha256
+from wanrt.hashing import cache_root, file_sha256, files_under, tensor_sha256, tree_sha256
 from wanrt.interrupts import Interrupted
 from wanrt.loading.checkpoint import CheckpointFiles, check_checkpoint
 from wanrt.loading.files import read_wanrt_safetensors, safetensors_shards
 from wanrt.loading.save import DIT_WEIGHTS_STEM, write_atomic, write_json
-from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
+from wanrt.pipelines import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings, output_size
+from wanrt.progress import phase
 from wanrt.resume import (DEFAULT_INTERVAL_S, SamplingCheckpointer, SavedSampling, resumed_state,
                           sample_with_checkpoints, sampling_state_path_for)
+from wanrt.runtime.planner import Precision, short_dtype_name
 from wanrt.video_io import VideoInfo, write_video
 
 _log = logging.getLogger(__name__)
@@ -133,11 +135,12 @@ def _is_wanrt_sidecar(path: Path) -> bool:
 
 
 def default_output_path(task: TaskSpec, request: ResolvedRequest, now: datetime | None = None) -> Path:
-    """The official naming, `<task>_<size>_<prompt[:50]>_<time>.mp4`, in the working folder."""
+    """The official naming, `<task>_<size>_<prompt[:50]>_<time>.mp4`, in the working folder,
+    with the size the video will have (an image-conditioned run keeps the image's aspect)."""
     prompt = request.prompt.replace(" ", "_").replace("/", "_")[:50]
     stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
     # 'x' rather than the official '*': a '*' in a file name trips up shells and Windows.
-    return Path(f"{task.name}_{request.size.replace('*', 'x')}_{prompt}_{stamp}.mp4")
+    return Path(f"{task.name}_{output_size(task, request).replace('*', 'x')}_{prompt}_{stamp}.mp4")
 
 
 def latents_path_for(output: Path) -> Path:
@@ -190,12 +193,14 @@ def text_embeddings(pipeline: Pipeline, request: ResolvedRequest,
                      cache: EmbeddingCache | None) -> tuple[TextEmbeddings, str]:
     """The prompt pair's embeddings and how they were obtained: 'hit', 'miss' or 'off'."""
     if cache is None:
-        return pipeline.encode_text(request.prompt, request.negative_prompt), "off"
+        with phase("T5: encoding the prompts"):
+            return pipeline.encode_text(request.prompt, request.negative_prompt), "off"
     cond = cache.get(pipeline, request.prompt)
     uncond = cache.get(pipeline, request.negative_prompt)
     if cond is not None and uncond is not None:
         return TextEmbeddings(cond, uncond), "hit"
-    embeddings = pipeline.encode_text(request.prompt, request.negative_prompt)
+    with phase("T5: encoding the prompts"):
+        embeddings = pipeline.encode_text(request.prompt, request.negative_prompt)
     cache.put(pipeline, request.prompt, embeddings.cond)
     cache.put(pipeline, request.negative_prompt, embeddings.uncond)
     return embeddings, "miss"
@@ -261,13 +266,19 @@ def _checkpoint_record(files: CheckpointFiles) -> dict[str, Any]:
             "sha256": {name(path): file_sha256(path) for path in checkpoint_files_used(files)}}
 
 
+def weight_precision(pipeline: Pipeline) -> str:
+    """What the DiT weights are stored in: the quantized scheme, else the compute dtype
+    (`--precision bf16` means "not quantized", which is float32 on a CPU)."""
+    if pipeline.precision != Precision.BF16.value:
+        return pipeline.precision
+    return short_dtype_name(pipeline.dit_dtype)
+
+
 def _image_record(image: Tensor | None) -> dict[str, Any] | None:
     """Size and pixel digest of the conditioning image, to tell which image a video used."""
     if image is None:
         return None
-    pixels = image.detach().float().cpu().contiguous()
-    return {"width": pixels.shape[2], "height": pixels.shape[1],
-            "float32_sha256": hashlib.sha256(pixels.numpy().tobytes()).hexdigest()}
+    return {"width": image.shape[2], "height": image.shape[1], "float32_sha256": tensor_sha256(image)}
 
 
 def _video_record(info: VideoInfo) -> dict[str, Any]:
@@ -370,13 +381,14 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
         "python_version": platform.python_version(),
         "device": _device_name(pipeline.device),
         "task": pipeline.task.name,
-        "settings": resolved.settings(),
+        "settings": {**resolved.settings(), "size": output_size(pipeline.task, resolved),
+                     "requested_size": resolved.size},
         "seed": seed,
         "seed_was_random": seed_was_random,
         "fps": fps or pipeline.task.sample.fps,
         "runtime": {"device": str(pipeline.device), "dit_dtype": str(pipeline.dit_dtype).removeprefix("torch."),
                     "text_device": str(pipeline.text_device), "embedding_cache": cache_state,
-                    "precision": pipeline.precision, "quantization": dict(pipeline.quant_summaries),
+                    "precision": weight_precision(pipeline), "quantization": dict(pipeline.quant_summaries),
                     "memory_plan": pipeline.plan.to_dict() if pipeline.plan else None,
                     "streamed_bytes": pipeline.streamed_bytes},
         "options": dict(run_options or {}),

@@ -14,6 +14,8 @@ import os
 import re
 from pathlib import Path
 
+from torch import Tensor
+
 from wanrt.loading.save import write_atomic
 
 CACHE_DIR_ENV = "WANRT_CACHE_DIR"
@@ -73,3 +75,8 @@ def tree_sha256(path: Path, memo_dir: Path | None = None) -> str:
     for file in files_under(path):
         digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file, memo_dir)}\n".encode())
     return digest.hexdigest()
+
+
+def tensor_sha256(tensor: Tensor) -> str:
+    """Hex SHA-256 of a tensor's values as float32 (e.g. an image's pixels, to tell images apart)."""
+    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()

@@ -24,7 +24,7 @@ from wanrt.export.quant_guard import calibrate_and_guard
 from wanrt.export.quant_io import save_quantized, source_weights_sha256
 from wanrt.export.quantize import DEFAULT_POLICY, QuantReport
 from wanrt.loading.checkpoint import Expert, load_dit, locate_checkpoint
-from wanrt.pipeline import GenerationRequest, Pipeline
+from wanrt.pipelines import GenerationRequest, Pipeline
 from wanrt.schedulers import make_scheduler
 
 

@@ -33,7 +33,7 @@ from wanrt.errors import InputError
 from wanrt.generate import EmbeddingCache, GenerationRecord, generate_video
 from wanrt.hashing import file_sha256
 from wanrt.loading.checkpoint import Expert
-from wanrt.pipeline import (GenerationRequest, Pipeline, ResolvedRequest, SamplingState, StepInfo,
+from wanrt.pipelines import (GenerationRequest, Pipeline, ResolvedRequest, SamplingState, StepInfo,
                             TextEmbeddings)
 from wanrt.loading.files import confined_path
 from wanrt.preview import INDEX_NAME, PreviewIndex

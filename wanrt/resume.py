@@ -26,8 +26,9 @@ from wanrt.errors import InputError, WanrtError
 from wanrt.interrupts import Interrupted
 from wanrt.loading.files import read_wanrt_safetensors
 from wanrt.loading.save import write_atomic
-from wanrt.pipeline import (NonFiniteLatentsError, Pipeline, ResolvedRequest, SamplingState, StepInfo,
-                            TextEmbeddings, _Conditioning)
+from wanrt.pipelines import (NonFiniteLatentsError, Pipeline, ResolvedRequest, SamplingState, StepInfo,
+                             TextEmbeddings)
+from wanrt.pipelines.video import _Conditioning
 from wanrt.schedulers import Solver
 
 _log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from torch import Tensor
 from wanrt.configs import DiTConfig, ModelType, VAEConfig
 from wanrt.loading import diffusers_dit, diffusers_vae
 from wanrt.loading.checkpoint import Expert
-from wanrt.pipeline import ResolvedRequest, TextEmbeddings
+from wanrt.pipelines import ResolvedRequest, TextEmbeddings
 
 from wanrt.bench.measure import RunRecorder
 from wanrt.bench.models import ModelSource, compute_dtype

@@ -23,7 +23,7 @@ import torch
 
 from wanrt.configs import ModelType, TaskSpec, get_task
 from wanrt.errors import InputError, WanrtError
-from wanrt.pipeline import GenerationRequest
+from wanrt.pipelines import GenerationRequest
 from wanrt.runtime.planner import Precision
 
 DEFAULT_PROMPT = "a red car driving down a city street at night"

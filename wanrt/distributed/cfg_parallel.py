@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from wanrt.pipeline import Guidance
+from wanrt.pipelines import Guidance
 
 
 class ParallelGuidance(Guidance):

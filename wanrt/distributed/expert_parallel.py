@@ -19,7 +19,7 @@ from torch import Tensor
 
 from wanrt.distributed.launch import RankContext
 from wanrt.loading.checkpoint import Expert
-from wanrt.pipeline import Pipeline, ResolvedRequest, SamplingState, StepInfo, TextEmbeddings
+from wanrt.pipelines import Pipeline, ResolvedRequest, SamplingState, StepInfo, TextEmbeddings
 
 HIGH_NOISE_RANK, LOW_NOISE_RANK = 0, 1
 # The scheduler's schedule, which the receiving rank rebuilds from the request; every

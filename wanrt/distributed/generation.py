@@ -10,7 +10,6 @@ until rank 0 says stop. Only rank 0 loads the VAE for decoding and writes anythi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from dataclasses import dataclass
 from enum import Enum
@@ -28,10 +27,10 @@ from wanrt.distributed.sharding import fsdp_mesh, shard_dit, shard_t5
 from wanrt.distributed.ulysses import SequenceParallelDiT
 from wanrt.errors import InputError
 from wanrt.generate import checkpoint_files_used
-from wanrt.hashing import file_sha256, files_under
+from wanrt.hashing import file_sha256, files_under, tensor_sha256
 from wanrt.loading.checkpoint import Expert
 from wanrt.models.dit import WanDiT
-from wanrt.pipeline import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
+from wanrt.pipelines import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
 
 Result = TypeVar("Result")
 
@@ -182,23 +181,31 @@ def checkpoint_digests(pipeline: Pipeline) -> dict[str, str]:
 
 def run_on_ranks(context: RankContext, config: ParallelConfig, pipeline: Pipeline, request: GenerationRequest,
                  arguments: Mapping[str, Any], run_options: Mapping[str, Any],
-                 lead: Callable[[DistributedPipeline, GenerationRequest, dict[str, Any]], Result]) -> Result | None:
+                 lead: Callable[[DistributedPipeline, GenerationRequest, dict[str, Any]], Result],
+                 prepare: Callable[[GenerationRequest], tuple[GenerationRequest, dict[str, Any]]] | None = None,
+                 ) -> Result | None:
     """One generation on every rank: agree on arguments, seed and files, set the pipeline
     up, then rank 0 calls `lead(pipeline, request, run_options)` (e.g. `generate_video`)
-    while the others serve it. Returns `lead`'s result on rank 0, None elsewhere."""
-    image_digest = (hashlib.sha256(request.image.float().contiguous().numpy().tobytes()).hexdigest()
-                    if request.image is not None else None)
+    while the others serve it. Returns `lead`'s result on rank 0, None elsewhere.
+
+    `prepare(request) -> (request, extra run options)` runs on rank 0 alone, after the seed is
+    agreed (e.g. prompt extension: one model load or API call, not one per rank), and every
+    rank takes its result."""
+    image_digest = tensor_sha256(request.image) if request.image is not None else None
     check_agreement(context, {"arguments": {**arguments, "image pixels": image_digest},
                               "checkpoint files": checkpoint_digests(pipeline)})
     seed_was_random = request.seed < 0
     request = dataclasses.replace(request, seed=agree_on_seed(context, request.seed))
+    prepared_options: dict[str, Any] = {}
+    if prepare is not None:
+        request, prepared_options = context.broadcast(prepare(request) if context.rank == 0 else None)
     parallelism = parallelize(pipeline, config, context)
     if context.rank != 0:
         serve(pipeline, parallelism)
         return None
     leader = DistributedPipeline(pipeline, parallelism)
-    options = {**run_options, "distributed": {**config.record(), "backend": context.backend,
-                                              "seed_was_random": seed_was_random}}
+    options = {**run_options, **prepared_options,
+               "distributed": {**config.record(), "backend": context.backend, "seed_was_random": seed_was_random}}
     result = lead(leader, request, options)
     leader.close()
     return result

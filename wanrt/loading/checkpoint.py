@@ -24,13 +24,14 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from wanrt.configs import DiTConfig, T5Config, TaskSpec, VAEConfig
+from wanrt.configs import TASK_NAMES, DiTConfig, T5Config, TaskSpec, VAEConfig, get_task
 from wanrt.errors import CheckpointError, ConfigError
 from wanrt.loading import diffusers_dit
 from wanrt.loading.files import (TensorInfo, check_pth_archive, iter_safetensors, load_pth, merge_unique,
                                  read_safetensors_header, require_file, safetensors_shards)
 from wanrt.loading.state import assign_tensors, check_state_keys
 from wanrt.models.dit import WanDiT
+from wanrt.progress import track
 
 
 class Layout(str, Enum):
@@ -61,6 +62,10 @@ class CheckpointFiles:
 def locate_checkpoint(root: Path, task: TaskSpec) -> CheckpointFiles:
     root = Path(root)
     if not root.is_dir():
+        if task.name.startswith("tiny-"):
+            raise CheckpointError(f"{root}: checkpoint folder not found; check --ckpt-dir: the random-weight "
+                                  f"{task.name} checkpoint is written by `wanrt demo --task {task.name}` (into "
+                                  f"the cache folder's demo/{task.name})")
         raise CheckpointError(f"{root}: checkpoint folder not found; check --ckpt-dir")
     if (root / "model_index.json").is_file():
         if task.is_moe:
@@ -104,8 +109,13 @@ def shard_headers(shards: list[Path], rename: Callable[[str], str] = str) -> dic
 
 
 def _renamed_chunks(shards: list[Path], rename: Callable[[str], str]) -> Iterator[dict[str, Tensor]]:
-    for shard in shards:
+    for shard in track(shards, f"loading {shard_owner(shards)}"):
         yield {rename(key): tensor for key, tensor in iter_safetensors(shard)}
+
+
+def shard_owner(shards: list[Path]) -> str:
+    """What a progress line calls a set of shards: their folder's name."""
+    return shards[0].parent.name if shards else "weights"
 
 
 _DIT_ARCH_FIELDS = ("model_type", "in_dim", "out_dim", "dim", "ffn_dim", "num_heads", "num_layers",
@@ -137,15 +147,11 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
-def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype | None = None) -> WanDiT:
-    """Load one DiT (expert) folder of either layout; `expect` is the task's architecture."""
-    model, shards, rename = _checked_dit(Path(folder), expect)
-    return assign_tensors(model, _renamed_chunks(shards, rename), dtype)
-
-
-def _checked_dit(folder: Path, expect: DiTConfig | None) -> tuple[WanDiT, list[Path], Callable[[str], str]]:
-    """The DiT of `folder` built on `meta`, its shards and key map, after checking its
-    config and every shard header against the model: no tensor data is read."""
+def read_dit_config(folder: Path, expect: DiTConfig | None = None
+                    ) -> tuple[DiTConfig, list[Path], Callable[[str], str], dict[str, TensorInfo]]:
+    """A DiT folder's architecture from its config.json and tensor headers (no weights
+    read), with its shards, its key rename to the official names, and the headers."""
+    folder = Path(folder)
     config_path = folder / "config.json"
     raw = _read_json(config_path, "DiT config.json")
     if raw.get("_class_name") == "WanTransformer3DModel":
@@ -160,11 +166,47 @@ def _checked_dit(folder: Path, expect: DiTConfig | None) -> tuple[WanDiT, list[P
             raise CheckpointError(str(exc)) from None
     shards = safetensors_shards(folder, "diffusion_pytorch_model")
     infos = shard_headers(shards, rename)
-    config = complete_dit_config(config, infos, expect, str(folder))
+    return complete_dit_config(config, infos, expect, str(folder)), shards, rename, infos
+
+
+def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype | None = None) -> WanDiT:
+    """Load one DiT (expert) folder of either layout; `expect` is the task's architecture."""
+    model, shards, rename = _checked_dit(Path(folder), expect)
+    return assign_tensors(model, _renamed_chunks(shards, rename), dtype)
+
+
+def _checked_dit(folder: Path, expect: DiTConfig | None) -> tuple[WanDiT, list[Path], Callable[[str], str]]:
+    """The DiT of `folder` built on `meta`, its shards and key map, after checking its
+    config and every shard header against the model: no tensor data is read."""
+    config, shards, rename, infos = read_dit_config(folder, expect)
     with torch.device("meta"):
         model = WanDiT(config)
     check_state_keys(model, infos, str(folder))
     return model, shards, rename
+
+
+def _holds_task(root: Path, task: TaskSpec) -> bool:
+    """Whether `root` is a checkpoint of `task`, judged by its first DiT's architecture."""
+    folder = next(iter(locate_checkpoint(root, task).dit_dirs.values()))
+    if not (folder / "config.json").is_file():
+        return False
+    try:
+        read_dit_config(folder, task.dit)
+    except CheckpointError:
+        return False
+    return True
+
+
+def check_checkpoint_task(root: Path, task: TaskSpec) -> None:
+    """Before anything loads: a folder holding another known task's checkpoint is named,
+    instead of failing later on a list of mismatched tensor shapes. A folder that matches
+    no known task is left to the loaders, whose errors name the file at fault."""
+    if _holds_task(root, task):
+        return
+    for name in TASK_NAMES:
+        if name != task.name and _holds_task(root, get_task(name)):
+            raise CheckpointError(f"{root}: this folder holds a {name} checkpoint, not {task.name}; "
+                                  f"use --task {name} (or point --ckpt-dir at a {task.name} checkpoint)")
 
 
 def _load_state(path: Path, stem: str, to_official: Callable[[dict[str, Tensor]], dict[str, Tensor]]

@@ -53,9 +53,18 @@ MAX_PINNED_FRACTION = 0.6
 
 
 class Precision(str, Enum):
-    BF16 = "bf16"
+    BF16 = "bf16"   # not quantized: the weights keep the compute dtype (float32 on CPUs)
     FP8 = "fp8"
     INT8 = "int8"
+
+
+_SHORT_DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+
+
+def short_dtype_name(dtype: str | torch.dtype) -> str:
+    """'bf16', 'fp32', 'fp16' as the CLI spells them (other dtypes by torch's name)."""
+    name = str(dtype).removeprefix("torch.")
+    return _SHORT_DTYPE_NAMES.get(name, name)
 
 
 # Bytes per Linear weight element, and whether a float32 scale per output channel is added.

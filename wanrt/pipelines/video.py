@@ -1,6 +1,6 @@
 """Text/image-to-video sampling with the official Wan2.2 semantics (t2v, i2v, ti2v).
 
-One loop serves every task; what differs is how the first latents and the DiT's extra
+The step loop is `wanrt.pipelines.core.run_steps`; what differs is how the first latents and the DiT's extra
 inputs are prepared (`_Conditioning`). Official rules reproduced here:
 - the high-noise expert runs iff `t >= boundary * num_train_timesteps`, with the guide
   scale of that expert (`guide_scale` is ordered (low-noise, high-noise));
@@ -14,7 +14,6 @@ Noise is drawn from a CPU generator so a seed gives the same video on any device
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,19 +25,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wanrt.configs import SIZES, ModelType, TaskSpec, get_task, parse_size
-from wanrt.errors import CheckpointError, InputError, WanrtError, parse_choice
-from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
-                                      load_t5, load_vae, locate_checkpoint)
+from wanrt.errors import CheckpointError, InputError, parse_choice
+from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_checkpoint_task, check_dit_matches_vae,
+                                      load_dit, load_t5, load_vae, locate_checkpoint)
 from wanrt.models.dit import WanDiT
+from wanrt.pipelines.core import (Guidance, MemoryBudget, NonFiniteLatentsError, StepInfo, StreamingConfig,
+                                  TextEmbeddings, noise_for, run_steps)
+from wanrt.progress import track
 from wanrt.request_checks import (check_frame_num, check_guide_scale, check_gib, check_shift,
                                   check_text)
 from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
 from wanrt.runtime.streaming import BlockStreamer
 from wanrt.schedulers import FlowScheduler, Solver, make_scheduler
-
-
-class NonFiniteLatentsError(WanrtError):
-    """Sampling produced NaN/Inf; nothing is decoded or written."""
 
 
 @dataclass(frozen=True)
@@ -114,65 +112,6 @@ class ResolvedRequest:
                 "seed": self.seed, "has_image": self.image is not None}
 
 
-@dataclass(frozen=True)
-class TextEmbeddings:
-    cond: Tensor    # [L_cond, text_dim], trimmed to the prompt's tokens
-    uncond: Tensor  # [L_uncond, text_dim]
-
-
-@dataclass(frozen=True)
-class MemoryBudget:
-    vram_gib: float
-    ram_gib: float
-
-    @classmethod
-    def detect(cls, device: torch.device, vram_gib: float | None, ram_gib: float | None) -> "MemoryBudget":
-        """What the user gave, else what the device and the host have."""
-        if vram_gib is None:
-            vram_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
-        if ram_gib is None:
-            ram_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-        return cls(vram_gib, ram_gib)
-
-
-@dataclass(frozen=True)
-class StreamingConfig:
-    resident_blocks: int
-    depth: int = 2
-    pin_limit_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    index: int
-    total: int
-    timestep: int
-    expert: Expert
-    guide_scale: float
-
-
-class Guidance:
-    """Classifier-free guidance as the official code computes it: the conditional and the
-    unconditional forward in turn, combined as `uncond + scale * (cond - uncond)`.
-
-    A strategy object so that distributed runs can split the two forwards across ranks
-    (`forwards_per_step` is what each process runs, which the block streamer schedules)."""
-
-    forwards_per_step = 2
-
-    def __call__(self, forward: Callable[..., Tensor], latents: Tensor, timestep: Tensor, cond: Tensor,
-                 uncond: Tensor, y: Tensor | None, scale: float) -> Tensor:
-        pred_cond = forward(latents, timestep, cond, y=y)
-        pred_uncond = forward(latents, timestep, uncond, y=y)
-        return pred_uncond + scale * (pred_cond - pred_uncond)
-
-
-def noise_for(shape: tuple[int, ...], seed: int) -> Tensor:
-    """Initial noise from a CPU generator: identical on every device for a given seed."""
-    return torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(seed),
-                       dtype=torch.float32)
-
-
 def i2v_latent_hw(image_hw: tuple[int, int], max_area: int, task: TaskSpec) -> tuple[int, int]:
     """i2v-A14B: the latent size that keeps the image's aspect ratio within max_area."""
     aspect = image_hw[0] / image_hw[1]
@@ -212,6 +151,30 @@ def _to_pil(image: Tensor):
 def _from_pil(img) -> Tensor:
     array = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
     return array.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+
+
+def latent_grid(task: TaskSpec, request: ResolvedRequest) -> tuple[int, int, int]:
+    """(frames, h, w) of the latents `request` samples. The requested size sets the area;
+    an image-conditioned run takes the image's aspect ratio within it (i2v-A14B always,
+    ti2v-5B when given an image), so its video is not the requested size."""
+    width, height = SIZES.get(request.size) or parse_size(request.size)
+    stride_t, stride_h, stride_w = task.vae_stride
+    frames = (request.frame_num - 1) // stride_t + 1
+    model_type = task.dit.model_type
+    if model_type is ModelType.I2V:
+        return (frames, *i2v_latent_hw(tuple(request.image.shape[1:]), width * height, task))
+    if model_type is ModelType.TI2V and request.image is not None:
+        step_h, step_w = (task.vae_stride[i] * task.dit.patch_size[i] for i in (1, 2))
+        out_w, out_h = best_output_size(request.image.shape[2], request.image.shape[1], step_w, step_h,
+                                        width * height)
+        return frames, out_h // stride_h, out_w // stride_w
+    return frames, height // stride_h, width // stride_w
+
+
+def output_size(task: TaskSpec, request: ResolvedRequest) -> str:
+    """'WIDTH*HEIGHT' of the video `request` generates (see `latent_grid`)."""
+    _, lat_h, lat_w = latent_grid(task, request)
+    return f"{lat_w * task.vae_stride[2]}*{lat_h * task.vae_stride[1]}"
 
 
 @dataclass
@@ -319,6 +282,7 @@ class Pipeline:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         text_device = torch.device("cpu") if t5_cpu else device
         memory = MemoryBudget.detect(device, vram_gib, ram_gib) if device.type == "cuda" else None
+        check_checkpoint_task(Path(ckpt_dir), spec)
         return cls(spec, locate_checkpoint(Path(ckpt_dir), spec), device, dtype, text_device,
                    memory=memory, precision=precision, quantized_dir=quantized_dir)
 
@@ -454,24 +418,12 @@ class Pipeline:
         return TextEmbeddings(cond.float().cpu(), uncond.float().cpu())
 
     def latent_grid(self, request: ResolvedRequest) -> tuple[int, int, int]:
-        width, height = SIZES.get(request.size) or parse_size(request.size)
-        stride_t, stride_h, stride_w = self.task.vae_stride
-        return (request.frame_num - 1) // stride_t + 1, height // stride_h, width // stride_w
+        return latent_grid(self.task, request)
 
     def _condition(self, request: ResolvedRequest, noise: Tensor | None) -> _Conditioning:
-        task, z_dim = self.task, self.task.vae.z_dim
         frames, lat_h, lat_w = self.latent_grid(request)
-        model_type = task.dit.model_type
-        if model_type is ModelType.I2V:
-            width, height = SIZES.get(request.size) or parse_size(request.size)
-            lat_h, lat_w = i2v_latent_hw(tuple(request.image.shape[1:]), width * height, task)
-        elif model_type is ModelType.TI2V and request.image is not None:
-            width, height = SIZES.get(request.size) or parse_size(request.size)
-            step_h, step_w = (task.vae_stride[i] * task.dit.patch_size[i] for i in (1, 2))
-            out_w, out_h = best_output_size(request.image.shape[2], request.image.shape[1],
-                                            step_w, step_h, width * height)
-            lat_h, lat_w = out_h // task.vae_stride[1], out_w // task.vae_stride[2]
-        shape = (1, z_dim, frames, lat_h, lat_w)
+        model_type = self.task.dit.model_type
+        shape = (1, self.task.vae.z_dim, frames, lat_h, lat_w)
         latents = noise_for(shape[1:], request.seed)[None] if noise is None else noise.reshape(shape).float()
         latents = latents.to(self.device)
         if model_type is ModelType.I2V:
@@ -550,7 +502,6 @@ class Pipeline:
         the scheduler it is given; its step counter is set from `state.step`. `on_state`
         sees the state after each step (to checkpoint it: wanrt.resume)."""
         steps = self.schedule(state, stop)
-        total = len(state.scheduler.timesteps)
         for expert in dict.fromkeys(expert for _, expert in steps):
             self._load_expert(expert)
         if self._streamer is not None:
@@ -558,31 +509,24 @@ class Pipeline:
             for _, expert in steps:
                 for _ in range(self.guidance.forwards_per_step):
                     self._streamer.expect_forward(expert)
-        scheduler = state.scheduler
-        scheduler.step_index = state.step
         cond = embeddings.cond[None].to(self.device)
         uncond = embeddings.uncond[None].to(self.device)
-        conditioning, latents = state.conditioning, state.latents
-        guide_scale = state.request.guide_scale
+        conditioning = state.conditioning
+
+        def predict(t: int, expert: Expert, latents: Tensor) -> tuple[Tensor, float]:
+            self.dit(expert)
+            scale = state.request.guide_scale[0 if expert is Expert.LOW_NOISE else 1]
+            timestep = conditioning.timestep(torch.tensor(t, device=self.device))
+            return self.guidance(self._runners[expert], latents, timestep, cond, uncond,
+                                 conditioning.y, scale), scale
+
         autocast = torch.autocast(self.device.type, dtype=self.dit_dtype,
                                   enabled=self.dit_dtype != torch.float32)
         with torch.no_grad(), autocast:
-            for index, (t, expert) in enumerate(steps, start=state.step):
-                self.dit(expert)
-                scale = guide_scale[0 if expert is Expert.LOW_NOISE else 1]
-                timestep = conditioning.timestep(torch.tensor(t, device=self.device))
-                guided = self.guidance(self._runners[expert], latents, timestep, cond, uncond,
-                                       conditioning.y, scale)
-                latents = conditioning.fix_up(scheduler.step(guided, t, latents))
-                if not torch.isfinite(latents).all():
-                    raise NonFiniteLatentsError(
-                        f"sampling diverged at step {index + 1}/{total} (t={t}): NaN/Inf "
-                        "in the latents; nothing was written. Try float32/bf16 instead of a "
-                        "quantized precision, or another seed")
-                if on_step is not None:
-                    on_step(StepInfo(index, total, t, expert, scale))
-                if on_state is not None:
-                    on_state(dataclasses.replace(state, latents=latents, step=index + 1))
+            latents = run_steps(steps, state.step, state.scheduler, state.latents, predict,
+                                conditioning.fix_up, on_step,
+                                on_latents=None if on_state is None else lambda step, latents: on_state(
+                                    dataclasses.replace(state, latents=latents, step=step)))
         return dataclasses.replace(state, latents=latents, step=state.step + len(steps))
 
     def sample(self, request: GenerationRequest | ResolvedRequest, embeddings: TextEmbeddings | None = None,
@@ -605,7 +549,9 @@ class Pipeline:
             raise NonFiniteLatentsError("the latents contain NaN/Inf; refusing to decode")
         self.offload_dit()
         with torch.no_grad():
-            chunks = [frames.float().cpu() for frames in self.vae.iter_decode(latents[None].to(self.device).float())]
+            steps = track(self.vae.iter_decode(latents[None].to(self.device).float()), "VAE decode",
+                          total=latents.shape[1])
+            chunks = [frames.float().cpu() for frames in steps]
         return torch.cat(chunks, dim=2)[0]
 
     def plan_run(self, request: GenerationRequest | ResolvedRequest) -> MemoryPlan | None:
