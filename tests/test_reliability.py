@@ -361,7 +361,7 @@ def test_latents_go_to_the_cache_when_the_output_disk_is_full(checkpoints, tmp_p
         real_save_file(tensors, filename, metadata=metadata)
     monkeypatch.setattr("wanrt.generate.save_file", full_output_disk)
     result = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
-                   "--steps", 2, "--output", out / "video.mp4")
+                   "--steps", 2, "--frame-num", 5, "--output", out / "video.mp4")
     assert result.exit_code == 0, result.output
     fallback = cache_dir / "latents" / "video.latents.safetensors"
     # Logged on stderr (Python's last-resort handler prints the message alone).
