@@ -20,6 +20,7 @@ from wanrt.cli import bench
 from wanrt.cli import k8s, preview, refine
 from wanrt.cli import export
 from wanrt.errors import WanrtError
+from wanrt.interrupts import Interrupted, signals_as_interrupts
 from wanrt.progress import reporting
 
 # Recent Typer releases vendor click as `typer._click` and raise its exception classes;
@@ -38,8 +39,11 @@ class _WanrtGroup(TyperGroup):
         try:
             # Every tracked loop of the command (loading, T5, sampling, VAE, export...)
             # draws on one progress display on stderr.
-            with reporting(TerminalProgress()):
+            with signals_as_interrupts(), reporting(TerminalProgress()):
                 return super().invoke(ctx)
+        except Interrupted as interrupt:
+            click.echo(f"interrupted ({interrupt.signal_name}): {one_line(interrupt.kept)}", err=True)
+            ctx.exit(interrupt.exit_code)
         except WanrtError as error:
             click.echo(f"error: {one_line(str(error))}", err=True)
             ctx.exit(USER_ERROR_EXIT_CODE)

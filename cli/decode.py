@@ -15,7 +15,8 @@ from wanrt.generate import decode_latents, parse_device
 def decode_command(
     latents: Annotated[Path, typer.Argument(help="The .latents.safetensors file written by `wanrt generate`.")],
     output: Annotated[Path | None, typer.Option(
-        "--output", "--save-file", "--save_file", help="Output .mp4 (default: next to the latents).")] = None,
+        "--output", "--save-file", "--save_file",
+        help="Output .mp4 (default: the run's <run>.mp4 if absent, else <run>_decoded.mp4; never replaced).")] = None,
     ckpt_dir: Annotated[Path | None, typer.Option(
         "--ckpt-dir", "--ckpt_dir", help="Checkpoint folder (default: the one the run used).")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N.")] = None,

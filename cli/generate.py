@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Mapping
@@ -30,6 +31,7 @@ from wanrt.lora import LoraExpert, LoraSpec
 from wanrt.pipelines import GenerationRequest, Pipeline
 from wanrt.prompt_extend import (PromptExtendMethod, PromptExtendOptions, PromptExtension, PromptExtensionCache,
                                  TargetLanguage, extend_prompt)
+from wanrt.resume import DEFAULT_INTERVAL_S, SavedSampling, read_sampling_state
 from wanrt.runtime.attention import AttentionBackend, AttentionReport, attach_attention, check_backend
 from wanrt.runtime.planner import Precision as WeightPrecision
 from wanrt.runtime.step_cache import StepCacheConfig
@@ -137,11 +139,13 @@ def print_result(record: GenerationRecord) -> None:
 
 
 def run_generation(pipeline: Pipeline, request: GenerationRequest, output: Path,
-                   embedding_cache: EmbeddingCache | None, run_options: Mapping[str, Any]) -> GenerationRecord:
+                   embedding_cache: EmbeddingCache | None, run_options: Mapping[str, Any],
+                   **checkpointing: Any) -> GenerationRecord:
+    """`checkpointing`: generate_video's `checkpoint_every_s` and `resume` (one process only)."""
     with RunDisplay(request.resolved(pipeline.task).steps) as display:
         record = generate_video(pipeline, request, output, embedding_cache=embedding_cache,
                                 on_step=display.on_step, on_decode=display.on_decode,
-                                run_options=run_options)
+                                run_options=run_options, **checkpointing)
     print_result(record)
     return record
 
@@ -262,6 +266,9 @@ def generate_command(
     attention: Annotated[AttentionBackend, typer.Option(
         "--attention", help="Self-attention kernel: sdpa (exact), sage (8-bit, guarded per block; CUDA) or "
         "auto (sage on a GPU that runs it, else sdpa).")] = AttentionBackend.SDPA,
+    engine_cache_gib: Annotated[float | None, typer.Option(
+        "--engine-cache-gib", help="Most disk the engine cache keeps, GiB; least recently used artifacts go first "
+        "(default: 64).")] = None,
     gpus: Annotated[int, typer.Option(
         "--gpus", help="Run on N GPUs: re-launches itself under torchrun with the same arguments.")] = 1,
     ulysses: Annotated[int | None, typer.Option(
@@ -309,8 +316,20 @@ def generate_command(
     tts_prompt_audio: Annotated[Path | None, typer.Option("--tts-prompt-audio", "--tts_prompt_audio")] = None,
     tts_prompt_text: Annotated[str | None, typer.Option("--tts-prompt-text", "--tts_prompt_text")] = None,
     tts_text: Annotated[str | None, typer.Option("--tts-text", "--tts_text")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        "--resume", help="Continue a stopped run from the .sampling.safetensors file it saved (its prompt, "
+        "settings and output are the defaults).")] = None,
+    checkpoint_minutes: Annotated[float, typer.Option(
+        "--checkpoint-minutes", help="Save the sampling state this often (and at the MoE boundary), to --resume "
+        "from.")] = DEFAULT_INTERVAL_S / 60,
 ) -> None:
     """Generate a video from a prompt (an image for i2v/ti2v; an image and speech for s2v)."""
+    if not (math.isfinite(checkpoint_minutes) and checkpoint_minutes > 0):
+        raise InputError(f"--checkpoint-minutes {checkpoint_minutes} must be a positive number")
+    saved = resumed_run(resume, ctx) if resume is not None else None
+    if saved is not None:
+        task, prompt = saved.task, saved.request.prompt
+        ckpt_dir, output = ckpt_dir or Path(saved.ckpt_dir), output or Path(saved.output)
     spec = generation_task(task)
     speech = {"--audio": audio, "--pose_video": pose_video, "--num_clip": num_clip, "--infer_frames": infer_frames,
               "--start_from_ref": start_from_ref or None, "--enable_tts": enable_tts or None,
@@ -334,7 +353,7 @@ def generate_command(
     components = ComponentFiles(dit_file, dit_high, dit_low, vae_file, t5_file)
     if quantized is not None and (dit_file or dit_high or dit_low):
         raise InputError("--quantized replaces the DiT experts; it cannot be combined with --dit/--dit-high/--dit-low")
-    request = GenerationRequest(
+    request = saved.request if saved is not None else GenerationRequest(
         prompt=prompt, size=size, frame_num=frame_num, steps=steps, shift=shift,
         guide_scale=parse_guide_scale(guide_scale), solver=solver or spec.sample.solver, seed=seed,
         negative_prompt=negative_prompt, image=load_image_option(image),
@@ -353,6 +372,8 @@ def generate_command(
     parallel = ParallelConfig.from_options(
         world_size if world_size > 1 else gpus, ulysses, cfg_parallel, dit_fsdp, t5_fsdp,
         expert_per_gpu).check(spec, precision.value, quantized is not None, t5_cpu)
+    if parallel.distributed and saved is not None:
+        raise InputError("--resume continues a run on one GPU; leave out --gpus/torchrun")
     if parallel.distributed and engine is not EngineKind.EAGER:
         raise InputError(f"--engine {engine.value} runs on one GPU; leave it out with --gpus/torchrun")
     if attention is not AttentionBackend.SDPA and (parallel.distributed or engine is not EngineKind.EAGER):
@@ -393,7 +414,7 @@ def generate_command(
         # use), so a local Qwen has the memory to itself and is gone when T5 and the DiT load.
         request, extend_record = extended_request(request, extend_options, pipeline.device)
         run_options.update(extend_record)
-    run_options["engine"] = use_engine(pipeline, engine, engine_dir).describe()
+    run_options["engine"] = use_engine(pipeline, engine, engine_dir, engine_cache_gib).describe()
     if engine is not EngineKind.EAGER:  # what was asked for, and for auto what it picked
         typer.echo(f"engine: {run_options['engine']}", err=True)
 
@@ -403,4 +424,20 @@ def generate_command(
     # sidecar written after it records the decisions; 8-bit ones are printed too.
     run_options["attention"] = attach_attention(
         pipeline, attention, on_decided=print_decision if attention is not AttentionBackend.SDPA else None)
-    run_generation(pipeline, request, target, cache, run_options)
+    run_generation(pipeline, request, target, cache, run_options, checkpoint_every_s=checkpoint_minutes * 60,
+                   resume=saved)
+
+
+# What a resumed run takes from its sampling state, not from the command line.
+_SAVED_SETTINGS = ("prompt", "task", "size", "frame_num", "image", "negative_prompt", "seed", "solver", "steps",
+                   "shift", "guide_scale", "use_prompt_extend")
+
+
+def resumed_run(path: Path, ctx: typer.Context) -> SavedSampling:
+    """The run `--resume` continues, refusing options that would change what it samples."""
+    params = {param.name: param for param in ctx.command.params}
+    # By name: Typer may vendor its own click, whose ParameterSource is another enum.
+    given = [params[name].opts[0] for name in _SAVED_SETTINGS if ctx.get_parameter_source(name).name != "DEFAULT"]
+    if given:
+        raise InputError(f"--resume continues the saved run's own settings; drop {', '.join(given)}")
+    return read_sampling_state(path)

@@ -27,6 +27,7 @@ from wanrt.errors import InputError, parse_choice
 from wanrt.export.build import Backend, require_backend
 from wanrt.export.manifest import MANIFEST_FILE, ArtifactError, device_arch, read_manifest
 from wanrt.hashing import cache_root
+from wanrt.request_checks import check_gib
 from wanrt.loading.checkpoint import Expert
 from wanrt.models.dit import WanDiT
 from wanrt.models.vae import WanVAE
@@ -104,9 +105,12 @@ def attach(pipeline: "Pipeline", engine: Engine) -> Engine:
     return engine
 
 
-def use_engine(pipeline: "Pipeline", kind: EngineKind | str, engine_dir: Path | None = None) -> Engine:
-    """Attach the engine of `kind` (`auto`: the best available) to `pipeline`."""
+def use_engine(pipeline: "Pipeline", kind: EngineKind | str, engine_dir: Path | None = None,
+               cache_gib: float | None = None) -> Engine:
+    """Attach the engine of `kind` (`auto`: the best available) to `pipeline`; the cache
+    it builds into keeps at most `cache_gib` (default DEFAULT_CACHE_BYTES)."""
     kind = parse_engine_kind(kind)
+    cache_bytes = DEFAULT_CACHE_BYTES if cache_gib is None else int(check_gib(cache_gib, "--engine-cache-gib") * 2**30)
     if engine_dir is not None:
         if kind in (EngineKind.EAGER, EngineKind.COMPILE):
             raise InputError(f"--engine-dir is read by --engine aoti, tensorrt or auto, not {kind.value}")
@@ -114,7 +118,7 @@ def use_engine(pipeline: "Pipeline", kind: EngineKind | str, engine_dir: Path | 
             raise InputError(f"--engine-dir {engine_dir} is not a folder; write it with `wanrt export --out "
                              f"{engine_dir}` or leave it out to build into the cache")
     options = EngineOptions(pipeline.task, pipeline.device, pipeline.precision,
-                            Path(engine_dir) if engine_dir is not None else None)
+                            Path(engine_dir) if engine_dir is not None else None, cache_bytes)
     return attach(pipeline, make_engine(kind, options))
 
 

@@ -143,7 +143,20 @@ def build_artifact(store: ArtifactStore, spec: ExportSpec, backend: Backend, mod
         if on_build is not None:
             on_build()
         return BUILDERS[backend](spec, model, tmp, device, scheme, store.root)
-    return store.get(identity, spec.profiles[0], build)
+    return store.get(identity, spec.profiles[0], build, expected_bytes=expected_artifact_bytes(model))
+
+
+# An artifact embeds its weights (an engine may keep a converted copy besides) plus compiled
+# code: an estimate, so twice the weights and a margin, that refuses only builds that could
+# not fit.
+_ARTIFACT_BYTES_PER_WEIGHT_BYTE = 2
+_ARTIFACT_MARGIN_BYTES = 64 * 2**20
+
+
+def expected_artifact_bytes(model: nn.Module) -> int:
+    """Disk space to have free before building `model`'s artifact."""
+    weights = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    return _ARTIFACT_BYTES_PER_WEIGHT_BYTE * weights + _ARTIFACT_MARGIN_BYTES
 
 
 # ---------------------------------------------------------------------------- wanrt export

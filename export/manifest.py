@@ -18,6 +18,7 @@ the old artifact behind. A slot may hold several shape profiles.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 import wanrt
 from wanrt.errors import WanrtError
+from wanrt.interrupts import process_alive
 from wanrt.export.specs import ShapeProfile
 from wanrt.loading.save import write_json
 
@@ -42,6 +44,8 @@ LAST_USED_FILE = ".last_used"
 LOCK_DIR = ".locks"
 BUILD_PREFIX = ".build-"
 _READ_BYTES = 8 * 2**20
+# Less free space than this after a failed build: the disk filled up during it.
+_NEARLY_FULL_BYTES = 16 * 2**20
 
 
 class ArtifactError(WanrtError):
@@ -58,6 +62,10 @@ class StaleArtifactError(ArtifactError):
 
 class TamperedArtifactError(ArtifactError):
     """A file differs from what its manifest recorded: refused, nothing was deserialized."""
+
+
+class ArtifactBuildError(ArtifactError):
+    """A build could not be written (the disk is full or too small for it)."""
 
 
 def device_arch(device: torch.device | str) -> str:
@@ -173,10 +181,19 @@ def verify(directory: Path, expected: Identity) -> Manifest:
     differences = expected.differences(manifest.identity)
     if differences:
         raise StaleArtifactError(f"{directory} was built for another setup: {'; '.join(differences)}")
-    for name, recorded in manifest.files.items():
-        path = directory / name
+    for name in manifest.files:
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise TamperedArtifactError(f"{directory}: manifest names a file outside the folder ({name})")
+    # Every file the folder holds must be listed and hashed: an empty or partial `files`
+    # map would otherwise let an unverified file through to the deserializer.
+    present = {path.relative_to(directory).as_posix() for path in directory.rglob("*")
+               if path.is_file() and path.name not in (MANIFEST_FILE, LAST_USED_FILE)}
+    unlisted = sorted(present - set(manifest.files))
+    if not manifest.files or unlisted:
+        what = "its manifest lists no file" if not manifest.files else f"{', '.join(unlisted)} is not in its manifest"
+        raise TamperedArtifactError(f"{directory}: {what}; refusing to load it. Delete {directory} and rebuild")
+    for name, recorded in manifest.files.items():
+        path = directory / name
         if not path.is_file():
             raise TamperedArtifactError(f"{path} is missing; delete {directory} and rebuild")
         if file_sha256(path) != recorded:
@@ -271,33 +288,59 @@ class ArtifactStore:
         raise MissingArtifactError(f"{self.root} has no {identity.backend} {identity.component} artifact "
                                    f"({identity.precision}, {identity.device_arch}){shapes}; {self.rebuild_hint}")
 
-    def get(self, identity: Identity, profile: ShapeProfile, build: Builder) -> tuple[Path, Manifest]:
-        """`find`, else (when this store builds) build `profile` with `build(tmp_dir)`.
+    def get(self, identity: Identity, profile: ShapeProfile, build: Builder,
+            expected_bytes: int = 0) -> tuple[Path, Manifest]:
+        """`find`, else (when this store builds) build `profile` with `build(tmp_dir)`,
+        after checking the disk has `expected_bytes` free for it.
 
         A second process asking for the same slot meanwhile waits on the lock and then finds
         the finished artifact. A tampered artifact is never rebuilt over: that is refused."""
         if not self.build:
             return self.find(identity, profile)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.sweep()
         with self._slot_lock(identity):
             try:
                 return self.find(identity, profile)
             except (MissingArtifactError, StaleArtifactError):
                 pass
-            directory = self._publish(identity, profile, build)
+            self._check_free_space(identity, expected_bytes)
+            directory = self._publish(identity, profile, build, expected_bytes)
         self.evict(keep=directory)
         return directory, read_manifest(directory)
 
-    def _publish(self, identity: Identity, profile: ShapeProfile, build: Builder) -> Path:
+    def _check_free_space(self, identity: Identity, expected_bytes: int) -> None:
+        # A full disk inside torch's package writer aborts the process (SIGABRT), past any
+        # handler: refuse before building instead.
+        free = shutil.disk_usage(self.root).free
+        if free < expected_bytes:
+            raise ArtifactBuildError(
+                f"building the {identity.backend} {identity.component} artifact needs about "
+                f"{expected_bytes / 2**30:.2f} GiB in {self.root} but {free / 2**30:.2f} GiB are free; free "
+                f"space there, lower --engine-cache-gib, or set $WANRT_CACHE_DIR to a larger disk")
+
+    def sweep(self) -> list[Path]:
+        """Remove the temporary folders of builds whose process is gone (killed mid-build)."""
+        swept = []
+        for folder in self.root.glob(f"{BUILD_PREFIX}*"):
+            owner = folder.name.removeprefix(BUILD_PREFIX).split("-", 1)[0]
+            if folder.is_dir() and not (owner.isdigit() and process_alive(int(owner))):
+                shutil.rmtree(folder, ignore_errors=True)
+                swept.append(folder)
+        return swept
+
+    def _publish(self, identity: Identity, profile: ShapeProfile, build: Builder, expected_bytes: int = 0) -> Path:
         """Build into a temporary folder, write the manifest, move it into place."""
         profile_key = hashlib.sha256(json.dumps(profile.to_json(), sort_keys=True).encode()).hexdigest()[:8]
         directory = self.root / f"{identity.component}-{identity.slot()}-{profile_key}"
-        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=BUILD_PREFIX))
+        # The builder's pid in the name tells `sweep` whether the build is still running.
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f"{BUILD_PREFIX}{os.getpid()}-"))
         try:
-            built = build(tmp)
+            built = self._build(build, tmp, identity)
             write_artifact_manifest(tmp, identity, (profile,), built.files, built.dynamic, built.notes)
             _touch(tmp)
             if directory.exists():  # stale: moved aside, then dropped once the new one is in
-                old = Path(tempfile.mkdtemp(dir=self.root, prefix=BUILD_PREFIX))
+                old = Path(tempfile.mkdtemp(dir=self.root, prefix=f"{BUILD_PREFIX}{os.getpid()}-"))
                 os.replace(directory, old / directory.name)
                 os.replace(tmp, directory)
                 shutil.rmtree(old, ignore_errors=True)
@@ -307,6 +350,20 @@ class ArtifactStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return directory
+
+    def _build(self, build: Builder, tmp: Path, identity: Identity) -> BuiltFiles:
+        """`build(tmp)`, a full disk turned into one line (the caller removes `tmp`)."""
+        try:
+            return build(tmp)
+        except (OSError, RuntimeError) as error:
+            # torch's package writer reports a full disk as a RuntimeError ("file write failed").
+            disk_full = (getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+                         or shutil.disk_usage(self.root).free < _NEARLY_FULL_BYTES)
+            if not disk_full:
+                raise
+            raise ArtifactBuildError(f"building the {identity.backend} {identity.component} artifact ran out of "
+                                     f"disk space in {self.root}; free space there or set $WANRT_CACHE_DIR to a "
+                                     "larger disk") from None
 
     def evict(self, keep: Path | None = None) -> list[Path]:
         """Remove least recently used artifacts until the folder is within `max_bytes`.

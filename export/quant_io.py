@@ -34,11 +34,10 @@ from wanrt.export.quantize import (
     parse_scheme,
     quantize_layers,
 )
-from wanrt.loading.checkpoint import complete_dit_config
+from wanrt.loading.checkpoint import complete_dit_config, shard_headers
 from wanrt.loading.files import (
     TensorInfo,
     iter_safetensors,
-    read_safetensors_header,
     require_file,
     safetensors_shards,
 )
@@ -178,7 +177,7 @@ def load_quantized(folder: Path, expect_config: DiTConfig | None = None,
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     shards = safetensors_shards(folder, DIT_WEIGHTS_STEM)
-    infos = {key: info for shard in shards for key, info in read_safetensors_header(shard).items()}
+    infos = shard_headers(shards)
     config = complete_dit_config(config, infos, expect_config, str(folder))
     with torch.device("meta"):
         model = WanDiT(config)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping
 
-from wanrt.errors import ConfigError
+from wanrt.errors import ConfigError, parse_choice
 
 
 class ModelType(str, Enum):
@@ -27,6 +27,16 @@ class ModelType(str, Enum):
 class VAEVersion(str, Enum):
     WAN2_1 = "2.1"
     WAN2_2 = "2.2"
+
+
+def require_positive_ints(config: Any, names: tuple[str, ...]) -> None:
+    """Refuse a config value that is not a positive integer (or a tuple of them): a
+    hand-edited config.json with `"num_heads": 0` or `"dim": "64"` is one clear line."""
+    for name in names:
+        value = getattr(config, name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+                raise ConfigError(f"{name} {value!r} must be a positive integer")
 
 
 @dataclass(frozen=True)
@@ -51,8 +61,15 @@ class DiTConfig:
     cross_attn_norm: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "model_type", ModelType(self.model_type))
+        object.__setattr__(self, "model_type", parse_choice(ModelType, self.model_type, "model_type", ConfigError))
+        require_positive_ints(self, ("in_dim", "out_dim", "dim", "ffn_dim", "num_heads", "num_layers",
+                                     "freq_dim", "text_dim", "text_len"))
+        if not isinstance(self.patch_size, (list, tuple)) or len(self.patch_size) != 3:
+            raise ConfigError(f"patch_size {self.patch_size!r} must be three positive integers")
         object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        require_positive_ints(self, ("patch_size",))
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < 1:
+            raise ConfigError(f"eps {self.eps!r} must be a small positive number such as 1e-6")
         if self.dim % self.num_heads:
             raise ConfigError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
@@ -82,8 +99,8 @@ class DiTConfig:
             raise ConfigError(f"{source}: missing DiT config keys {missing}")
         try:
             return cls(**kwargs)
-        except ValueError as exc:
-            raise ConfigError(f"{source}: {exc}") from exc
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"{source}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -180,6 +197,10 @@ class T5Config:
     num_buckets: int = 32
     shared_pos: bool = False
     text_len: int = 512
+
+    def __post_init__(self) -> None:
+        require_positive_ints(self, ("vocab_size", "dim", "dim_attn", "dim_ffn", "num_heads", "num_layers",
+                                     "num_buckets", "text_len"))
 
 
 @dataclass(frozen=True)

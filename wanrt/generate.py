@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
+import logging
 import os
 import platform
 import secrets
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -31,15 +33,22 @@ import wanrt
 from wanrt.configs import TASK_NAMES, ModelType, TaskSpec, get_task
 from wanrt.errors import InputError, WanrtError
 from wanrt.hashing import cache_root, file_sha256, files_under, tensor_sha256, tree_sha256
+from wanrt.interrupts import Interrupted
 from wanrt.loading.checkpoint import CheckpointFiles
 from wanrt.loading.component_files import ComponentFiles, component_formats
-from wanrt.loading.files import safetensors_shards
+from wanrt.loading.files import read_wanrt_safetensors, safetensors_shards
 from wanrt.loading.save import DIT_WEIGHTS_STEM, write_atomic, write_json
 from wanrt.loading.single_file import is_single_file
 from wanrt.pipelines import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings, output_size
 from wanrt.progress import phase
+from wanrt.resume import (DEFAULT_INTERVAL_S, SamplingCheckpointer, SavedSampling, resumed_state,
+                          sample_with_checkpoints, sampling_state_path_for)
 from wanrt.runtime.planner import Precision, short_dtype_name
 from wanrt.video_io import VideoInfo, write_video
+
+_log = logging.getLogger(__name__)
+# A sidecar is a few KB; a larger .json beside an output is someone else's file.
+_MAX_SIDECAR_BYTES = 2**20
 
 LATENTS_SUFFIX = ".latents.safetensors"
 LATENTS_FORMAT = "wanrt-latents/1"
@@ -60,7 +69,9 @@ class DecodeFailedError(WanrtError):
 class GenerationRecord:
     video_path: Path
     sidecar_path: Path
-    latents_path: Path | None  # None for s2v, which decodes inside its clip loop
+    # None for s2v (it decodes inside its clip loop), or when no disk could take the latents
+    # (the video was still written).
+    latents_path: Path | None
     video_info: VideoInfo
     sidecar: Mapping[str, Any]  # what the sidecar file holds
 
@@ -110,7 +121,22 @@ def check_output_path(output: Path) -> Path:
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"--output {output}: {folder} is not a writable folder")
+    sidecar = sidecar_path_for(output)
+    if sidecar.exists() and not _is_wanrt_sidecar(sidecar):
+        raise InputError(f"--output {output}: {sidecar} exists and is not a wanrt sidecar; the run would "
+                         "replace it, choose another --output")
     return output
+
+
+def _is_wanrt_sidecar(path: Path) -> bool:
+    """Whether `path` is a sidecar an earlier run wrote (which a new run may replace)."""
+    try:
+        if path.stat().st_size > _MAX_SIDECAR_BYTES:
+            return False
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return False
+    return isinstance(data, dict) and "wanrt_version" in data
 
 
 def default_output_path(task: TaskSpec, request: ResolvedRequest, now: datetime | None = None) -> Path:
@@ -281,21 +307,31 @@ def save_latents(path: Path, latents: Tensor, task: str, ckpt_dir: Path, sidecar
     write_atomic(Path(path), lambda tmp: save_file({_LATENTS_KEY: tensor}, str(tmp), metadata=metadata))
 
 
+def save_latents_or_fallback(path: Path, latents: Tensor, task: str, ckpt_dir: Path,
+                             sidecar: Mapping[str, Any]) -> Path | None:
+    """`save_latents` to `path`, else (a full disk, a folder gone read-only) to the cache
+    folder, saying so on stderr; the latents stay in memory for the decode either way, so
+    None (neither could be written) still lets the video be written."""
+    fallback = cache_root() / "latents" / path.name
+    for attempt in (path, fallback):
+        try:
+            save_latents(attempt, latents, task, ckpt_dir, sidecar)
+        except OSError as error:
+            _log.warning("could not save the latents to %s (%s)", attempt, error.strerror or error)
+            continue
+        if attempt == fallback:
+            _log.warning("saved the latents to %s instead", fallback)
+        return attempt
+    return None
+
+
 def read_latents(path: Path) -> tuple[Tensor, dict[str, str]]:
     """Latents `[C, F, h, w]` and the metadata written by `save_latents`."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"latents file {path} does not exist; pass the .latents.safetensors "
-                         "file written next to the video")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            latents = handle.get_tensor(_LATENTS_KEY)
-    except (SafetensorError, OSError) as error:
-        raise InputError(f"{path} is not a readable wanrt latents file ({error})") from None
-    if metadata.get("format") != LATENTS_FORMAT or not {"task", "ckpt_dir", "sidecar"} <= set(metadata):
-        raise InputError(f"{path} was not written by `wanrt generate` (no {LATENTS_FORMAT} metadata)")
-    return latents, metadata
+    fix = "pass the .latents.safetensors file written next to the video"
+    tensors, metadata = read_wanrt_safetensors(Path(path), LATENTS_FORMAT, f"latents file {path}", fix)
+    if _LATENTS_KEY not in tensors or not {"task", "ckpt_dir", "sidecar"} <= set(metadata):
+        raise InputError(f"latents file {path} lacks its latents or its run's metadata; {fix}")
+    return tensors[_LATENTS_KEY], metadata
 
 
 # ---------------------------------------------------------------------- runs
@@ -311,16 +347,23 @@ def draw_seed(seed: int) -> tuple[int, bool]:
     return seed, False
 
 
-def start_run(pipeline: Pipeline, request, embedding_cache: EmbeddingCache | None):
-    """What every run does first: draw the seed, resolve (validate) the request, reset the
-    peak-memory counter, embed the prompts. Returns (resolved, seed_was_random, embeddings,
-    embedding cache state, text-encoding seconds)."""
+def start_run(pipeline: Pipeline, request, embedding_cache: EmbeddingCache | None,
+              resume: SavedSampling | None = None):
+    """What every run does first: draw the seed, resolve (validate) the request, check
+    every component file the run will load (seconds, not after T5 and sampling), reset the
+    peak-memory counter, embed the prompts (a resumed run has them). Returns (resolved,
+    seed_was_random, embeddings, embedding cache state, text-encoding seconds)."""
     seed, seed_was_random = draw_seed(request.seed)
     resolved = dataclasses.replace(request, seed=seed).resolved(pipeline.task)
+    if pipeline.files is not None:
+        pipeline.check_files()
     if pipeline.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipeline.device)
     text_start = time.perf_counter()
-    embeddings, cache_state = text_embeddings(pipeline, resolved, embedding_cache)
+    if resume is not None:
+        embeddings, cache_state = resume.embeddings, "resumed"
+    else:
+        embeddings, cache_state = text_embeddings(pipeline, resolved, embedding_cache)
     return resolved, seed_was_random, embeddings, cache_state, time.perf_counter() - text_start
 
 
@@ -361,27 +404,42 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
                    on_decode: Callable[[], None] | None = None,
                    run_options: Mapping[str, Any] | None = None,
                    sample: Callable[..., Tensor] | None = None,
-                   fps: int | None = None) -> GenerationRecord:
+                   fps: int | None = None,
+                   checkpoint_every_s: float | None = None,
+                   resume: SavedSampling | None = None) -> GenerationRecord:
     """Sample, save the latents, decode, write `output` (mp4) and its JSON sidecar.
 
     A negative seed draws a random one (as the official CLI), recorded in the sidecar.
     `run_options` are extra settings to record under "options" (e.g. the official
     `offload_model`, the image path). `sample(resolved, embeddings, on_step=...)` replaces
     `pipeline.sample` (a refine starts from an encoded video); `fps` replaces the task's.
+    With `checkpoint_every_s`, sampling is checkpointed (wanrt.resume) at the MoE boundary,
+    that often, and on failure; `resume` continues such a checkpoint (`request` is then its).
     Raises `NonFiniteLatentsError` with nothing written if sampling diverges, and
     `DecodeFailedError` naming the saved latents if decoding or writing fails.
     """
     started = time.perf_counter()
     output = check_output_path(output)
-    resolved, seed_was_random, embeddings, cache_state, text_seconds = start_run(pipeline, request, embedding_cache)
+    resolved, seed_was_random, embeddings, cache_state, text_seconds = start_run(
+        pipeline, request, embedding_cache, resume)
     expert_timer = _ExpertTimer(on_step)
-    latents = (sample or pipeline.sample)(resolved, embeddings, on_step=expert_timer)
+    if checkpoint_every_s is None and resume is None:
+        latents = (sample or pipeline.sample)(resolved, embeddings, on_step=expert_timer)
+    else:
+        state = resumed_state(pipeline, resume) if resume is not None else pipeline.start(resolved)
+        checkpointer = SamplingCheckpointer(sampling_state_path_for(output), pipeline, resolved, embeddings, output,
+                                            interval_s=checkpoint_every_s or DEFAULT_INTERVAL_S)
+        latents = sample_with_checkpoints(pipeline, state, embeddings, checkpointer, on_step=expert_timer)
     sidecar = run_sidecar(pipeline, resolved, seed_was_random, fps or pipeline.task.sample.fps, cache_state,
                           run_options, {"text_encoding": text_seconds, "sampling": dict(expert_timer.seconds)})
     # The video actually generated: an image-conditioned run keeps the image's aspect.
     sidecar["settings"].update(size=output_size(pipeline.task, resolved), requested_size=resolved.size)
-    latents_path = latents_path_for(output)
-    save_latents(latents_path, latents, pipeline.task.name, pipeline.files.root.resolve(), sidecar)
+    if resume is not None:
+        sidecar["resumed_from"] = {"path": str(resume.path.absolute()), "step": resume.step}
+    latents_path = save_latents_or_fallback(latents_path_for(output), latents, pipeline.task.name,
+                                            pipeline.files.root.resolve(), sidecar)
+    if latents_path is not None:  # the final latents supersede any sampling checkpoint
+        sampling_state_path_for(output).unlink(missing_ok=True)
     return _decode_and_write(pipeline, latents, output, latents_path, sidecar, started, on_decode)
 
 
@@ -393,11 +451,8 @@ def decode_latents(latents_path: Path, output: Path | None = None, ckpt_dir: Pat
     started = time.perf_counter()
     latents_path = Path(latents_path)
     latents, metadata = read_latents(latents_path)
-    if output is None:
-        name = latents_path.name.removesuffix(LATENTS_SUFFIX)
-        output = latents_path.with_name(name).with_suffix(".mp4")
-    output = check_output_path(output)
-    sidecar = json.loads(metadata["sidecar"])
+    sidecar = _copied_sidecar(latents_path, metadata["sidecar"])
+    output = check_output_path(output or _free_decode_path(latents_path))
     # A run given `--vae FILE` decodes with that file again, unless another folder is asked for.
     run_vae = sidecar.get("checkpoint", {}).get("vae") if ckpt_dir is None else None
     components = ComponentFiles(vae=Path(run_vae)) if run_vae and is_single_file(Path(run_vae)) else None
@@ -405,11 +460,37 @@ def decode_latents(latents_path: Path, output: Path | None = None, ckpt_dir: Pat
                                         components=components)
     sidecar["decode_run"] = {"ckpt_dir": str(pipeline.files.root.resolve()),
                              "device": _device_name(pipeline.device),
-                             "vae_sha256": tree_sha256(pipeline.files.vae)}
+                             "vae_sha256": tree_sha256(pipeline.files.vae),
+                             "sampling_record": {"copied_from": str(latents_path.absolute()),
+                                                 "latents_sha256": file_sha256(latents_path),
+                                                 "verified": False}}
     return _decode_and_write(pipeline, latents, output, latents_path, sidecar, started, on_decode)
 
 
-def _decode_and_write(pipeline: Pipeline, latents: Tensor, output: Path, latents_path: Path,
+def _copied_sidecar(latents_path: Path, text: str) -> dict[str, Any]:
+    """The partial sidecar a latents file carries, refused unless it is a JSON object."""
+    try:
+        sidecar = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        sidecar = None
+    if not isinstance(sidecar, dict) or not isinstance(sidecar.get("timings_s", {}), dict):
+        raise InputError(f"{latents_path}: its sidecar metadata is not a JSON object; the file was not written "
+                         "by `wanrt generate` or was edited")
+    sidecar.setdefault("timings_s", {})
+    return sidecar
+
+
+def _free_decode_path(latents_path: Path) -> Path:
+    """The run's own `<run>.mp4` beside the latents when neither it nor its sidecar exists
+    (the decode it failed), else `<run>_decoded.mp4`, `<run>_decoded_2.mp4`, ...: a decode
+    never replaces a video or sidecar unless `--output` names it."""
+    stem = latents_path.name.removesuffix(LATENTS_SUFFIX)
+    suffixes = itertools.chain(["", "_decoded"], (f"_decoded_{number}" for number in itertools.count(2)))
+    outputs = (latents_path.with_name(f"{stem}{suffix}.mp4") for suffix in suffixes)
+    return next(path for path in outputs if not path.exists() and not sidecar_path_for(path).exists())
+
+
+def _decode_and_write(pipeline: Pipeline, latents: Tensor, output: Path, latents_path: Path | None,
                       sidecar: dict[str, Any], started: float,
                       on_decode: Callable[[], None] | None) -> GenerationRecord:
     timings = sidecar["timings_s"]
@@ -427,13 +508,21 @@ def _decode_and_write(pipeline: Pipeline, latents: Tensor, output: Path, latents
         # Loads of an earlier run (sampling, when this is `wanrt decode`) are kept.
         timings["load"] = {**timings.get("load", {}), **pipeline.load_seconds}
         timings["total"] = time.perf_counter() - started
-        sidecar.update(peak_memory=_peak_memory(pipeline.device), latents=str(latents_path),
+        sidecar.update(peak_memory=_peak_memory(pipeline.device),
+                       latents=str(latents_path) if latents_path is not None else None,
                        video=_video_record(info))
         write_json(sidecar_path, sidecar)
+    except Interrupted as interrupt:
+        if latents_path is not None:
+            interrupt.kept = f"the sampled latents are saved, finish with: wanrt decode {latents_path}"
+        raise
     # Whatever failed (VAE out of memory, full disk, a codec error), the sampled latents
     # are safe on disk: say how to finish instead of losing the run.
     except Exception as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        if latents_path is None:
+            raise DecodeFailedError(f"decoding to {output} failed ({reason}), and the latents could not be "
+                                    "saved either (see above); free disk space and run again") from error
         raise DecodeFailedError(f"decoding to {output} failed ({reason}); the sampled latents are saved, "
                                 f"finish with: wanrt decode {latents_path}") from error
     return GenerationRecord(output, sidecar_path, latents_path, info, sidecar)

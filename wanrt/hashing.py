@@ -1,7 +1,9 @@
 """SHA-256 of checkpoint files, memoised on disk so a 28 GB checkpoint is hashed once.
 
-A memo entry is keyed by (absolute path, size, mtime_ns): replacing or editing a file
-changes its size or mtime, so a stale digest is never reused. Each entry is its own small
+A memo entry is keyed by (absolute path, size, mtime_ns, inode, ctime_ns): replacing or
+editing a file changes one of them, even an in-place edit whose mtime is set back (`touch
+-d`, `os.utime`: the kernel updates ctime on both the write and the time change, and no
+user can set ctime), so a stale digest is never reused. Each entry is its own small
 file, so concurrent runs (torchrun ranks, two shells) never race on a shared index.
 """
 
@@ -30,7 +32,7 @@ def cache_root() -> Path:
 
 def _memo_path(path: Path, memo_dir: Path) -> Path:
     stat = path.stat()
-    key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    key = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}\0{stat.st_ctime_ns}"
     return memo_dir / f"{hashlib.sha256(key.encode()).hexdigest()}.sha256"
 
 

@@ -168,7 +168,7 @@ class PreviewCandidate:
     seed: int
     video: str      # file names relative to the preview folder
     sidecar: str
-    latents: str
+    latents: str | None  # None when the disk was full (see generate.save_latents_or_fallback)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -209,7 +209,7 @@ class PreviewIndex:
             candidates = tuple(PreviewCandidate(**entry) for entry in raw["candidates"])
             return cls(folder, raw["task"], raw["ckpt_dir"], raw["settings"], raw["base_seed"],
                        raw["seed_was_random"], raw["image_path"], candidates, raw["world_size"])
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise InputError(f"--from {folder}: {path} is not a wanrt preview index ({error}); "
                              "write it again with `wanrt preview`") from None
 
@@ -280,7 +280,7 @@ def run_preview(pipeline: Pipeline, request: GenerationRequest, count: int, fold
                                 folder / f"{candidate_stem(index)}.mp4", embedding_cache=shared,
                                 on_step=on_step, run_options={**options, "candidate": index}, sample=sample)
         written.append(PreviewCandidate(index, seed, record.video_path.name, record.sidecar_path.name,
-                                        record.latents_path.name))
+                                        record.latents_path and record.latents_path.name))
     candidates = tuple(sorted(ranks.gather(written), key=lambda candidate: candidate.index))
     index = PreviewIndex(folder, pipeline.task.name, str(pipeline.files.root.resolve()),
                          dataclasses.replace(resolved, seed=base_seed).settings(), base_seed,

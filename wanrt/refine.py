@@ -35,7 +35,8 @@ from wanrt.hashing import file_sha256
 from wanrt.loading.checkpoint import Expert
 from wanrt.pipelines import (GenerationRequest, Pipeline, ResolvedRequest, SamplingState, StepInfo,
                             TextEmbeddings)
-from wanrt.preview import PreviewIndex
+from wanrt.loading.files import confined_path
+from wanrt.preview import INDEX_NAME, PreviewIndex
 from wanrt.video_io import read_video
 
 DEFAULT_STRENGTH = 0.8
@@ -118,7 +119,8 @@ def read_preview_pick(folder: Path, pick: int) -> tuple[PreviewIndex, RefineSour
     """The preview's index and candidate `pick`'s video."""
     index = PreviewIndex.load(folder)
     candidate = index.candidate(pick)
-    source = read_source(index.folder / candidate.video, flag="--from",
+    video = confined_path(index.folder, candidate.video, index.folder / INDEX_NAME, InputError)
+    source = read_source(video, flag="--from",
                          preview={"folder": str(index.folder.absolute()), "pick": pick, "seed": candidate.seed})
     return index, source
 

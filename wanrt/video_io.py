@@ -29,6 +29,8 @@ from torch import Tensor
 
 from wanrt.audio import AudioTrack
 from wanrt.errors import InputError, WanrtError
+from wanrt.limits import (MAX_FRAMES, MAX_IMAGE_PIXELS, MAX_VIDEO_FRAME_PIXELS, MAX_VIDEO_SECONDS,
+                          MAX_VIDEO_TOTAL_PIXELS)
 
 VIDEO_CODEC = "h264"
 _ENCODER = "libx264"
@@ -42,6 +44,10 @@ _PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombE
 
 class NonFiniteError(WanrtError, ValueError):
     """Frames to be written contain NaN or Inf (a diverged generation); nothing is written."""
+
+
+class InputTooLargeError(InputError):
+    """A video or image is beyond wanrt.limits; refused before (or while) decoding it."""
 
 
 class OutputWriteError(WanrtError):
@@ -118,8 +124,12 @@ def write_video(frames: Tensor, path: Path, fps: int, *, crf: int = 18, audio: A
     return VideoInfo(path=path, frames=num_frames, width=width, height=height, fps=fps, codec=VIDEO_CODEC)
 
 
-def read_video(path: Path) -> tuple[Tensor, float]:
-    """Decode every frame of a video file to `[3, T, H, W]` float in [-1, 1], plus its frame rate."""
+def read_video(path: Path, max_frames: int = MAX_FRAMES) -> tuple[Tensor, float]:
+    """Decode every frame of a video file to `[3, T, H, W]` float in [-1, 1], plus its frame rate.
+
+    Refuses a video beyond `max_frames` frames or the limits of wanrt.limits: from the
+    container's header first, then while decoding (a header may omit or understate them).
+    """
     _require_file(path, "video")
     try:
         with av.open(str(path)) as container:
@@ -127,7 +137,12 @@ def read_video(path: Path) -> tuple[Tensor, float]:
                 raise InputError(f"video {path} has no video stream; pass an mp4/mkv/webm video file")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
-            images = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            _check_video_header(path, container, stream, rate, max_frames)
+            images, total_pixels = [], 0
+            for frame in container.decode(stream):
+                total_pixels += frame.width * frame.height
+                _check_video_size(path, len(images) + 1, frame.width, frame.height, total_pixels, max_frames)
+                images.append(frame.to_ndarray(format="rgb24"))
     except (av.error.FFmpegError, OSError) as error:
         raise InputError(f"cannot decode video {path} ({_reason(error)}); the file is corrupt or not a video, "
                          f"re-export it as mp4") from None
@@ -137,6 +152,34 @@ def read_video(path: Path) -> tuple[Tensor, float]:
         raise InputError(f"video {path} declares no frame rate; re-export it with a fixed fps")
     pixels = torch.from_numpy(np.stack(images)).permute(3, 0, 1, 2)  # [T, H, W, 3] -> [3, T, H, W]
     return _uint8_to_signed_unit(pixels), float(rate)
+
+
+def _check_video_header(path: Path, container: av.container.InputContainer, stream: av.video.VideoStream,
+                        rate: Fraction | None, max_frames: int) -> None:
+    """The limits, as far as the container states them (each may be absent)."""
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    else:
+        seconds = container.duration / av.time_base if container.duration is not None else None
+    if seconds is not None and seconds > MAX_VIDEO_SECONDS:
+        raise InputTooLargeError(f"video {path} lasts {seconds:.0f} s; wanrt reads at most "
+                                 f"{MAX_VIDEO_SECONDS:.0f} s, trim it first (e.g. ffmpeg -t)")
+    frames = stream.frames or (round(seconds * rate) if seconds is not None and rate else 0)
+    width, height = stream.width, stream.height
+    _check_video_size(path, frames, width, height, frames * width * height, max_frames)
+
+
+def _check_video_size(path: Path, frames: int, width: int, height: int, total_pixels: int,
+                      max_frames: int) -> None:
+    fix = "trim or downscale it first (e.g. with ffmpeg)"
+    if width * height > MAX_VIDEO_FRAME_PIXELS:
+        raise InputTooLargeError(f"video {path} has {width}x{height} frames, more than the "
+                                 f"{MAX_VIDEO_FRAME_PIXELS} pixels wanrt reads per frame; {fix}")
+    if frames > max_frames:
+        raise InputTooLargeError(f"video {path} has more than {max_frames} frames, the most wanrt reads; {fix}")
+    if total_pixels > MAX_VIDEO_TOTAL_PIXELS:
+        raise InputTooLargeError(f"video {path} holds more than {MAX_VIDEO_TOTAL_PIXELS} pixels in all "
+                                 f"(frames x width x height), the most wanrt reads; {fix}")
 
 
 def load_image(path: Path) -> Tensor:
@@ -149,6 +192,11 @@ def load_image(path: Path) -> Tensor:
     _require_file(path, "image")
     try:
         with Image.open(path) as image:
+            # `open` reads the header only: refuse a decompression bomb before decoding it.
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise InputTooLargeError(
+                    f"image {path} is {image.width}x{image.height}, more than the {MAX_IMAGE_PIXELS} pixels "
+                    f"wanrt reads; downscale it first (Wan2.2 uses at most 1280x720)")
             image.load()  # decode fully now, so a truncated file fails here and not later
             rgb = image.convert("RGB")
     except _PIL_DECODE_ERRORS as error:

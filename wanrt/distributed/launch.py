@@ -12,6 +12,11 @@
 - A rank that raises publishes one line in the store and every rank exits within about a
   second: each runs a watcher thread that polls the store, rank 0 prints the root cause,
   and nobody sits in a collective until a 30-minute timeout.
+- A rank that dies without raising (SIGKILL, the out-of-memory killer) or freezes
+  (SIGSTOP, a machine swapping to a halt) is found by its silence: the watcher threads
+  beat a counter in the store, and a rank whose counter has not moved for
+  `HEARTBEAT_TIMEOUT_S` stops the run, named as the root cause. A peer's death seen as a
+  broken connection ("Connection reset by peer") is reported as that rank's death.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -34,6 +40,7 @@ import torch.distributed as dist
 
 import wanrt
 from wanrt.errors import InputError, WanrtError
+from wanrt.interrupts import process_alive
 
 # A collective that has not completed in this long is a hang (a rank stuck without raising);
 # the long waits of a healthy run go through the store instead (`RankContext`). Loading
@@ -43,6 +50,9 @@ FAILURE_POLL_SECONDS = 0.5
 # How long a failing rank waits for rank 0 to print its message before exiting anyway.
 REPORT_WAIT_SECONDS = 10.0
 _STORE_WAIT = timedelta(seconds=1)
+# A rank whose heartbeat has not moved for this long is dead or frozen ($WANRT_HEARTBEAT_TIMEOUT_S
+# overrides it). Long enough for a swap storm or a debugger's pause to pass.
+HEARTBEAT_TIMEOUT_S = float(os.environ.get("WANRT_HEARTBEAT_TIMEOUT_S", 60.0))
 _USER_ERROR_EXIT_CODE = 2
 
 
@@ -117,11 +127,16 @@ class FailureMonitor:
     stops every process as soon as one exits, never cuts the message off.
     """
 
-    def __init__(self, rank: int, store: dist.Store, prefix: str) -> None:
+    def __init__(self, rank: int, store: dist.Store, prefix: str, world_size: int = 1) -> None:
         self.rank = rank
         self._store = store
+        self._prefix = prefix
         self._root_key = f"{prefix}/failure"
         self._ack_key = f"{prefix}/failure_reported"
+        self._peers = [peer for peer in range(world_size) if peer != rank]
+        # Each peer's last heartbeat count and when this rank saw it change.
+        self._beats: dict[int, tuple[int, float]] = {}
+        store.set(f"{prefix}/process/{rank}", f"{socket.gethostname()}|{os.getpid()}")
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="wanrt-failure-monitor", daemon=True)
@@ -144,9 +159,49 @@ class FailureMonitor:
                 code, rank, message = self._decode(self._store.get(self._root_key))
                 if rank != self.rank:  # our own failure is reported by the main thread
                     self._report_and_exit(code, rank, message)
+            silent = self._beat_and_check()
+            if silent is not None:
+                self._publish_and_exit(silent, f"stopped responding: no heartbeat for {HEARTBEAT_TIMEOUT_S:.0f} s "
+                                               "(the process froze or was killed without a trace)")
+
+    def _beat_and_check(self) -> int | None:
+        """Beat this rank's heartbeat; the first peer silent for HEARTBEAT_TIMEOUT_S, if any."""
+        self._store.add(f"{self._prefix}/heartbeat/{self.rank}", 1)
+        now = time.monotonic()
+        for peer in self._peers:
+            count = self._store.add(f"{self._prefix}/heartbeat/{peer}", 0)
+            last_count, since = self._beats.get(peer, (-1, now))
+            if count != last_count:
+                self._beats[peer] = (count, now)
+            elif now - since > HEARTBEAT_TIMEOUT_S:
+                return peer
+        return None
+
+    def _dead_peer(self) -> tuple[int, str] | None:
+        """A peer on this machine whose process is gone, and how to say so."""
+        host = socket.gethostname()
+        for peer in self._peers:
+            key = f"{self._prefix}/process/{peer}"
+            if not self._store.check([key]):
+                continue
+            peer_host, pid = self._store.get(key).decode().split("|")
+            if peer_host == host and not process_alive(int(pid)):
+                return peer, (f"died: its process {pid} is gone without a word (killed by a signal, e.g. "
+                              "SIGKILL or the kernel's out-of-memory killer)")
+        return None
+
+    def _publish_and_exit(self, rank: int, message: str) -> NoReturn:
+        """Publish another rank's death as the root cause (unless one came first) and stop."""
+        code, rank, message = self._decode(self._store.compare_set(self._root_key, "", f"1|{rank}|{message}"))
+        self._report_and_exit(code, rank, message)
 
     def fail(self, error: BaseException) -> NoReturn:
         """Called by the main thread with the exception that ended this rank's work."""
+        if not isinstance(error, WanrtError):
+            # A broken connection is often a peer's death, not this rank's fault.
+            dead = self._dead_peer()
+            if dead is not None:
+                self._publish_and_exit(*dead)
         code = _USER_ERROR_EXIT_CODE if isinstance(error, WanrtError) else 1
         mine = f"{code}|{self.rank}|{one_line(error)}"
         code, rank, message = self._decode(self._store.compare_set(self._root_key, "", mine))
@@ -278,7 +333,7 @@ def init_distributed(device: torch.device | None = None) -> RankContext:
     prefix = f"wanrt/{run_id}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     # The watcher gets its own connection: a client serialises its requests, and the main
     # thread may sit in a store wait.
-    monitor = FailureMonitor(rank, _store_client(), prefix)
+    monitor = FailureMonitor(rank, _store_client(), prefix, world_size)
     return RankContext(rank, world_size, device, backend, _store_client(), prefix, monitor)
 
 

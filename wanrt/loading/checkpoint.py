@@ -27,8 +27,8 @@ from torch import Tensor
 from wanrt.configs import TASK_NAMES, DiTConfig, T5Config, TaskSpec, VAEConfig, get_task
 from wanrt.errors import CheckpointError, ConfigError
 from wanrt.loading import diffusers_dit, single_file
-from wanrt.loading.files import (TensorInfo, iter_safetensors, load_pth, read_safetensors_header,
-                                 require_file, safetensors_shards)
+from wanrt.loading.files import (TensorInfo, check_pth_archive, iter_safetensors, load_pth, merge_unique,
+                                 read_safetensors_header, require_file, safetensors_shards)
 from wanrt.loading.state import assign_tensors, check_state_keys
 from wanrt.models.dit import WanDiT
 from wanrt.progress import track
@@ -86,19 +86,25 @@ def locate_checkpoint(root: Path, task: TaskSpec) -> CheckpointFiles:
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     require_file(path, what)
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{path}: {what} is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: {what} is not a JSON object; download it again")
+    return raw
 
 
-def _renamed_headers(shards: list[Path], rename: Callable[[str], str]) -> dict[str, TensorInfo]:
+def shard_headers(shards: list[Path], rename: Callable[[str], str] = str) -> dict[str, TensorInfo]:
+    """Renamed key -> shape/dtype over all shards; a key in two shards is refused."""
     infos: dict[str, TensorInfo] = {}
+    sources: dict[str, Path] = {}
     for shard in shards:
-        for key, info in read_safetensors_header(shard).items():
-            try:
-                infos[rename(key)] = info
-            except CheckpointError as exc:
-                raise CheckpointError(f"{shard}: {exc}") from None
+        header = read_safetensors_header(shard)
+        try:
+            renamed = {rename(key): info for key, info in header.items()}
+        except CheckpointError as exc:
+            raise CheckpointError(f"{shard}: {exc}") from None
+        merge_unique(infos, renamed, shard, sources)
     return infos
 
 
@@ -159,7 +165,7 @@ def read_dit_config(folder: Path, expect: DiTConfig | None = None
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
     shards = safetensors_shards(folder, "diffusion_pytorch_model")
-    infos = _renamed_headers(shards, rename)
+    infos = shard_headers(shards, rename)
     return complete_dit_config(config, infos, expect, str(folder)), shards, rename, infos
 
 
@@ -171,11 +177,18 @@ def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype |
         if expect is None:
             raise CheckpointError(f"{folder}: a single-file DiT needs the task's architecture to check it")
         return single_file.load_dit_file(folder, expect, dtype)
+    model, shards, rename = _checked_dit(folder, expect)
+    return assign_tensors(model, _renamed_chunks(shards, rename), dtype)
+
+
+def _checked_dit(folder: Path, expect: DiTConfig | None) -> tuple[WanDiT, list[Path], Callable[[str], str]]:
+    """The DiT of `folder` built on `meta`, its shards and key map, after checking its
+    config and every shard header against the model: no tensor data is read."""
     config, shards, rename, infos = read_dit_config(folder, expect)
     with torch.device("meta"):
         model = WanDiT(config)
     check_state_keys(model, infos, str(folder))
-    return assign_tensors(model, _renamed_chunks(shards, rename), dtype)
+    return model, shards, rename
 
 
 def _holds_task(root: Path, task: TaskSpec) -> bool:
@@ -209,9 +222,10 @@ def _load_state(path: Path, stem: str, to_official: Callable[[dict[str, Tensor]]
     else the diffusers/transformers names renamed)."""
     if path.is_dir() or single_file.is_single_file(path):
         if path.is_dir():
-            state = {}
+            state: dict[str, Tensor] = {}
+            sources: dict[str, Path] = {}
             for shard in safetensors_shards(path, stem):
-                state.update(iter_safetensors(shard))
+                merge_unique(state, dict(iter_safetensors(shard)), shard, sources)
         else:
             state = single_file.read_state(path, prefixes)
             if official_key in state:
@@ -225,6 +239,12 @@ def _load_state(path: Path, stem: str, to_official: Callable[[dict[str, Tensor]]
 
 def load_vae(path: Path, expect: VAEConfig, dtype: torch.dtype | None = None):
     """The VAE from `Wan2.x_VAE.pth` or a diffusers `vae/` folder."""
+    model, state = _checked_vae(Path(path), expect)
+    return assign_tensors(model, [state], dtype)
+
+
+def _checked_vae(path: Path, expect: VAEConfig):
+    """The VAE built on `meta` and its (memory-mapped) state, checked against each other."""
     from wanrt.loading import diffusers_vae
     from wanrt.models.vae import WanVAE
 
@@ -246,7 +266,7 @@ def load_vae(path: Path, expect: VAEConfig, dtype: torch.dtype | None = None):
     with torch.device("meta"):
         model = WanVAE(config)
     check_state_keys(model, state, str(path))
-    return assign_tensors(model, [state], dtype)
+    return model, state
 
 
 def load_t5(path: Path, expect: T5Config, dtype: torch.dtype | None = None):
@@ -273,3 +293,28 @@ def check_dit_matches_vae(dit: DiTConfig, vae: VAEConfig, source: str) -> None:
         raise CheckpointError(
             f"{source}: the DiT predicts {dit.out_dim} latent channels but the Wan{vae.version.value} "
             f"VAE has {vae.z_dim}; the DiT and the VAE come from different models")
+
+
+def check_checkpoint(files: CheckpointFiles, task: TaskSpec, check_dits: bool = True) -> None:
+    """Check every component a run will load before the run starts, so a broken file is
+    found in seconds, not after T5 and hours of sampling: each DiT expert's config and
+    shard headers against the task, the VAE's keys, shapes and latent channels
+    (memory-mapped, no data read), the tokenizer files and the text encoder's file.
+    `check_dits=False` when the experts come from elsewhere (`--quantized`)."""
+    from wanrt.models.tokenizer import TOKENIZER_FILES
+
+    if check_dits:
+        for folder in files.dit_dirs.values():
+            if Path(folder).is_file():
+                continue  # a single file (`--dit`): its header was checked against the task when given
+            model, _, _ = _checked_dit(Path(folder), task.dit)
+            check_dit_matches_vae(model.config, task.vae, str(folder))
+    _checked_vae(Path(files.vae), task.vae)
+    for name in TOKENIZER_FILES:
+        require_file(Path(files.tokenizer) / name, f"tokenizer file {name}")
+    if Path(files.t5).is_dir():
+        shard_headers(safetensors_shards(Path(files.t5), "model"))
+    elif single_file.is_single_file(Path(files.t5)):
+        read_safetensors_header(Path(files.t5))
+    else:
+        check_pth_archive(Path(files.t5))

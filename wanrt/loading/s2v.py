@@ -14,7 +14,7 @@ import torch
 
 from wanrt.configs import DiTConfig, S2VConfig
 from wanrt.errors import CheckpointError, ConfigError
-from wanrt.loading.checkpoint import _read_json, _renamed_chunks, _renamed_headers, complete_dit_config
+from wanrt.loading.checkpoint import _read_json, _renamed_chunks, complete_dit_config, shard_headers
 from wanrt.loading.files import safetensors_shards
 from wanrt.loading.save import DIT_WEIGHTS_STEM, official_dit_config, save_safetensors_sharded, write_json
 from wanrt.loading.state import assign_tensors, check_state_keys
@@ -46,7 +46,7 @@ def load_s2v_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dty
     folder = Path(folder)
     config, s2v = read_s2v_config(folder)
     shards = safetensors_shards(folder, "diffusion_pytorch_model")
-    infos = _renamed_headers(shards, official_key)
+    infos = shard_headers(shards, official_key)
     config = complete_dit_config(config, infos, expect, str(folder))
     with torch.device("meta"):
         model = WanS2VDiT(config, s2v)

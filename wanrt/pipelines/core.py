@@ -98,11 +98,13 @@ Predict = Callable[[float, Expert, Tensor], tuple[Tensor, float]]
 
 def run_steps(steps: Sequence[tuple[float, Expert]], first_index: int, scheduler: FlowScheduler,
               latents: Tensor, predict: Predict, fix_up: Callable[[Tensor], Tensor] | None = None,
-              on_step: Callable[[StepInfo], None] | None = None) -> Tensor:
+              on_step: Callable[[StepInfo], None] | None = None,
+              on_latents: Callable[[int, Tensor], None] | None = None) -> Tensor:
     """The denoising loop over `steps` (timestep, expert), numbered from `first_index`.
 
     Continues the scheduler it is given (its multistep history), so a run can stop and
     resume mid-schedule. Stops at the first step whose latents hold NaN/Inf.
+    `on_latents(steps_done, latents)` sees each step's result (to checkpoint it).
     """
     total = len(scheduler.timesteps)
     scheduler.step_index = first_index
@@ -118,4 +120,6 @@ def run_steps(steps: Sequence[tuple[float, Expert]], first_index: int, scheduler
                 "quantized precision, or another seed")
         if on_step is not None:
             on_step(StepInfo(index, total, t, expert, scale))
+        if on_latents is not None:
+            on_latents(index + 1, latents)
     return latents

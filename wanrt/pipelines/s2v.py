@@ -34,7 +34,7 @@ from torch import Tensor
 from wanrt.audio import SpeechFeatureExtractor, encode_speech, probe_audio
 from wanrt.configs import SIZES, TaskSpec, parse_size
 from wanrt.errors import InputError, parse_choice
-from wanrt.loading.checkpoint import Expert
+from wanrt.loading.checkpoint import Expert, check_checkpoint
 from wanrt.loading.s2v import load_s2v_dit
 from wanrt.models.s2v_dit import WanS2VDiT
 from wanrt.pipelines.core import StepInfo, TextEmbeddings, noise_for, run_steps
@@ -242,6 +242,11 @@ class _ClipInputs:
 
 class S2VPipeline(Pipeline):
     """`Pipeline` for s2v tasks: the S2V DiT, the wav2vec2 audio model and the clip loop."""
+
+    def check_files(self) -> None:
+        """The S2V DiT is checked by its own strict loader as it loads; the VAE, T5 and
+        tokenizer as for every task."""
+        check_checkpoint(self._require_files(), self.task, check_dits=False)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

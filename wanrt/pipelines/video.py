@@ -14,7 +14,6 @@ Noise is drawn from a CPU generator so a seed gives the same video on any device
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +26,16 @@ from torch import Tensor
 
 from wanrt.configs import SIZES, ModelType, SampleDefaults, TaskSpec, get_task, parse_size
 from wanrt.errors import CheckpointError, InputError, parse_choice
-from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_checkpoint_task, check_dit_matches_vae,
-                                      load_dit, load_t5, load_vae, locate_checkpoint)
+from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_checkpoint, check_checkpoint_task,
+                                      check_dit_matches_vae, load_dit, load_t5, load_vae, locate_checkpoint)
 from wanrt.loading.component_files import ComponentFiles, apply_component_files, stored_precision
 from wanrt.lora import LoadedLora, LoraSpec, check_loras, merge_loras, parameter_shapes
 from wanrt.models.dit import WanDiT
 from wanrt.pipelines.core import (Guidance, MemoryBudget, NonFiniteLatentsError, StepInfo, StreamingConfig,
                                   TextEmbeddings, noise_for, run_steps)
 from wanrt.progress import track
+from wanrt.request_checks import (check_frame_num, check_guide_scale, check_gib, check_shift,
+                                  check_text)
 from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
 from wanrt.runtime.step_cache import EasyCache, StepCacheConfig
 from wanrt.runtime.streaming import BlockStreamer
@@ -93,6 +94,7 @@ class GenerationRequest:
         frame_num = defaults.frame_num if self.frame_num is None else self.frame_num
         if frame_num < 1 or (frame_num - 1) % task.vae_stride[0]:
             raise InputError(f"--frame-num {frame_num} must be 4n+1 (e.g. 81, 121)")
+        check_frame_num(frame_num)
         steps = resolve_steps(defaults, self.steps)
         guide = defaults.guide_scale if self.guide_scale is None else self.guide_scale
         if isinstance(guide, (int, float)):
@@ -103,11 +105,11 @@ class GenerationRequest:
         if self.image is not None and task.dit.model_type is ModelType.T2V:
             raise InputError(f"{task.name} takes no --image; use an i2v or ti2v task")
         return ResolvedRequest(
-            prompt=self.prompt, size=size, frame_num=frame_num, steps=steps,
-            shift=defaults.shift if self.shift is None else self.shift,
-            guide_scale=tuple(guide), solver=solver, seed=self.seed,
-            negative_prompt=self.negative_prompt or defaults.negative_prompt, image=self.image,
-            denoising_steps=self.denoising_steps)
+            prompt=check_text(self.prompt, "--prompt"), size=size, frame_num=frame_num, steps=steps,
+            shift=check_shift(defaults.shift if self.shift is None else self.shift),
+            guide_scale=check_guide_scale(tuple(guide)), solver=solver, seed=self.seed,
+            negative_prompt=check_text(self.negative_prompt or defaults.negative_prompt, "--negative-prompt"),
+            image=self.image, denoising_steps=self.denoising_steps)
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,7 @@ class Pipeline:
         machine has), streaming DiT blocks when the experts do not fit. `loras` are merged
         into the experts they name as each loads; `step_cache` skips near-repeated steps."""
         spec = get_task(task)
+        vram_gib, ram_gib = check_gib(vram_gib, "--vram"), check_gib(ram_gib, "--ram")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # bf16 on GPUs as the official code; float32 on the CPU, where bf16 is slow and the
         # tests compare against float32 references.
@@ -362,6 +365,10 @@ class Pipeline:
 
     def lora_records(self) -> list[dict]:
         return [lora.record() for lora in self.loras]
+
+    def check_files(self) -> None:
+        """Check every component file this pipeline will load, reading headers only."""
+        check_checkpoint(self._require_files(), self.task, check_dits=self.quantized_files is None)
 
     def _require_files(self) -> CheckpointFiles:
         if self.files is None:
@@ -449,7 +456,8 @@ class Pipeline:
             from wanrt.text_encoder import TextEncoder
 
             files = self._require_files()
-            tokenizer = PromptTokenizer.from_folder(files.tokenizer, text_len=self.task.t5.text_len)
+            tokenizer = PromptTokenizer.from_folder(files.tokenizer, text_len=self.task.t5.text_len,
+                                                    vocab_size=self.task.t5.vocab_size)
             encoder = self._timed_load("t5", lambda: load_t5(files.t5, self.task.t5, dtype=self.text_dtype))
             # Kept in host memory; `encode_text` brings it to `text_device` only to encode.
             self._text_encoder = TextEncoder(tokenizer, encoder)
@@ -567,11 +575,13 @@ class Pipeline:
         return [(timesteps[i], expert_at(i)) for i in range(len(timesteps))[state.step:stop]]
 
     def denoise(self, state: SamplingState, embeddings: TextEmbeddings, stop: int | None = None,
-                on_step: Callable[[StepInfo], None] | None = None) -> SamplingState:
+                on_step: Callable[[StepInfo], None] | None = None,
+                on_state: Callable[[SamplingState], None] | None = None) -> SamplingState:
         """Run steps `state.step .. stop` (default: to the end) and return the state after them.
 
         Starting mid-schedule (refining a video, handing a run to another device) continues
-        the scheduler it is given; its step counter is set from `state.step`."""
+        the scheduler it is given; its step counter is set from `state.step`. `on_state`
+        sees the state after each step (to checkpoint it: wanrt.resume)."""
         steps = self.schedule(state, stop)
         for expert in dict.fromkeys(expert for _, expert in steps):
             self._load_expert(expert)
@@ -605,7 +615,9 @@ class Pipeline:
                                   enabled=self.dit_dtype != torch.float32)
         with torch.no_grad(), autocast:
             latents = run_steps(steps, state.step, state.scheduler, state.latents, predict,
-                                conditioning.fix_up, on_step)
+                                conditioning.fix_up, on_step,
+                                on_latents=None if on_state is None else lambda step, latents: on_state(
+                                    dataclasses.replace(state, latents=latents, step=step)))
         if cache is not None:
             self.cached_steps += cache.skipped
         return dataclasses.replace(state, latents=latents, step=state.step + len(steps))

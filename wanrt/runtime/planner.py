@@ -23,6 +23,7 @@ from wanrt.configs import SIZES, DiTConfig, ModelType, S2VConfig, TaskSpec, VAEV
 from wanrt.errors import InputError
 from wanrt.models.dit import WanDiT
 from wanrt.models.s2v_dit import WanS2VDiT
+from wanrt.request_checks import check_gib
 
 GIB = 2**30
 
@@ -189,7 +190,8 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
               t5_cpu: bool | None = None) -> MemoryPlan:
     """Plan a run; raises InputError naming the remedy when it cannot fit."""
     precision = Precision(precision)
-    vram, ram = int(vram_gib * GIB), int(ram_gib * GIB)
+    vram = int(check_gib(vram_gib, "--vram") * GIB)
+    ram = int(check_gib(ram_gib, "--ram") * GIB)
     weights = dit_bytes(task.dit, precision, task.s2v)
     # Quantized runs keep the first and the last block in bf16 (the default precision
     # policy of wanrt.export.quantize): the first is resident, the last may stream, so the

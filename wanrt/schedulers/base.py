@@ -10,7 +10,7 @@ scalar, so this costs no host synchronisation and rounds exactly like the offici
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -57,6 +57,17 @@ class FlowScheduler:
     def reset(self) -> None:
         """Forget the current run: the next `step` looks its timestep up again."""
         self.step_index: int | None = None
+
+    def run_state(self) -> dict[str, Any]:
+        """What the run has accumulated (step index, x0 history, ...): everything but the
+        schedule, which the constructor's arguments rebuild. `load_run_state` restores it."""
+        return {name: value for name, value in vars(self).items() if name not in ("timesteps", "sigmas")}
+
+    def load_run_state(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - set(self.run_state())
+        if unknown:
+            raise InputError(f"scheduler state {sorted(unknown)} is not {type(self).__name__}'s")
+        vars(self).update(state)
 
     def index_for_timestep(self, timestep: int | Tensor) -> int:
         """The first position of `timestep` in `timesteps`.
