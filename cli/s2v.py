@@ -90,6 +90,6 @@ def run_s2v(pipeline: S2VPipeline, request: S2VRequest, output: Path, cache: Emb
     with display:
         record = generate_s2v_video(
             pipeline, request, output, embedding_cache=cache, on_step=display.on_step,
-            on_clip=lambda clip, clips: display.console.print(f"clip {clip + 1}/{clips}", markup=False),
+            on_clip=lambda clip, clips: typer.echo(f"clip {clip + 1}/{clips}", err=True),
             run_options=run_options)
     print_result(record)
