@@ -164,11 +164,12 @@ def test_plan_prints_the_split_and_fits():
 
 
 def test_plan_json_and_refusal_with_remedy():
-    result = CliRunner().invoke(app, ["plan", "--task", "t2v-A14B", "--size", "1280*720", "--json"])
+    result = CliRunner().invoke(app, ["plan", "--task", "t2v-A14B", "--size", "1280*720", "--vram", "8", "--json"])
     assert result.exit_code == 2
     plan = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
     assert plan["tokens"] == 75600 and plan["fits"] is False
-    assert "error: t2v-A14B 1280*720 x81 does not fit the budget: the VAE decode needs" in result.stderr
+    assert "error: t2v-A14B 1280*720 x81 does not fit the budget: sampling needs" in result.stderr
+    assert "try --frame-num 21" in result.stderr
 
 
 @pytest.mark.parametrize("precision", ["fp8", "int8"])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wanrt.configs import SIZES, ModelType, TaskSpec, get_task, parse_size
-from wanrt.errors import CheckpointError, InputError, parse_choice
+from wanrt.errors import CheckpointError, ConfigError, InputError, parse_choice
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
                                       load_t5, load_vae, locate_checkpoint)
 from wanrt.models.dit import WanDiT
@@ -58,8 +58,7 @@ class GenerationRequest:
         defaults = task.sample
         size = self.size or defaults.sizes[0]
         if size not in defaults.sizes:
-            raise InputError(f"--size {size} is not supported by {task.name}; "
-                             f"choose one of {', '.join(defaults.sizes)}")
+            size = free_t2v_size(task, size)
         frame_num = defaults.frame_num if self.frame_num is None else self.frame_num
         if frame_num < 1 or (frame_num - 1) % task.vae_stride[0]:
             raise InputError(f"--frame-num {frame_num} must be 4n+1 (e.g. 81, 121)")
@@ -80,6 +79,23 @@ class GenerationRequest:
             shift=defaults.shift if self.shift is None else self.shift,
             guide_scale=tuple(guide), solver=solver, seed=self.seed,
             negative_prompt=self.negative_prompt or defaults.negative_prompt, image=self.image)
+
+
+def free_t2v_size(task: TaskSpec, size: str) -> str:
+    """t2v renders any WIDTH*HEIGHT whose latent grid splits into whole DiT patches (the
+    official sizes are the defaults); i2v/ti2v derive their grid from the official areas."""
+    official = f"choose one of {', '.join(task.sample.sizes)}"
+    if task.dit.model_type is not ModelType.T2V:
+        raise InputError(f"--size {size} is not supported by {task.name}; {official}")
+    multiple = task.vae_stride[1] * task.dit.patch_size[1]
+    try:
+        width, height = parse_size(size)
+    except ConfigError:
+        raise InputError(f"--size {size!r} must be WIDTH*HEIGHT, e.g. {task.sample.sizes[0]}") from None
+    if width <= 0 or height <= 0 or width % multiple or height % multiple:
+        raise InputError(f"--size {size}: width and height must be positive multiples of {multiple} "
+                         f"for {task.name}, or {official}")
+    return f"{width}*{height}"
 
 
 @dataclass(frozen=True)

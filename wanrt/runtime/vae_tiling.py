@@ -51,8 +51,7 @@ class VAETiling:
                 * len(tile_starts(latent_width, self.tile_width, self.overlap)))
 
     def describe(self, stride: int) -> str:
-        return (f"{self.tile_width * stride}x{self.tile_height * stride} px tiles, "
-                f"{self.overlap * stride} px overlap")
+        return f"{self.tile_width * stride}x{self.tile_height * stride} px, {self.overlap * stride} px overlap"
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
