@@ -26,6 +26,7 @@ from wanrt.errors import InputError
 from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
                             generate_video, generation_task, parse_device)
 from wanrt.pipelines import GenerationRequest, Pipeline, StepInfo
+from wanrt.loading.tiny_vae import VAEKind
 from wanrt.runtime.planner import Precision as WeightPrecision
 from wanrt.video_io import load_image
 
@@ -36,6 +37,11 @@ class ComputeDtype(str, Enum):
 
 
 COMPUTE_DTYPES = {ComputeDtype.BF16: torch.bfloat16, ComputeDtype.FP32: torch.float32}
+
+VAEOption = Annotated[VAEKind, typer.Option(
+    "--vae", help="Decode with the model's VAE (full) or the tiny TAEHV preview VAE (tiny, much faster).")]
+TinyVAEOption = Annotated[Path | None, typer.Option(
+    "--tiny-vae", help="TAEHV file for --vae tiny (default: taew2_1.pth / taew2_2.pth in --ckpt-dir).")]
 # The official `str2bool` spellings.
 _TRUE_WORDS = ("yes", "true", "t", "y", "1")
 _FALSE_WORDS = ("no", "false", "f", "n", "0")
@@ -226,6 +232,8 @@ def generate_command(
     expert_per_gpu: Annotated[bool, typer.Option(
         "--expert-per-gpu", help="A14B on 2 GPUs: the high-noise expert on one, the low-noise one on the other.")]
     = False,
+    vae: VAEOption = VAEKind.FULL,
+    tiny_vae: TinyVAEOption = None,
 ) -> None:
     """Generate a video from a prompt (and an image for i2v/ti2v)."""
     spec = generation_task(task)
@@ -257,6 +265,8 @@ def generate_command(
                                             dtype=COMPUTE_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu,
                                             vram_gib=vram, ram_gib=ram, precision=precision.value,
                                             quantized_dir=quantized)
+        if vae is VAEKind.TINY:
+            pipeline.use_tiny_vae(tiny_vae)
         # Refuses a run that cannot fit, before loading; FSDP shards are not what it sizes.
         plan = None if parallel.dit_fsdp else pipeline.plan_run(resolved)
         if plan is not None and show_plan and is_rank_zero():

@@ -9,6 +9,7 @@ patch from `encoder.0.weight`); whether it decodes raw VAE latents (lighttae) fr
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -19,6 +20,13 @@ from wanrt.errors import CheckpointError
 from wanrt.loading.files import iter_safetensors, load_pth, require_file
 from wanrt.loading.state import assign_tensors, check_state_keys
 from wanrt.models.tiny_vae import TGrow, TinyVAE, TinyVAEConfig
+
+class VAEKind(str, Enum):
+    """What decodes the video: the model's VAE, or the tiny preview one."""
+
+    FULL = "full"
+    TINY = "tiny"
+
 
 # Published file stems per latent channel count, in the order they are looked for.
 TINY_VAE_NAMES = {16: ("taew2_1", "lighttaew2_1"), 48: ("taew2_2", "lighttaew2_2")}

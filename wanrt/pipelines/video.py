@@ -32,8 +32,9 @@ from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches
 from wanrt.models.dit import WanDiT
 from wanrt.pipelines.core import (Guidance, MemoryBudget, StepInfo, StreamingConfig, TextEmbeddings,
                                   noise_for, run_steps)
-from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
+from wanrt.runtime.planner import MemoryPlan, Precision, RamMode, make_plan, require_fit
 from wanrt.runtime.streaming import BlockStreamer
+from wanrt.runtime.vae_tiling import TiledVAE, VAETiling
 from wanrt.schedulers import FlowScheduler, Solver, make_scheduler
 
 
@@ -254,6 +255,14 @@ class Pipeline:
         self._text_encoder = None
         self._vae = None
         self.load_seconds: dict[str, float] = {}
+        # Host RAM: ONE_EXPERT frees T5 once the prompt is encoded and the high-noise expert
+        # at the MoE boundary, before the low-noise one is read (set by the plan, or by hand).
+        self.ram_mode = RamMode.BOTH
+        # Spatial VAE tiles (set by the plan from the VRAM budget); None decodes whole frames.
+        self.vae_tiling: VAETiling | None = None
+        # A TAEHV file (`wanrt.loading.tiny_vae`) to decode with instead of the VAE.
+        self.tiny_vae_path: Path | None = None
+        self._tiny_vae = None
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | Path, task: str, device: str | torch.device | None = None,
@@ -400,6 +409,8 @@ class Pipeline:
         if self.text_device.type == "cuda":
             encoder.encoder.to("cpu")
             torch.cuda.empty_cache()
+        if self.ram_mode is RamMode.ONE_EXPERT:
+            self._text_encoder = None
         return TextEmbeddings(cond.float().cpu(), uncond.float().cpu())
 
     def latent_grid(self, request: ResolvedRequest) -> tuple[int, int, int]:
@@ -435,7 +446,7 @@ class Pipeline:
         resized = F.interpolate(image[None].float().cpu(), size=(height, width), mode="bicubic")
         video = torch.cat([resized.transpose(0, 1), torch.zeros(3, frame_num - 1, height, width)], dim=1)
         with torch.no_grad():
-            encoded = self.vae.encode(video[None].to(self.device))[0]
+            encoded = self.codec().encode(video[None].to(self.device))[0]
         # Mask: 1 on pixel frame 0, repeated 4x so the frames fold into [4, F_lat] channels.
         mask = torch.zeros(1, frame_num, lat_h, lat_w, device=self.device)
         mask[:, 0] = 1
@@ -454,7 +465,7 @@ class Pipeline:
         left, top = (img.width - out_w) // 2, (img.height - out_h) // 2
         img = img.crop((left, top, left + out_w, top + out_h))
         with torch.no_grad():
-            frozen = self.vae.encode(_from_pil(img)[None, :, None].to(self.device))
+            frozen = self.codec().encode(_from_pil(img)[None, :, None].to(self.device))
         frozen_mask = torch.ones_like(latents)
         frozen_mask[:, :, 0] = 0
         patch_h, patch_w = self.task.dit.patch_size[1:]
@@ -497,18 +508,20 @@ class Pipeline:
         Starting mid-schedule (refining a video, handing a run to another device) continues
         the scheduler it is given; its step counter is set from `state.step`."""
         steps = self.schedule(state, stop)
-        for expert in dict.fromkeys(expert for _, expert in steps):
-            self._load_expert(expert)
-        if self._streamer is not None:
-            # The whole run's block order, so prefetching crosses forwards and the boundary.
-            for _, expert in steps:
-                for _ in range(self.guidance.forwards_per_step):
-                    self._streamer.expect_forward(expert)
+        phases = list(dict.fromkeys(expert for _, expert in steps))
+        if self.ram_mode is RamMode.ONE_EXPERT and phases:
+            self._enter_phase(phases[0], steps)
+        else:
+            for expert in phases:
+                self._load_expert(expert)
+            self._announce(steps)
         cond = embeddings.cond[None].to(self.device)
         uncond = embeddings.uncond[None].to(self.device)
         conditioning = state.conditioning
 
         def predict(t: int, expert: Expert, latents: Tensor) -> tuple[Tensor, float]:
+            if self.ram_mode is RamMode.ONE_EXPERT and expert not in self._experts:
+                self._enter_phase(expert, [step for step in steps if step[1] is expert])
             self.dit(expert)
             scale = state.request.guide_scale[0 if expert is Expert.LOW_NOISE else 1]
             timestep = conditioning.timestep(torch.tensor(t, device=self.device))
@@ -521,6 +534,35 @@ class Pipeline:
             latents = run_steps(steps, state.step, state.scheduler, state.latents, predict,
                                 conditioning.fix_up, on_step)
         return dataclasses.replace(state, latents=latents, step=state.step + len(steps))
+
+    def _announce(self, steps: list[tuple[int, Expert]]) -> None:
+        """Tell the block streamer the order of the coming forwards, so prefetching crosses
+        forwards and the MoE boundary (experts not registered yet are skipped)."""
+        if self._streamer is not None:
+            for _, expert in steps:
+                for _ in range(self.guidance.forwards_per_step):
+                    self._streamer.expect_forward(expert)
+
+    def _enter_phase(self, expert: Expert, steps: list[tuple[int, Expert]]) -> None:
+        """One expert in host RAM at a time: free every other expert (device and host,
+        pinned buffers included) before `expert` is read from the checkpoint."""
+        for other in [e for e in self._experts if e is not expert]:
+            self.free_expert(other)
+        self._load_expert(expert)
+        self._announce(steps)
+
+    def free_expert(self, expert: Expert) -> None:
+        """Drop every reference this pipeline holds to `expert`'s weights."""
+        if self._active_expert is expert:
+            self._place(expert, "cpu")
+            self._active_expert = None
+        if self._streamer is not None and expert in self._streamed_experts:
+            self._streamer.unregister(expert)
+            self._streamed_experts.discard(expert)
+        self._experts.pop(expert, None)
+        self._runners.pop(expert, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def sample(self, request: GenerationRequest | ResolvedRequest, embeddings: TextEmbeddings | None = None,
                noise: Tensor | None = None, on_step: Callable[[StepInfo], None] | None = None) -> Tensor:
@@ -541,9 +583,42 @@ class Pipeline:
         if not torch.isfinite(latents).all():
             raise NonFiniteLatentsError("the latents contain NaN/Inf; refusing to decode")
         self.offload_dit()
+        decoder = self.tiny_vae if self.tiny_vae_path is not None else self.codec(output_device="cpu")
         with torch.no_grad():
-            chunks = [frames.float().cpu() for frames in self.vae.iter_decode(latents[None].to(self.device).float())]
+            chunks = [frames.float().cpu() for frames in decoder.iter_decode(latents[None].to(self.device).float())]
         return torch.cat(chunks, dim=2)[0]
+
+    def codec(self, output_device: torch.device | str | None = None):
+        """The VAE as the plan runs it: tiled (results gathered on `output_device`, default
+        this pipeline's device) or whole frames."""
+        if self.vae_tiling is None:
+            return self.vae
+        return TiledVAE(self.vae, self.vae_tiling, output_device or self.device)
+
+    @property
+    def tiny_vae(self):
+        if self._tiny_vae is None:
+            from wanrt.loading.tiny_vae import load_tiny_vae
+
+            self._tiny_vae = self._timed_load("tiny_vae", lambda: load_tiny_vae(
+                self.tiny_vae_path, self.task.vae, dtype=torch.float32))
+        return self._tiny_vae.to(self.device)
+
+    def use_tiny_vae(self, path: Path | None = None) -> None:
+        """Decode with the tiny VAE in `path` (default: the published file name inside the
+        checkpoint folder), loaded now so a wrong file fails before sampling."""
+        from wanrt.loading.tiny_vae import find_tiny_vae
+
+        self.tiny_vae_path = Path(path) if path is not None else find_tiny_vae(self._require_files().root,
+                                                                              self.task.vae)
+        self.tiny_vae  # noqa: B018 (loads and checks the file)
+
+    def decode_record(self) -> dict:
+        """What decoded the video, for the sidecar."""
+        if self.tiny_vae_path is not None:
+            return {"vae": "tiny", "file": str(self.tiny_vae_path)}
+        tiling = dataclasses.asdict(self.vae_tiling) if self.vae_tiling is not None else None
+        return {"vae": "full", "tiling": tiling}
 
     def plan_run(self, request: GenerationRequest | ResolvedRequest) -> MemoryPlan | None:
         """Plan the run within the memory budget before anything loads, refusing one that
@@ -556,7 +631,10 @@ class Pipeline:
         self.plan = require_fit(make_plan(
             self.task, request.size, request.frame_num, self.precision, self.memory.vram_gib,
             self.memory.ram_gib, image=request.image is not None,
-            t5_cpu=self.text_device.type == "cpu"))
+            t5_cpu=self.text_device.type == "cpu", quantize_at_load=self.quantized_files is None,
+            steps=request.steps))
+        self.ram_mode = RamMode(self.plan.ram_mode)
+        self.vae_tiling = self.plan.vae_tiling
         if self.plan.streaming and self.streaming is None:
             self.streaming = StreamingConfig(self.plan.resident_blocks, self.plan.prefetch_depth,
                                              self.plan.pinned_bytes)

@@ -106,6 +106,7 @@ class BlockStreamer:
         self._blocks: dict[tuple[Hashable, int], _StreamedBlock] = {}
         self._resident: dict[Hashable, list[nn.Module]] = {}
         self._resident_tensors: dict[Hashable, list[Tensor]] = {}
+        self._hooks: dict[Hashable, list[torch.utils.hooks.RemovableHandle]] = {}
         self._slots: list[Tensor] = []
         self._slot_free: list[torch.cuda.Event | None] = []
         self._loaded: dict[tuple[Hashable, int], int] = {}       # block -> slot holding it
@@ -129,10 +130,24 @@ class BlockStreamer:
             layout, nbytes = block_layout(block)
             streamed = _StreamedBlock((key, index), block, layout, nbytes, self._pin_next(nbytes))
             self._blocks[streamed.key] = streamed
-            block.register_forward_pre_hook(lambda _m, _a, k=streamed.key: self._before(k))
-            block.register_forward_hook(lambda _m, _a, _o, k=streamed.key: self._after(k))
+            self._hooks.setdefault(key, []).extend([
+                block.register_forward_pre_hook(lambda _m, _a, k=streamed.key: self._before(k)),
+                block.register_forward_hook(lambda _m, _a, _o, k=streamed.key: self._after(k))])
         if self._slots and self.slot_bytes < max(b.nbytes for b in self._blocks.values()):
             self.release()
+
+    def unregister(self, key: Hashable) -> None:
+        """Forget model `key` (an expert whose phase is over): its host block buffers, pinned
+        ones included, are no longer referenced from here, so dropping the model frees them."""
+        self.release()
+        for handle in self._hooks.pop(key, []):
+            handle.remove()
+        for block_key in [k for k in self._blocks if k[0] == key]:
+            block = self._blocks.pop(block_key)
+            if block.pinned:
+                self.pinned_bytes -= block.nbytes
+        self._resident.pop(key, None)
+        self._resident_tensors.pop(key, None)
 
     def move_resident(self, key: Hashable, device: torch.device | str) -> None:
         """Move what of model `key` is not streamed: its small modules and resident blocks

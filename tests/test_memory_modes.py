@@ -1,0 +1,111 @@
+"""Issue 17 in the pipeline: one A14B expert in host RAM at a time (freed at the boundary,
+identical latents), the planner's VAE tiling as the pipeline's decode/encode, and the tiny
+preview VAE through `wanrt generate --vae tiny` (recorded in the sidecar)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+from test_tiny_vae import published_state
+from typer.testing import CliRunner
+
+from wanrt.cli.app import app
+from wanrt.loading.checkpoint import Expert
+from wanrt.pipelines import GenerationRequest, Pipeline, TextEmbeddings
+from wanrt.pipelines.core import StreamingConfig
+from wanrt.runtime.planner import RamMode
+from wanrt.runtime.vae_tiling import VAETiling
+
+REQUEST = GenerationRequest(prompt="", size="64*64", frame_num=1, steps=6, seed=3)
+
+
+def _embeddings() -> TextEmbeddings:
+    generator = torch.Generator().manual_seed(5)
+    return TextEmbeddings(torch.randn(7, 32, generator=generator), torch.randn(11, 32, generator=generator))
+
+
+def _held_bytes(pipeline: Pipeline) -> dict[Expert, int]:
+    """Bytes of distinct storages behind each expert the pipeline still holds (the streamer's
+    host block buffers included)."""
+    held = {}
+    for expert, model in pipeline._experts.items():
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in [*model.parameters(), *model.buffers()]}
+        if pipeline._streamer is not None:
+            storages.update({b.host.untyped_storage().data_ptr(): b.host.untyped_storage().nbytes()
+                             for key, b in pipeline._streamer._blocks.items() if key[0] is expert})
+        held[expert] = sum(storages.values())
+    return held
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_one_expert_at_a_time_frees_the_high_noise_expert_and_keeps_the_latents(checkpoints, streamed):
+    reference = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
+    expected = reference.sample(REQUEST, embeddings=_embeddings())
+
+    pipeline = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
+    pipeline.ram_mode = RamMode.ONE_EXPERT
+    if streamed:
+        pipeline.streaming = StreamingConfig(resident_blocks=1, depth=1)
+    seen: list[tuple[Expert, dict[Expert, int]]] = []
+    high_noise: list[weakref.ref] = []
+
+    def on_step(info) -> None:
+        if info.expert is Expert.HIGH_NOISE and not high_noise:
+            model = pipeline._experts[Expert.HIGH_NOISE]
+            high_noise.extend([weakref.ref(model), weakref.ref(next(model.parameters()))])
+        gc.collect()
+        seen.append((info.expert, _held_bytes(pipeline)))
+    latents = pipeline.sample(REQUEST, embeddings=_embeddings(), on_step=on_step)
+
+    assert torch.equal(latents, expected)
+    assert [e for e, _ in seen].count(Expert.HIGH_NOISE) and [e for e, _ in seen].count(Expert.LOW_NOISE)
+    expert_bytes = max(next(iter(held.values())) for _, held in seen)
+    for expert, held in seen:
+        # Only the running expert is held, never both.
+        assert list(held) == [expert] and held[expert] == expert_bytes
+    # After the boundary the high-noise model and its weights are gone, not just unreferenced here.
+    assert all(ref() is None for ref in high_noise)
+    if streamed:
+        assert all(key[0] is Expert.LOW_NOISE for key in pipeline._streamer._blocks)
+
+
+def test_one_expert_mode_frees_t5_after_encoding(checkpoints):
+    pipeline = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
+    pipeline.ram_mode = RamMode.ONE_EXPERT
+    pipeline.encode_text("a cat", "blurry")
+    assert pipeline._text_encoder is None
+
+
+def test_the_pipeline_decodes_and_encodes_through_the_plans_tiling(checkpoints):
+    pipeline = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
+    latents = torch.randn(16, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    whole = pipeline.decode(latents)
+    pipeline.vae_tiling = VAETiling(8, 8, 0)  # one tile covering the frame
+    assert torch.equal(pipeline.decode(latents), whole)
+    pipeline.vae_tiling = VAETiling(6, 6, 4)
+    tiled = pipeline.decode(latents)
+    assert tiled.shape == whole.shape and not torch.equal(tiled, whole)
+    assert pipeline.decode_record() == {"vae": "full", "tiling": {"tile_height": 6, "tile_width": 6, "overlap": 4}}
+
+
+def test_generate_with_the_tiny_vae_says_so_in_the_sidecar(checkpoints, tmp_path, cache_dir):
+    tiny = tmp_path / "taew2_1.pth"
+    torch.save(published_state(16, 1), tiny)
+    out = tmp_path / "v.mp4"
+    result = CliRunner().invoke(app, [
+        "generate", "--task", "tiny-t2v", "--ckpt-dir", str(checkpoints["tiny-t2v"]), "--prompt", "a dog",
+        "--steps", "2", "--seed", "1", "--frame-num", "5", "--no-embedding-cache", "--vae", "tiny",
+        "--tiny-vae", str(tiny), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["decode"] == {"vae": "tiny", "file": str(tiny)}
+    assert sidecar["video"]["frames"] == 5
+    missing = CliRunner().invoke(app, [
+        "generate", "--task", "tiny-t2v", "--ckpt-dir", str(checkpoints["tiny-t2v"]), "--prompt", "a dog",
+        "--vae", "tiny", "--output", str(tmp_path / "w.mp4")])
+    assert missing.exit_code == 2 and "no taew2_1.pth in" in missing.stderr
