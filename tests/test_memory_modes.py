@@ -109,3 +109,24 @@ def test_generate_with_the_tiny_vae_says_so_in_the_sidecar(checkpoints, tmp_path
         "generate", "--task", "tiny-t2v", "--ckpt-dir", str(checkpoints["tiny-t2v"]), "--prompt", "a dog",
         "--vae", "tiny", "--output", str(tmp_path / "w.mp4")])
     assert missing.exit_code == 2 and "no taew2_1.pth in" in missing.stderr
+
+
+def test_stream_file_reads_streamed_blocks_from_the_checkpoint_and_keeps_the_latents(checkpoints):
+    reference = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
+    expected = reference.sample(REQUEST, embeddings=_embeddings())
+    pipeline = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
+    pipeline.ram_mode = RamMode.STREAM_FILE
+    pipeline.streaming = StreamingConfig(resident_blocks=1, depth=1)
+    seen = []
+
+    def on_step(info) -> None:
+        model = pipeline._experts[info.expert]
+        # Between turns the streamed block holds no weights at all; the resident one does.
+        seen.append((all(p.untyped_storage().nbytes() <= p.element_size() for p in model.blocks[1].parameters()),
+                     not any(p.is_meta for p in model.blocks[0].parameters()), list(pipeline._experts)))
+    latents = pipeline.sample(REQUEST, embeddings=_embeddings(), on_step=on_step)
+    assert torch.equal(latents, expected)
+    assert all(streamed_empty and resident_loaded and len(held) == 1 for streamed_empty, resident_loaded, held in seen)
+    block_bytes = sum(p.numel() * p.element_size() for p in reference._experts[Expert.LOW_NOISE].blocks[1].parameters())
+    # Every forward (2 per step, CFG) read the streamed block from the file.
+    assert pipeline._streamer._reader.bytes_read == 2 * REQUEST.steps * block_bytes

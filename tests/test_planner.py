@@ -86,7 +86,7 @@ def test_impossible_plan_is_refused_with_a_remedy_that_fits():
     fixed = make_plan(get_task("t2v-A14B"), "1280*720", 21, "bf16", vram_gib=8, ram_gib=64)
     assert fixed.fits
     # Lower precision is tried first where it helps.
-    assert make_plan(get_task("t2v-A14B"), "832*480", 81, "bf16", vram_gib=24, ram_gib=24).remedy.startswith(
+    assert make_plan(get_task("t2v-A14B"), "832*480", 81, "bf16", vram_gib=24, ram_gib=24, ram_mode="one-expert").remedy.startswith(
         "--precision fp8")
 
 

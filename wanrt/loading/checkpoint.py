@@ -29,7 +29,7 @@ from wanrt.errors import CheckpointError, ConfigError
 from wanrt.loading import diffusers_dit
 from wanrt.loading.files import (TensorInfo, iter_safetensors, load_pth, read_safetensors_header,
                                  require_file, safetensors_shards)
-from wanrt.loading.state import assign_tensors, check_state_keys
+from wanrt.loading.state import assign_tensors, cast_for_model, check_state_keys
 from wanrt.models.dit import WanDiT
 
 
@@ -131,9 +131,38 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
-def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype | None = None) -> WanDiT:
-    """Load one DiT (expert) folder of either layout; `expect` is the task's architecture."""
-    folder = Path(folder)
+def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype | None = None,
+             leave_in_file: Callable[[str], bool] | None = None) -> WanDiT:
+    """Load one DiT (expert) folder of either layout; `expect` is the task's architecture.
+
+    Parameters named by `leave_in_file` are not read: they stay on the meta device with the
+    dtype they would be loaded in, for a streamer that reads them from the file itself (`dit_tensor_infos`)."""
+    config, shards, rename = _dit_source(Path(folder), expect)
+    infos = _renamed_headers(shards, rename)
+    config = complete_dit_config(config, infos, expect, str(folder))
+    with torch.device("meta"):
+        model = WanDiT(config)
+    check_state_keys(model, infos, str(folder))
+    if leave_in_file is None:
+        return assign_tensors(model, _renamed_chunks(shards, rename), dtype)
+    keep_fp32 = tuple(model.keep_in_fp32)
+    for key in filter(leave_in_file, infos):
+        module_name, _, name = key.rpartition(".")
+        getattr(model.get_submodule(module_name), name).data = cast_for_model(
+            key, torch.empty(infos[key].shape, dtype=infos[key].dtype, device="meta"), dtype, keep_fp32)
+    chunks = ({key: t for key, t in chunk.items() if not leave_in_file(key)}
+              for chunk in _renamed_chunks(shards, rename))
+    return assign_tensors(model, chunks, dtype, left_on_meta=leave_in_file)
+
+
+def dit_tensor_infos(folder: Path, expect: DiTConfig | None = None) -> dict[str, TensorInfo]:
+    """Official parameter name -> shape, dtype, file and byte offset of a DiT folder's tensors."""
+    _, shards, rename = _dit_source(Path(folder), expect)
+    return _renamed_headers(shards, rename)
+
+
+def _dit_source(folder: Path, expect: DiTConfig | None) -> tuple[DiTConfig, list[Path], Callable[[str], str]]:
+    """A DiT folder's declared config, its safetensors shards and its key map to official names."""
     config_path = folder / "config.json"
     raw = _read_json(config_path, "DiT config.json")
     if raw.get("_class_name") == "WanTransformer3DModel":
@@ -146,13 +175,7 @@ def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype |
             config = DiTConfig.from_official_json(raw, str(config_path))
         except ConfigError as exc:
             raise CheckpointError(str(exc)) from None
-    shards = safetensors_shards(folder, "diffusion_pytorch_model")
-    infos = _renamed_headers(shards, rename)
-    config = complete_dit_config(config, infos, expect, str(folder))
-    with torch.device("meta"):
-        model = WanDiT(config)
-    check_state_keys(model, infos, str(folder))
-    return assign_tensors(model, _renamed_chunks(shards, rename), dtype)
+    return config, safetensors_shards(folder, "diffusion_pytorch_model"), rename
 
 
 def _load_state(path: Path, stem: str, to_official: Callable[[dict[str, Tensor]], dict[str, Tensor]]

@@ -8,6 +8,7 @@ as such instead of surfacing as a deep parse error.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import struct
 import zipfile
@@ -50,6 +51,13 @@ def require_file(path: Path, what: str) -> Path:
 class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
+    # Where the bytes are (safetensors headers): the file and the absolute offset of the data.
+    path: Path | None = None
+    offset: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -74,7 +82,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             f"{path}: truncated safetensors file ({size} of {8 + header_len + data_end} bytes); "
             "download it again")
     try:
-        return {key: TensorInfo(tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]])
+        return {key: TensorInfo(tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]], path,
+                                8 + header_len + entry["data_offsets"][0])
                 for key, entry in header.items()}
     except KeyError as exc:
         raise CheckpointError(f"{path}: unsupported safetensors dtype {exc}") from None

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from wanrt.configs import SIZES, ModelType, TaskSpec, get_task, parse_size
 from wanrt.errors import CheckpointError, ConfigError, InputError, parse_choice
-from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
-                                      load_t5, load_vae, locate_checkpoint)
+from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, dit_tensor_infos,
+                                      load_dit, load_t5, load_vae, locate_checkpoint)
 from wanrt.models.dit import WanDiT
 from wanrt.pipelines.core import (Guidance, MemoryBudget, StepInfo, StreamingConfig, TextEmbeddings,
                                   noise_for, run_steps)
@@ -316,10 +316,14 @@ class Pipeline:
             model = self._timed_load(f"dit_{expert.value}", lambda: load_quantized(folder, expect_config=self.task.dit))
             self.quant_summaries[expert.value] = model.quant_report.summary()
             self._experts[expert] = model
+        file_tensors = None
         if expert not in self._experts:
             folder = self._require_files().dit_dirs[expert]
+            leave_in_file = self._blocks_left_in_file()
             model = self._timed_load(f"dit_{expert.value}", lambda: load_dit(
-                folder, expect=self.task.dit, dtype=self.dit_dtype))
+                folder, expect=self.task.dit, dtype=self.dit_dtype, leave_in_file=leave_in_file))
+            if leave_in_file is not None:
+                file_tensors = dit_tensor_infos(folder, expect=self.task.dit)
             check_dit_matches_vae(model.config, self.task.vae, str(folder))
             if self.precision != Precision.BF16.value:
                 from wanrt.export.quantize import quantize
@@ -332,12 +336,23 @@ class Pipeline:
                 self._streamer = BlockStreamer(self.device, depth=self.streaming.depth,
                                                pin_limit_bytes=self.streaming.pin_limit_bytes)
             self._streamer.register(expert, self._experts[expert],
-                                    resident_blocks=self.streaming.resident_blocks)
+                                    resident_blocks=self.streaming.resident_blocks, file_tensors=file_tensors)
             self._streamed_experts.add(expert)
         if expert not in self._runners:
             model = self._experts[expert]
             self._runners[expert] = model if self.wrap_expert is None else self.wrap_expert(expert, model)
         return self._experts[expert]
+
+    def _blocks_left_in_file(self) -> Callable[[str], bool] | None:
+        """RAM mode stream-file: the streamed blocks' parameter names, which are read from the
+        checkpoint on every turn instead of being loaded."""
+        if self.ram_mode is not RamMode.STREAM_FILE:
+            return None
+        if self.streaming is None or self.precision != Precision.BF16.value or self.quantized_files is not None:
+            raise InputError("--ram-mode stream-file streams bf16 blocks from the checkpoint: it needs block "
+                             "streaming (a memory plan) and no --precision/--quantized")
+        resident = self.streaming.resident_blocks
+        return lambda key: key.startswith("blocks.") and int(key.split(".")[1]) >= resident
 
     def _place(self, expert: Expert, device: torch.device | str) -> None:
         """Move what of `expert` is not streamed (all of it without streaming)."""
@@ -409,7 +424,7 @@ class Pipeline:
         if self.text_device.type == "cuda":
             encoder.encoder.to("cpu")
             torch.cuda.empty_cache()
-        if self.ram_mode is RamMode.ONE_EXPERT:
+        if self.ram_mode is not RamMode.BOTH:
             self._text_encoder = None
         return TextEmbeddings(cond.float().cpu(), uncond.float().cpu())
 
@@ -509,7 +524,7 @@ class Pipeline:
         the scheduler it is given; its step counter is set from `state.step`."""
         steps = self.schedule(state, stop)
         phases = list(dict.fromkeys(expert for _, expert in steps))
-        if self.ram_mode is RamMode.ONE_EXPERT and phases:
+        if self.ram_mode is not RamMode.BOTH and phases:
             self._enter_phase(phases[0], steps)
         else:
             for expert in phases:
@@ -520,7 +535,7 @@ class Pipeline:
         conditioning = state.conditioning
 
         def predict(t: int, expert: Expert, latents: Tensor) -> tuple[Tensor, float]:
-            if self.ram_mode is RamMode.ONE_EXPERT and expert not in self._experts:
+            if self.ram_mode is not RamMode.BOTH and expert not in self._experts:
                 self._enter_phase(expert, [step for step in steps if step[1] is expert])
             self.dit(expert)
             scale = state.request.guide_scale[0 if expert is Expert.LOW_NOISE else 1]

@@ -147,6 +147,8 @@ class RamMode(str, Enum):
     BOTH = "both"               # both experts (and T5) held for the whole run
     ONE_EXPERT = "one-expert"   # T5 freed after encoding; the high-noise expert freed at the
     #                             boundary, then the low-noise one read from the checkpoint
+    STREAM_FILE = "stream-file"  # as one-expert, but streamed blocks are read from the
+    #                              checkpoint file for every forward, never held
 
 
 @dataclass(frozen=True)
@@ -258,13 +260,15 @@ def choose_vae_tiling(vae: VAEConfig, latent_hw: tuple[int, int], vram: int) -> 
 
 def predicted_seconds(task: TaskSpec, tokens: int, steps: int, per_forward_copy: int,
                       loaded_at_boundary: int, frames: int, pixels: int, tiled_pixels: int,
-                      per_token_time: bool) -> dict[str, float]:
+                      per_token_time: bool, copy_bytes_per_s: float = H100_PINNED_COPY_BYTES_PER_S
+                      ) -> dict[str, float]:
     """H100 seconds from the measured coefficients: a streamed forward takes the longer of
-    its compute and its copies; the decode scales with the pixels the tiles cover."""
+    its compute and its copies (from pinned RAM, or from disk in stream-file mode); the
+    decode scales with the pixels the tiles cover."""
     from wanrt.bench.flops import dit_forward_flops
 
     compute = dit_forward_flops(task.dit, tokens, per_token_time).total / H100_DIT_FLOPS
-    forward = max(compute, per_forward_copy / H100_PINNED_COPY_BYTES_PER_S)
+    forward = max(compute, per_forward_copy / copy_bytes_per_s)
     decode = H100_VAE_DECODE_SECONDS_PER_PIXEL[task.vae.version] * frames * tiled_pixels
     return {"sampling": round(2 * steps * forward, 1),
             "loading": round(loaded_at_boundary / ASSUMED_DISK_BYTES_PER_S, 1),
@@ -276,7 +280,7 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
               t5_cpu: bool | None = None, ram_mode: RamMode | str | None = None,
               quantize_at_load: bool = False, steps: int | None = None,
               search_remedy: bool = True) -> MemoryPlan:
-    """Plan a run. `ram_mode` None picks BOTH when it fits the host, else ONE_EXPERT.
+    """Plan a run. `ram_mode` None picks the first of BOTH, ONE_EXPERT, STREAM_FILE that fits.
     `quantize_at_load`: fp8/int8 experts are quantized from the bf16 checkpoint while loading
     (one bf16 expert passes through host RAM), rather than read from a `wanrt quantize` folder.
     A plan that does not fit carries, in `remedy`, the first change found that fits."""
@@ -324,22 +328,31 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
     # Quantizing at load time holds the bf16 expert until its blocks are quantized.
     loading_expert = bf16.total if quantize_at_load and precision is not Precision.BF16 else expert_bytes
 
+    per_forward = streamed * weights.block + (extra_high if streamed else 0)
+    # Reading blocks from the file needs them stored as they run (bf16) and streamed at all.
+    file_streaming_possible = streamed > 0 and precision is Precision.BF16
+
     def host_peak(mode: RamMode) -> tuple[int, int]:
         """(weights held while sampling, peak host bytes over the run's phases)."""
         if mode is RamMode.BOTH:
             held = experts * expert_bytes + vae_bytes + T5_BYTES_BF16
             loading = (experts - 1) * expert_bytes + loading_expert + T5_BYTES_BF16
-        else:
+        elif mode is RamMode.ONE_EXPERT:
             held = expert_bytes + vae_bytes
             loading = loading_expert + vae_bytes
+        else:  # only the resident part and the pinned staging buffers, one per slot
+            held = loading = expert_bytes - per_forward + slots + vae_bytes
         return held, max(held, loading, T5_BYTES_BF16) + HOST_RESERVE
+    modes = [RamMode.BOTH, RamMode.ONE_EXPERT] + ([RamMode.STREAM_FILE] if file_streaming_possible else [])
     explicit_ram_mode = ram_mode is not None
     if ram_mode is None:
-        ram_mode = RamMode.BOTH if host_peak(RamMode.BOTH)[1] <= ram or not task.is_moe else RamMode.ONE_EXPERT
+        ram_mode = next((mode for mode in modes if host_peak(mode)[1] <= ram), modes[-1])
     ram_mode = RamMode(ram_mode)
+    if ram_mode not in modes:
+        raise InputError(f"--ram-mode {ram_mode.value} reads bf16 blocks from the checkpoint: it needs "
+                         "--precision bf16 and a plan that streams blocks")
     host_weights, peak_host = host_peak(ram_mode)
-    per_forward = streamed * weights.block + (extra_high if streamed else 0)
-    streamed_bytes = (experts if ram_mode is RamMode.BOTH else 1) * per_forward
+    streamed_bytes = (experts if ram_mode is RamMode.BOTH else 1) * per_forward if ram_mode is not RamMode.STREAM_FILE else 0
     pinned = min(streamed_bytes, int(MAX_PINNED_FRACTION * ram))
     if streamed and pinned < streamed_bytes:
         notes.append(f"partial pinning: {pinned / GIB:.1f} of {streamed_bytes / GIB:.1f} GiB of streamed "
@@ -348,16 +361,27 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
     if streamed:
         notes.append("streamed bytes per step are hidden behind compute when PCIe delivers "
                      f"{bytes_per_step / GIB:.1f} GiB within one step's compute")
-    loaded_at_boundary = expert_bytes if ram_mode is RamMode.ONE_EXPERT and task.is_moe else 0
-    if loaded_at_boundary:
+    from_file = ram_mode is RamMode.STREAM_FILE
+    loaded_at_boundary = (expert_bytes - per_forward if from_file else expert_bytes) if (
+        ram_mode is not RamMode.BOTH and task.is_moe) else 0
+    if from_file:
+        pinned_rate = predicted_seconds(task, tokens, steps, per_forward, 0, frames, 0, 0, per_token_time)
+        disk_rate = predicted_seconds(task, tokens, steps, per_forward, 0, frames, 0, 0, per_token_time,
+                                      copy_bytes_per_s=ASSUMED_DISK_BYTES_PER_S)
+        notes.append(f"stream-file: {per_forward / GIB:.1f} GiB of blocks read from the checkpoint every forward; "
+                     f"sampling ~{disk_rate['sampling']:.0f} s instead of ~{pinned_rate['sampling']:.0f} s from RAM "
+                     f"({disk_rate['sampling'] / max(pinned_rate['sampling'], 1e-9):.1f}x slower at an assumed "
+                     f"{ASSUMED_DISK_BYTES_PER_S / 1e9:.0f} GB/s disk)")
+    elif loaded_at_boundary:
         notes.append(f"one expert in host RAM at a time: the low-noise expert ({expert_bytes / GIB:.1f} GiB) is "
                      f"read at the MoE boundary, ~{loaded_at_boundary / ASSUMED_DISK_BYTES_PER_S:.0f} s at an "
                      f"assumed {ASSUMED_DISK_BYTES_PER_S / 1e9:.0f} GB/s disk")
     if quantize_at_load and precision is not Precision.BF16:
         notes.append(f"quantizing at load holds a bf16 expert ({bf16.total / GIB:.1f} GiB) in host RAM while "
                      "it loads; a `wanrt quantize` folder (--quantized) avoids it")
-    seconds = predicted_seconds(task, tokens, steps, per_forward, loaded_at_boundary, frames,
-                                height * width, tiled_pixels, per_token_time)
+    seconds = predicted_seconds(task, tokens, steps, per_forward, loaded_at_boundary, frames, height * width,
+                                tiled_pixels, per_token_time,
+                                copy_bytes_per_s=ASSUMED_DISK_BYTES_PER_S if from_file else H100_PINNED_COPY_BYTES_PER_S)
 
     problems = []
     if peak_sampling > vram:
@@ -414,6 +438,8 @@ def find_remedy(task: TaskSpec, vram_gib: float, ram_gib: float, run: dict) -> s
         candidates.append(("experts from `wanrt quantize` (--quantized)", {"quantize_at_load": False}))
     if run["ram_mode"] is RamMode.BOTH:
         candidates.append((f"--ram-mode {RamMode.ONE_EXPERT.value}", {"ram_mode": RamMode.ONE_EXPERT}))
+    if run["ram_mode"] in (RamMode.BOTH, RamMode.ONE_EXPERT) and run["precision"] is Precision.BF16:
+        candidates.append((f"--ram-mode {RamMode.STREAM_FILE.value}", {"ram_mode": RamMode.STREAM_FILE}))
     if not run["t5_cpu"]:
         candidates.append(("--t5-cpu", {"t5_cpu": True}))
     frames = run["frames"]
