@@ -10,14 +10,17 @@ import weakref
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_tiny_vae import published_state
 from typer.testing import CliRunner
 
 from wanrt.cli.app import app
+from wanrt.cli.preview import RuntimeOptions
 from wanrt.loading.checkpoint import Expert
+from wanrt.loading.tiny_vae import VAEKind
 from wanrt.pipelines import GenerationRequest, Pipeline, TextEmbeddings
 from wanrt.pipelines.core import StreamingConfig
-from wanrt.runtime.planner import RamMode
+from wanrt.runtime.planner import Precision, RamMode
 from wanrt.runtime.vae_tiling import VAETiling
 
 REQUEST = GenerationRequest(prompt="", size="64*64", frame_num=1, steps=6, seed=3)
@@ -26,6 +29,13 @@ REQUEST = GenerationRequest(prompt="", size="64*64", frame_num=1, steps=6, seed=
 def _embeddings() -> TextEmbeddings:
     generator = torch.Generator().manual_seed(5)
     return TextEmbeddings(torch.randn(7, 32, generator=generator), torch.randn(11, 32, generator=generator))
+
+
+@pytest.fixture(scope="module")
+def reference_latents(checkpoints) -> torch.Tensor:
+    """Both experts held for the whole run: what every RAM mode must reproduce exactly."""
+    return Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu").sample(
+        REQUEST, embeddings=_embeddings())
 
 
 def _held_bytes(pipeline: Pipeline) -> dict[Expert, int]:
@@ -43,10 +53,8 @@ def _held_bytes(pipeline: Pipeline) -> dict[Expert, int]:
 
 
 @pytest.mark.parametrize("streamed", [False, True])
-def test_one_expert_at_a_time_frees_the_high_noise_expert_and_keeps_the_latents(checkpoints, streamed):
-    reference = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
-    expected = reference.sample(REQUEST, embeddings=_embeddings())
-
+def test_one_expert_at_a_time_frees_the_high_noise_expert_and_keeps_the_latents(checkpoints, reference_latents,
+                                                                                  streamed):
     pipeline = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
     pipeline.ram_mode = RamMode.ONE_EXPERT
     if streamed:
@@ -62,7 +70,7 @@ def test_one_expert_at_a_time_frees_the_high_noise_expert_and_keeps_the_latents(
         seen.append((info.expert, _held_bytes(pipeline)))
     latents = pipeline.sample(REQUEST, embeddings=_embeddings(), on_step=on_step)
 
-    assert torch.equal(latents, expected)
+    assert torch.equal(latents, reference_latents)
     assert [e for e, _ in seen].count(Expert.HIGH_NOISE) and [e for e, _ in seen].count(Expert.LOW_NOISE)
     expert_bytes = max(next(iter(held.values())) for _, held in seen)
     for expert, held in seen:
@@ -81,16 +89,16 @@ def test_one_expert_mode_frees_t5_after_encoding(checkpoints):
     assert pipeline._text_encoder is None
 
 
-def test_the_pipeline_decodes_and_encodes_through_the_plans_tiling(checkpoints):
+def test_the_pipeline_decodes_through_the_plans_tiling(checkpoints):
     pipeline = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
-    latents = torch.randn(16, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    latents = torch.randn(16, 2, 6, 6, generator=torch.Generator().manual_seed(2))
     whole = pipeline.decode(latents)
-    pipeline.vae_tiling = VAETiling(8, 8, 0)  # one tile covering the frame
+    pipeline.vae_tiling = VAETiling(6, 6, 0)  # one tile covering the frame
     assert torch.equal(pipeline.decode(latents), whole)
-    pipeline.vae_tiling = VAETiling(6, 6, 4)
+    pipeline.vae_tiling = VAETiling(4, 4, 2)
     tiled = pipeline.decode(latents)
     assert tiled.shape == whole.shape and not torch.equal(tiled, whole)
-    assert pipeline.decode_record() == {"vae": "full", "tiling": {"tile_height": 6, "tile_width": 6, "overlap": 4}}
+    assert pipeline.decode_record() == {"vae": "full", "tiling": {"tile_height": 4, "tile_width": 4, "overlap": 2}}
 
 
 def test_generate_with_the_tiny_vae_says_so_in_the_sidecar(checkpoints, tmp_path, cache_dir):
@@ -111,9 +119,8 @@ def test_generate_with_the_tiny_vae_says_so_in_the_sidecar(checkpoints, tmp_path
     assert missing.exit_code == 2 and "no taew2_1.pth in" in missing.stderr
 
 
-def test_stream_file_reads_streamed_blocks_from_the_checkpoint_and_keeps_the_latents(checkpoints):
-    reference = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
-    expected = reference.sample(REQUEST, embeddings=_embeddings())
+def test_stream_file_reads_streamed_blocks_from_the_checkpoint_and_keeps_the_latents(checkpoints,
+                                                                                     reference_latents):
     pipeline = Pipeline.from_pretrained(checkpoints["tiny-t2v"], "tiny-t2v", device="cpu")
     pipeline.ram_mode = RamMode.STREAM_FILE
     pipeline.streaming = StreamingConfig(resident_blocks=1, depth=1)
@@ -125,8 +132,18 @@ def test_stream_file_reads_streamed_blocks_from_the_checkpoint_and_keeps_the_lat
         seen.append((all(p.untyped_storage().nbytes() <= p.element_size() for p in model.blocks[1].parameters()),
                      not any(p.is_meta for p in model.blocks[0].parameters()), list(pipeline._experts)))
     latents = pipeline.sample(REQUEST, embeddings=_embeddings(), on_step=on_step)
-    assert torch.equal(latents, expected)
+    assert torch.equal(latents, reference_latents)
     assert all(streamed_empty and resident_loaded and len(held) == 1 for streamed_empty, resident_loaded, held in seen)
-    block_bytes = sum(p.numel() * p.element_size() for p in reference._experts[Expert.LOW_NOISE].blocks[1].parameters())
+    block_bytes = sum(p.numel() * p.element_size() for p in pipeline._experts[Expert.LOW_NOISE].blocks[1].parameters())
     # Every forward (2 per step, CFG) read the streamed block from the file.
     assert pipeline._streamer._reader.bytes_read == 2 * REQUEST.steps * block_bytes
+
+
+def test_preview_runtime_options_load_the_tiny_vae(checkpoints, tmp_path):
+    tiny = tmp_path / "taew2_1.safetensors"
+    save_file(published_state(16, 1), str(tiny))
+    options = RuntimeOptions("cpu", None, False, None, None, Precision.BF16, VAEKind.TINY, tiny)
+    pipeline = options.load_pipeline(checkpoints["tiny-t2v"], "tiny-t2v")
+    assert pipeline.decode_record() == {"vae": "tiny", "file": str(tiny)}
+    video = pipeline.decode(torch.randn(16, 2, 2, 2))
+    assert video.shape == (3, 5, 16, 16) and video.abs().max() <= 1

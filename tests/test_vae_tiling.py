@@ -6,7 +6,7 @@ pixels of overlap), measured max / mean abs error against the untiled VAE: decod
 [-1, 1] range Wan2.1 0.75 / 0.079, Wan2.2 0.88 / 0.106 (budget 0.95 / 0.12); encode
 (latents up to 1.6 / 3.9) Wan2.1 0.39 / 0.035, Wan2.2 0.77 / 0.071 (budget 0.8 / 0.08). Random weights are the
 worst case: the middle attention block sees the whole frame and nothing is spatially smooth;
-the error shrinks as the overlap grows, which the tests check.
+the error shrinks as the overlap grows (2 latent pixels of overlap: mean 0.127 / 0.163).
 """
 
 from __future__ import annotations
@@ -25,18 +25,15 @@ LATENT_HW = 8
 
 
 @pytest.fixture(scope="module", params=TINY)
-def vae(request):
+def case(request):
+    """A tiny VAE, its inputs, and its untiled outputs (computed once per VAE)."""
     config, file = TINY[request.param]
-    return load_vae(FIXTURES / "vae" / request.param / file, config)
-
-
-def _latent(vae) -> torch.Tensor:
-    return torch.randn(1, vae.config.z_dim, 2, LATENT_HW, LATENT_HW, generator=torch.Generator().manual_seed(1))
-
-
-def _video(vae) -> torch.Tensor:
-    side = LATENT_HW * vae.config.stride[1]
-    return torch.rand(1, 3, 5, side, side, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    vae = load_vae(FIXTURES / "vae" / request.param / file, config)
+    side = LATENT_HW * config.stride[1]
+    latent = torch.randn(1, config.z_dim, 2, LATENT_HW, LATENT_HW, generator=torch.Generator().manual_seed(1))
+    video = torch.rand(1, 3, 5, side, side, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        return vae, latent, video, vae.decode(latent), vae.encode(video)
 
 
 def test_tiles_cover_the_frame_with_equal_sizes():
@@ -49,39 +46,25 @@ def test_tiles_cover_the_frame_with_equal_sizes():
 
 
 @torch.no_grad()
-def test_one_tile_is_the_untiled_decode_and_encode_bit_for_bit(vae):
-    latent, video = _latent(vae), _video(vae)
-    whole = VAETiling(LATENT_HW, LATENT_HW, 0)
-    assert torch.equal(TiledVAE(vae, whole).decode(latent), vae.decode(latent))
-    assert torch.equal(TiledVAE(vae, whole).decode(latent, clamp=False), vae.decode(latent, clamp=False))
-    assert torch.equal(TiledVAE(vae, whole).encode(video), vae.encode(video))
-    # The chunks callers stream are the untiled ones too.
-    tiled_chunks = list(TiledVAE(vae, whole).iter_decode(latent))
-    assert [c.shape for c in tiled_chunks] == [c.shape for c in vae.iter_decode(latent)]
+def test_one_tile_is_the_untiled_decode_and_encode_bit_for_bit(case):
+    vae, latent, video, decoded, encoded = case
+    whole = TiledVAE(vae, VAETiling(LATENT_HW, LATENT_HW, 0))
+    chunks = list(whole.iter_decode(latent))
+    # The chunks callers stream have the untiled shapes: 1 frame, then 4 per latent frame.
+    assert [c.shape[2] for c in chunks] == [1, 4]
+    assert torch.equal(torch.cat(chunks, dim=2), decoded)
+    assert torch.equal(whole.encode(video), encoded)
 
 
 @torch.no_grad()
-def test_2x2_tiles_decode_within_budget_and_more_overlap_helps(vae):
-    latent = _latent(vae)
-    reference = vae.decode(latent)
-    errors = {}
-    # The last tile is shifted back to end at the frame edge, so (5, 2) overlaps by 2 and
-    # (6, 4) by 4 latent pixels.
-    for tile, overlap in ((5, 2), (6, 4)):
-        tiling = VAETiling(tile, tile, overlap)
-        assert tiling.count(LATENT_HW, LATENT_HW) == 4
-        tiled = TiledVAE(vae, tiling).decode(latent)
-        assert tiled.shape == reference.shape
-        errors[overlap] = (tiled - reference).abs()
-    assert errors[4].max() <= 0.95 and errors[4].mean() <= 0.12
-    assert errors[4].mean() < errors[2].mean()
-
-
-@torch.no_grad()
-def test_2x2_tiles_encode_within_budget(vae):
-    video = _video(vae)
-    reference = vae.encode(video)
-    tiled = TiledVAE(vae, VAETiling(6, 6, 4)).encode(video)
-    error = (tiled - reference).abs()
-    assert tiled.shape == reference.shape
-    assert error.max() <= 0.8 and error.mean() <= 0.08
+def test_2x2_tiles_within_budget(case):
+    vae, latent, video, decoded, encoded = case
+    # The last tile is shifted back to end at the frame edge: 6-pixel tiles overlap by 4.
+    tiled = TiledVAE(vae, VAETiling(6, 6, 4))
+    assert tiled.tiling.count(LATENT_HW, LATENT_HW) == 4
+    decode_error = (tiled.decode(latent) - decoded).abs()
+    encode_error = (tiled.encode(video) - encoded).abs()
+    assert decode_error.max() <= 0.95 and decode_error.mean() <= 0.12
+    assert encode_error.max() <= 0.8 and encode_error.mean() <= 0.08
+    # Not trivially equal: the tiles see less context than the whole frame.
+    assert decode_error.mean() > 1e-3

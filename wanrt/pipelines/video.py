@@ -260,7 +260,7 @@ class Pipeline:
         self.ram_mode = RamMode.BOTH
         # Spatial VAE tiles (set by the plan from the VRAM budget); None decodes whole frames.
         self.vae_tiling: VAETiling | None = None
-        # A TAEHV file (`wanrt.loading.tiny_vae`) to decode with instead of the VAE.
+        # The TAEHV file (`use_tiny_vae`) that decodes instead of the VAE, and the model.
         self.tiny_vae_path: Path | None = None
         self._tiny_vae = None
 
@@ -569,8 +569,7 @@ class Pipeline:
     def free_expert(self, expert: Expert) -> None:
         """Drop every reference this pipeline holds to `expert`'s weights."""
         if self._active_expert is expert:
-            self._place(expert, "cpu")
-            self._active_expert = None
+            self._active_expert = None  # its device tensors go with the model
         if self._streamer is not None and expert in self._streamed_experts:
             self._streamer.unregister(expert)
             self._streamed_experts.discard(expert)
@@ -598,7 +597,8 @@ class Pipeline:
         if not torch.isfinite(latents).all():
             raise NonFiniteLatentsError("the latents contain NaN/Inf; refusing to decode")
         self.offload_dit()
-        decoder = self.tiny_vae if self.tiny_vae_path is not None else self.codec(output_device="cpu")
+        decoder = (self._tiny_vae.to(self.device) if self._tiny_vae is not None
+                   else self.codec(output_device="cpu"))
         with torch.no_grad():
             chunks = [frames.float().cpu() for frames in decoder.iter_decode(latents[None].to(self.device).float())]
         return torch.cat(chunks, dim=2)[0]
@@ -610,23 +610,15 @@ class Pipeline:
             return self.vae
         return TiledVAE(self.vae, self.vae_tiling, output_device or self.device)
 
-    @property
-    def tiny_vae(self):
-        if self._tiny_vae is None:
-            from wanrt.loading.tiny_vae import load_tiny_vae
-
-            self._tiny_vae = self._timed_load("tiny_vae", lambda: load_tiny_vae(
-                self.tiny_vae_path, self.task.vae, dtype=torch.float32))
-        return self._tiny_vae.to(self.device)
-
     def use_tiny_vae(self, path: Path | None = None) -> None:
         """Decode with the tiny VAE in `path` (default: the published file name inside the
         checkpoint folder), loaded now so a wrong file fails before sampling."""
-        from wanrt.loading.tiny_vae import find_tiny_vae
+        from wanrt.loading.tiny_vae import find_tiny_vae, load_tiny_vae
 
         self.tiny_vae_path = Path(path) if path is not None else find_tiny_vae(self._require_files().root,
                                                                               self.task.vae)
-        self.tiny_vae  # noqa: B018 (loads and checks the file)
+        self._tiny_vae = self._timed_load("tiny_vae", lambda: load_tiny_vae(
+            self.tiny_vae_path, self.task.vae, dtype=torch.float32))
 
     def decode_record(self) -> dict:
         """What decoded the video, for the sidecar."""

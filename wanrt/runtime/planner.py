@@ -24,6 +24,7 @@ stated as such in the plan.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -102,6 +103,7 @@ class ModelBytes:
         return self.block * self.num_blocks + self.other
 
 
+@functools.lru_cache(maxsize=None)  # the remedy search re-plans a run many times
 def dit_bytes(config: DiTConfig, precision: Precision) -> ModelBytes:
     """Exact weight bytes from the model built on `meta`: Linear weights in the blocks at
     `precision` (plus per-channel float32 scales when quantized); biases, norms and the
@@ -322,7 +324,8 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
                      f"would need {vae_decode_peak(task.vae, height * width) / GIB:.1f} GiB")
 
     # T5 on the GPU only when it fits beside nothing else (it is freed before sampling).
-    t5_on_gpu = (not t5_cpu) if t5_cpu is not None else (T5_BYTES_BF16 + VRAM_RESERVE + GIB < vram)
+    t5_vram = T5_BYTES_BF16 + VRAM_RESERVE + GIB
+    t5_on_gpu = (not t5_cpu) if t5_cpu is not None else t5_vram < vram
     expert_bytes = weights.total + 2 * extra_high
     vae_bytes = VAE_WEIGHT_BYTES[task.vae.version]
     # Quantizing at load time holds the bf16 expert until its blocks are quantized.
@@ -352,7 +355,9 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
         raise InputError(f"--ram-mode {ram_mode.value} reads bf16 blocks from the checkpoint: it needs "
                          "--precision bf16 and a plan that streams blocks")
     host_weights, peak_host = host_peak(ram_mode)
-    streamed_bytes = (experts if ram_mode is RamMode.BOTH else 1) * per_forward if ram_mode is not RamMode.STREAM_FILE else 0
+    from_file = ram_mode is RamMode.STREAM_FILE
+    # Host copies of streamed blocks to pin (stream-file has none: its staging is pinned).
+    streamed_bytes = 0 if from_file else (experts if ram_mode is RamMode.BOTH else 1) * per_forward
     pinned = min(streamed_bytes, int(MAX_PINNED_FRACTION * ram))
     if streamed and pinned < streamed_bytes:
         notes.append(f"partial pinning: {pinned / GIB:.1f} of {streamed_bytes / GIB:.1f} GiB of streamed "
@@ -361,7 +366,6 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
     if streamed:
         notes.append("streamed bytes per step are hidden behind compute when PCIe delivers "
                      f"{bytes_per_step / GIB:.1f} GiB within one step's compute")
-    from_file = ram_mode is RamMode.STREAM_FILE
     loaded_at_boundary = (expert_bytes - per_forward if from_file else expert_bytes) if (
         ram_mode is not RamMode.BOTH and task.is_moe) else 0
     if from_file:
@@ -389,8 +393,8 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
     if peak_decode > vram:
         problems.append(f"the VAE decode needs {peak_decode / GIB:.1f} GiB of VRAM even in "
                         f"{tiles} tiles")
-    if t5_on_gpu and T5_BYTES_BF16 + VRAM_RESERVE + GIB > vram:
-        problems.append(f"T5 on the GPU needs {(T5_BYTES_BF16 + VRAM_RESERVE + GIB) / GIB:.1f} GiB of VRAM")
+    if t5_on_gpu and t5_vram > vram:
+        problems.append(f"T5 on the GPU needs {t5_vram / GIB:.1f} GiB of VRAM")
     if peak_host > ram:
         problems.append(f"the run needs {peak_host / GIB:.1f} GiB of host RAM ({ram_mode.value})")
     fits = not problems
@@ -409,7 +413,8 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
     remedy = find_remedy(task, vram_gib, ram_gib, dict(
         size=size, frames=frames, precision=precision, image=image, t5_cpu=t5_on_gpu is False,
         ram_mode=ram_mode if explicit_ram_mode else None, quantize_at_load=quantize_at_load, steps=steps))
-    advice = f"try {remedy}" if remedy else "nothing tried fits this machine (precision, T5 placement, fewer frames, smaller size)"
+    advice = (f"try {remedy}" if remedy else
+              "nothing tried fits this machine (precision, RAM mode, T5 placement, fewer frames, smaller size)")
     return dataclasses.replace(plan, notes=(*plan.notes, f"{' / '.join(problems)}; {advice}"), remedy=remedy)
 
 
