@@ -75,7 +75,7 @@ def _corrupt_image(tmp_path: Path) -> Path:
 # (task, extra arguments built from tmp_path, the flag the error must name)
 VALIDATION_CASES: dict[str, tuple[str, Callable[[Path], list], str]] = {
     "frames-not-4n+1": ("tiny-t2v", lambda tmp: ["--frame-num", 8], "--frame-num"),
-    "unsupported-size": ("tiny-t2v", lambda tmp: ["--size", "1280*720"], "--size"),
+    "unsupported-size": ("tiny-t2v", lambda tmp: ["--size", "1280*700"], "--size"),
     "steps-zero": ("tiny-t2v", lambda tmp: ["--steps", 0], "--steps"),
     "unknown-solver": ("tiny-t2v", lambda tmp: ["--sample_solver", "heun"], "--solver"),
     "bad-guide-scale": ("tiny-t2v", lambda tmp: ["--guide-scale", "3,4,5"], "--guide-scale"),
