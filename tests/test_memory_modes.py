@@ -147,3 +147,15 @@ def test_preview_runtime_options_load_the_tiny_vae(checkpoints, tmp_path):
     assert pipeline.decode_record() == {"vae": "tiny", "file": str(tiny)}
     video = pipeline.decode(torch.randn(16, 2, 2, 2))
     assert video.shape == (3, 5, 16, 16) and video.abs().max() <= 1
+
+
+def test_i2v_conditioning_encodes_through_the_tiling(checkpoints):
+    pipeline = Pipeline.from_pretrained(checkpoints["tiny-i2v"], "tiny-i2v", device="cpu")
+    image = torch.rand(3, 48, 48, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    whole = pipeline._i2v_condition(image, 5, 6, 6)
+    pipeline.vae_tiling = VAETiling(6, 6, 0)
+    assert torch.equal(pipeline._i2v_condition(image, 5, 6, 6), whole)
+    pipeline.vae_tiling = VAETiling(4, 4, 2)
+    tiled = pipeline._i2v_condition(image, 5, 6, 6)
+    # The mask channels are exact; the encoded image differs only by the seams.
+    assert torch.equal(tiled[:, :4], whole[:, :4]) and not torch.equal(tiled, whole)
