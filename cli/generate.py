@@ -27,6 +27,7 @@ from wanrt.errors import InputError
 from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
                             generate_video, generation_task, parse_device)
 from wanrt.loading.component_files import ComponentFiles
+from wanrt.loading.tiny_vae import VAEKind
 from wanrt.lora import LoraExpert, LoraSpec
 from wanrt.pipelines import GenerationRequest, Pipeline
 from wanrt.prompt_extend import (PromptExtendMethod, PromptExtendOptions, PromptExtension, PromptExtensionCache,
@@ -44,6 +45,11 @@ class ComputeDtype(str, Enum):
 
 
 COMPUTE_DTYPES = {ComputeDtype.BF16: torch.bfloat16, ComputeDtype.FP32: torch.float32}
+
+VAEOption = Annotated[VAEKind, typer.Option(
+    "--vae", help="Decode with the model's VAE (full) or the tiny TAEHV preview VAE (tiny, much faster).")]
+TinyVAEOption = Annotated[Path | None, typer.Option(
+    "--tiny-vae", help="TAEHV file for --vae tiny (default: taew2_1.pth / taew2_2.pth in --ckpt-dir).")]
 # The official `str2bool` spellings.
 _TRUE_WORDS = ("yes", "true", "t", "y", "1")
 _FALSE_WORDS = ("no", "false", "f", "n", "0")
@@ -79,6 +85,13 @@ def parse_lora_options(both: list[str] | None, high: list[str] | None, low: list
     return [LoraSpec.parse(text, expert) for texts, expert in
             ((both, LoraExpert.BOTH), (high, LoraExpert.HIGH_NOISE), (low, LoraExpert.LOW_NOISE))
             for text in texts or ()]
+
+
+def parse_vae_option(value: str) -> tuple[VAEKind, Path | None]:
+    """`--vae`: `full`, `tiny`, or a VAE file (which decodes in full)."""
+    if value in (kind.value for kind in VAEKind):
+        return VAEKind(value), None
+    return VAEKind.FULL, Path(value)
 
 
 def parse_official_bool(text: str, flag: str) -> bool:
@@ -246,7 +259,6 @@ def generate_command(
     dit_high: Annotated[Path | None, typer.Option("--dit-high", help="Single-file high-noise expert (A14B).")]
     = None,
     dit_low: Annotated[Path | None, typer.Option("--dit-low", help="Single-file low-noise expert (A14B).")] = None,
-    vae_file: Annotated[Path | None, typer.Option("--vae", help="Single-file VAE (.safetensors or .pth).")] = None,
     t5_file: Annotated[Path | None, typer.Option(
         "--t5", help="Single-file umt5-xxl encoder (fp16/bf16 or fp8_e4m3fn_scaled safetensors, or .pth).")] = None,
     vram: Annotated[float | None, typer.Option(
@@ -322,6 +334,10 @@ def generate_command(
     checkpoint_minutes: Annotated[float, typer.Option(
         "--checkpoint-minutes", help="Save the sampling state this often (and at the MoE boundary), to --resume "
         "from.")] = DEFAULT_INTERVAL_S / 60,
+    vae: Annotated[str, typer.Option(
+        "--vae", help="full (the model's VAE), tiny (the TAEHV preview decoder, much faster; see --tiny-vae), "
+        "or a single-file VAE (.safetensors or .pth) in place of the checkpoint's.")] = VAEKind.FULL.value,
+    tiny_vae: TinyVAEOption = None,
 ) -> None:
     """Generate a video from a prompt (an image for i2v/ti2v; an image and speech for s2v)."""
     if not (math.isfinite(checkpoint_minutes) and checkpoint_minutes > 0):
@@ -350,6 +366,7 @@ def generate_command(
         extend_options.check()
     if ckpt_dir is None:
         raise InputError("--ckpt-dir is required: the folder of the downloaded checkpoint")
+    vae_kind, vae_file = parse_vae_option(vae)
     components = ComponentFiles(dit_file, dit_high, dit_low, vae_file, t5_file)
     if quantized is not None and (dit_file or dit_high or dit_low):
         raise InputError("--quantized replaces the DiT experts; it cannot be combined with --dit/--dit-high/--dit-low")
@@ -386,6 +403,8 @@ def generate_command(
                                             vram_gib=vram, ram_gib=ram, precision=precision.value,
                                             quantized_dir=quantized, loras=loras, step_cache=step_cache,
                                             components=components)
+        if vae_kind is VAEKind.TINY:
+            pipeline.use_tiny_vae(tiny_vae)
         # Refuses a run that cannot fit, before loading; FSDP shards are not what it sizes.
         plan = None if parallel.dit_fsdp else pipeline.plan_run(resolved)
         if plan is not None and show_plan and is_rank_zero():

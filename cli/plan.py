@@ -10,12 +10,13 @@ import typer
 
 from wanrt.configs import ModelType, get_task
 from wanrt.pipelines import GenerationRequest
-from wanrt.runtime.planner import Precision, make_plan, require_fit
+from wanrt.runtime.planner import Precision, RamMode, make_plan, require_fit
 
 
 def plan_command(
     task: Annotated[str, typer.Option("--task", help="t2v-A14B, i2v-A14B or ti2v-5B.")] = "t2v-A14B",
-    size: Annotated[str | None, typer.Option("--size", help="WIDTH*HEIGHT (default: the task's).")] = None,
+    size: Annotated[str | None, typer.Option(
+        "--size", help="WIDTH*HEIGHT (default: the task's; t2v takes any multiple of the latent patch).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", "--frame-num", "--frame_num",
                                                help="4n+1 frames (default: the task's).")] = None,
     precision: Annotated[Precision, typer.Option("--precision", help="DiT weight precision.")] = Precision.BF16,
@@ -23,6 +24,12 @@ def plan_command(
     ram: Annotated[float, typer.Option("--ram", help="Host RAM budget, GiB.")] = 64.0,
     image: Annotated[bool, typer.Option("--image/--no-image", help="Plan an image-conditioned run.")] = False,
     t5_cpu: Annotated[bool | None, typer.Option("--t5-cpu/--t5-gpu", help="Force T5's placement.")] = None,
+    ram_mode: Annotated[RamMode | None, typer.Option(
+        "--ram-mode", help="Host RAM use: both experts, or one expert at a time (default: what fits).")] = None,
+    quantize_at_load: Annotated[bool, typer.Option(
+        "--quantize-at-load", help="fp8/int8 quantized while loading the bf16 checkpoint (not from --quantized).")]
+    = False,
+    steps: Annotated[int | None, typer.Option("--steps", help="Sampling steps, for the time estimate.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Show the resident/streamed split, buffers, predicted peaks and whether it fits."""
@@ -30,8 +37,9 @@ def plan_command(
     # The same validation as `generate` (the task's sizes, 4n+1 frames); i2v requires an
     # image there, so a placeholder stands in for it.
     placeholder = torch.zeros(3, 16, 16) if spec.dit.model_type is ModelType.I2V else None
-    resolved = GenerationRequest(prompt="", size=size, frame_num=frames, image=placeholder).resolved(spec)
-    plan = make_plan(spec, resolved.size, resolved.frame_num, precision, vram, ram,
-                     image=image, t5_cpu=t5_cpu)
+    resolved = GenerationRequest(prompt="", size=size, frame_num=frames, steps=steps,
+                                 image=placeholder).resolved(spec)
+    plan = make_plan(spec, resolved.size, resolved.frame_num, precision, vram, ram, image=image,
+                     t5_cpu=t5_cpu, ram_mode=ram_mode, quantize_at_load=quantize_at_load, steps=resolved.steps)
     typer.echo(json.dumps(plan.to_dict(), indent=2) if as_json else "\n".join(plan.lines()))
     require_fit(plan)

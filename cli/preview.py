@@ -10,9 +10,11 @@ from typing import Annotated
 
 import typer
 
-from wanrt.cli.generate import COMPUTE_DTYPES, ComputeDtype, load_image_option, parse_guide_scale
+from wanrt.cli.generate import (COMPUTE_DTYPES, ComputeDtype, TinyVAEOption, VAEOption, load_image_option,
+                                parse_guide_scale)
 from wanrt.configs import TaskSpec
 from wanrt.errors import InputError
+from wanrt.loading.tiny_vae import VAEKind
 from wanrt.generate import EmbeddingCache, generation_task, parse_device
 from wanrt.pipelines import GenerationRequest, Pipeline
 from wanrt.distributed.launch import launched_world_size, run_rank
@@ -55,14 +57,19 @@ class RuntimeOptions:
     vram: float | None
     ram: float | None
     precision: WeightPrecision
+    vae: VAEKind = VAEKind.FULL
+    tiny_vae: Path | None = None
 
     def load_pipeline(self, ckpt_dir: Path, task: str, ranks: Ranks = Ranks()) -> Pipeline:
         """Under torchrun each rank runs on its own device (`ranks.context.device`)."""
         device = ranks.context.device if ranks.context is not None else parse_device(self.device)
-        return Pipeline.from_pretrained(ckpt_dir, task, device=device,
-                                        dtype=COMPUTE_DTYPES[self.dtype] if self.dtype else None,
-                                        t5_cpu=self.t5_cpu, vram_gib=self.vram, ram_gib=self.ram,
-                                        precision=self.precision.value)
+        pipeline = Pipeline.from_pretrained(ckpt_dir, task, device=device,
+                                            dtype=COMPUTE_DTYPES[self.dtype] if self.dtype else None,
+                                            t5_cpu=self.t5_cpu, vram_gib=self.vram, ram_gib=self.ram,
+                                            precision=self.precision.value)
+        if self.vae is VAEKind.TINY:
+            pipeline.use_tiny_vae(self.tiny_vae)
+        return pipeline
 
 
 def embedding_cache_option(folder: Path | None, disabled: bool) -> EmbeddingCache | None:
@@ -117,6 +124,8 @@ def preview_command(
     expert_per_gpu: Annotated[bool, typer.Option(
         "--expert-per-gpu", help="Under torchrun on 2 GPUs (A14B): one expert per GPU, candidates pipelined.")]
     = False,
+    vae: VAEOption = VAEKind.FULL,
+    tiny_vae: TinyVAEOption = None,
 ) -> None:
     """Preview N candidates of one prompt cheaply (low size and steps), to refine the best."""
     spec = generation_task(task)
@@ -126,7 +135,7 @@ def preview_command(
     resolved = preview_request(spec, request)  # validates every option before anything loads
     if count < 1:
         raise InputError(f"--count {count} must be at least 1")
-    runtime = RuntimeOptions(device, dtype, t5_cpu, vram, ram, precision)
+    runtime = RuntimeOptions(device, dtype, t5_cpu, vram, ram, precision, vae, tiny_vae)
     cache = embedding_cache_option(embedding_cache, no_embedding_cache)
 
     def preview_on(ranks: Ranks) -> None:

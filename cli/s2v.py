@@ -27,7 +27,7 @@ _SINGLE_GPU_ONLY = {"gpus": 1, "ulysses": None, "cfg_parallel": False, "dit_fsdp
                     "expert_per_gpu": False, "frame_num": None}
 # Options of `wanrt generate` the s2v path does not take yet: refused rather than ignored.
 _NOT_FOR_S2V = ("lora", "lora_high", "lora_low", "cache", "denoising_step_list", "dit_file", "dit_high", "dit_low",
-                "vae_file", "t5_file", "use_prompt_extend", "resume")
+                "tiny_vae", "t5_file", "use_prompt_extend", "resume")
 
 
 def generate_s2v(ctx: typer.Context, spec: TaskSpec, speech: Mapping[str, Any]) -> None:
@@ -43,6 +43,8 @@ def generate_s2v(ctx: typer.Context, spec: TaskSpec, speech: Mapping[str, Any]) 
         if options.get(name):
             raise InputError(f"--{name.removesuffix('_file').replace('_', '-')} is not supported for {spec.name} yet; "
                              "leave it out")
+    if options["vae"] != "full":
+        raise InputError(f"--vae {options['vae']} is not supported for {spec.name} yet; leave it out")
     if options["attention"] is not AttentionBackend.SDPA:
         raise InputError(f"--attention {options['attention'].value} is not supported for {spec.name} yet; leave it out")
     if options["engine"] is not EngineKind.EAGER:

@@ -75,7 +75,7 @@ def _corrupt_image(tmp_path: Path) -> Path:
 # (task, extra arguments built from tmp_path, the flag the error must name)
 VALIDATION_CASES: dict[str, tuple[str, Callable[[Path], list], str]] = {
     "frames-not-4n+1": ("tiny-t2v", lambda tmp: ["--frame-num", 8], "--frame-num"),
-    "unsupported-size": ("tiny-t2v", lambda tmp: ["--size", "1280*720"], "--size"),
+    "unsupported-size": ("tiny-t2v", lambda tmp: ["--size", "1280*700"], "--size"),
     "steps-zero": ("tiny-t2v", lambda tmp: ["--steps", 0], "--steps"),
     "unknown-solver": ("tiny-t2v", lambda tmp: ["--sample_solver", "heun"], "--solver"),
     "bad-guide-scale": ("tiny-t2v", lambda tmp: ["--guide-scale", "3,4,5"], "--guide-scale"),
@@ -164,11 +164,12 @@ def test_plan_prints_the_split_and_fits():
 
 
 def test_plan_json_and_refusal_with_remedy():
-    result = CliRunner().invoke(app, ["plan", "--task", "t2v-A14B", "--size", "1280*720", "--json"])
+    result = CliRunner().invoke(app, ["plan", "--task", "t2v-A14B", "--size", "1280*720", "--vram", "8", "--json"])
     assert result.exit_code == 2
     plan = json.loads(result.stdout[: result.stdout.rindex("}") + 1])
     assert plan["tokens"] == 75600 and plan["fits"] is False
-    assert "error: t2v-A14B 1280*720 x81 does not fit the budget: the VAE decode needs" in result.stderr
+    assert "error: t2v-A14B 1280*720 x81 does not fit the budget: sampling needs" in result.stderr
+    assert "try --frame-num 21" in result.stderr
 
 
 @pytest.mark.parametrize("precision", ["fp8", "int8"])

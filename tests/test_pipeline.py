@@ -228,7 +228,7 @@ def test_output_size_rules_match_hand_computed_values():
 
 @pytest.mark.parametrize("changes,message", [
     (dict(frame_num=8), "--frame-num 8 must be 4n\\+1"),
-    (dict(size="720*1280"), "--size 720\\*1280 is not supported by tiny-t2v"),
+    (dict(size="100*64"), "--size 100\\*64: width and height must be positive multiples of 16 for tiny-t2v"),
     (dict(steps=0), "--steps 0 must be at least 1"),
     (dict(solver="heun"), "--solver 'heun' is unknown"),
     (dict(image=torch.zeros(3, 8, 8)), "tiny-t2v takes no --image"),

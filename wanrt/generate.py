@@ -501,6 +501,7 @@ def _decode_and_write(pipeline: Pipeline, latents: Tensor, output: Path, latents
         decode_start = time.perf_counter()
         video = pipeline.decode(latents)
         timings["decode"] = time.perf_counter() - decode_start
+        sidecar["decode"] = pipeline.decode_record()
         write_start = time.perf_counter()
         # Latents files written before the sidecar recorded the fps play at the task's.
         info = write_video(video, output, fps=sidecar.get("fps", pipeline.task.sample.fps))

@@ -29,7 +29,7 @@ from wanrt.errors import CheckpointError, ConfigError
 from wanrt.loading import diffusers_dit, single_file
 from wanrt.loading.files import (TensorInfo, check_pth_archive, iter_safetensors, load_pth, merge_unique,
                                  read_safetensors_header, require_file, safetensors_shards)
-from wanrt.loading.state import assign_tensors, check_state_keys
+from wanrt.loading.state import assign_tensors, cast_for_model, check_state_keys
 from wanrt.models.dit import WanDiT
 from wanrt.progress import track
 
@@ -169,26 +169,49 @@ def read_dit_config(folder: Path, expect: DiTConfig | None = None
     return complete_dit_config(config, infos, expect, str(folder)), shards, rename, infos
 
 
-def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype | None = None) -> WanDiT:
+def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype | None = None,
+             leave_in_file: Callable[[str], bool] | None = None) -> WanDiT:
     """Load one DiT (expert) folder of either layout, or a single file of any format
-    `single_file` reads; `expect` is the task's architecture."""
+    `single_file` reads; `expect` is the task's architecture.
+
+    Parameters named by `leave_in_file` are not read: they stay on the meta device with the
+    dtype they would be loaded in, for a streamer that reads them from the file itself
+    (`dit_tensor_infos`)."""
     folder = Path(folder)
     if folder.is_file():
         if expect is None:
             raise CheckpointError(f"{folder}: a single-file DiT needs the task's architecture to check it")
+        if leave_in_file is not None:
+            raise CheckpointError(f"{folder}: RAM mode stream-file reads blocks from checkpoint folders; a "
+                                  "single-file DiT loads whole (give more --ram, or --precision fp8)")
         return single_file.load_dit_file(folder, expect, dtype)
-    model, shards, rename = _checked_dit(folder, expect)
-    return assign_tensors(model, _renamed_chunks(shards, rename), dtype)
+    model, shards, rename, infos = _checked_dit(folder, expect)
+    if leave_in_file is None:
+        return assign_tensors(model, _renamed_chunks(shards, rename), dtype)
+    keep_fp32 = tuple(model.keep_in_fp32)
+    for key in filter(leave_in_file, infos):
+        module_name, _, name = key.rpartition(".")
+        getattr(model.get_submodule(module_name), name).data = cast_for_model(
+            key, torch.empty(infos[key].shape, dtype=infos[key].dtype, device="meta"), dtype, keep_fp32)
+    chunks = ({key: t for key, t in chunk.items() if not leave_in_file(key)}
+              for chunk in _renamed_chunks(shards, rename))
+    return assign_tensors(model, chunks, dtype, left_on_meta=leave_in_file)
 
 
-def _checked_dit(folder: Path, expect: DiTConfig | None) -> tuple[WanDiT, list[Path], Callable[[str], str]]:
-    """The DiT of `folder` built on `meta`, its shards and key map, after checking its
-    config and every shard header against the model: no tensor data is read."""
+def dit_tensor_infos(folder: Path, expect: DiTConfig | None = None) -> dict[str, TensorInfo]:
+    """Official parameter name -> shape, dtype, file and byte offset of a DiT folder's tensors."""
+    return read_dit_config(folder, expect)[3]
+
+
+def _checked_dit(folder: Path, expect: DiTConfig | None
+                 ) -> tuple[WanDiT, list[Path], Callable[[str], str], dict[str, TensorInfo]]:
+    """The DiT of `folder` built on `meta`, its shards, key map and headers, after checking
+    its config and every shard header against the model: no tensor data is read."""
     config, shards, rename, infos = read_dit_config(folder, expect)
     with torch.device("meta"):
         model = WanDiT(config)
     check_state_keys(model, infos, str(folder))
-    return model, shards, rename
+    return model, shards, rename, infos
 
 
 def _holds_task(root: Path, task: TaskSpec) -> bool:
@@ -307,7 +330,7 @@ def check_checkpoint(files: CheckpointFiles, task: TaskSpec, check_dits: bool = 
         for folder in files.dit_dirs.values():
             if Path(folder).is_file():
                 continue  # a single file (`--dit`): its header was checked against the task when given
-            model, _, _ = _checked_dit(Path(folder), task.dit)
+            model = _checked_dit(Path(folder), task.dit)[0]
             check_dit_matches_vae(model.config, task.vae, str(folder))
     _checked_vae(Path(files.vae), task.vae)
     for name in TOKENIZER_FILES:

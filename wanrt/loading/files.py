@@ -51,6 +51,13 @@ def require_file(path: Path, what: str) -> Path:
 class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
+    # Where the bytes are (safetensors headers): the file and the absolute offset of the data.
+    path: Path | None = None
+    offset: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -123,8 +130,10 @@ def read_safetensors_layout(path: Path) -> SafetensorsLayout:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Key -> shape/dtype from the header, after the checks of `read_safetensors_layout`."""
-    return {key: stored.info for key, stored in read_safetensors_layout(path).tensors.items()}
+    """Key -> shape/dtype and where the bytes are, from the header, after the checks of
+    `read_safetensors_layout`."""
+    return {key: TensorInfo(stored.shape, stored.dtype, Path(path), stored.begin)
+            for key, stored in read_safetensors_layout(path).tensors.items()}
 
 
 def _header_entry(path: Path, key: str, entry: object) -> tuple[TensorInfo, int, int]:

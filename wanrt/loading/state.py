@@ -7,7 +7,7 @@ the weights exist once in host memory.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -59,8 +59,10 @@ def cast_for_model(key: str, tensor: Tensor, dtype: torch.dtype | None,
 
 
 def assign_tensors(model: nn.Module, chunks: Iterable[Mapping[str, Tensor]],
-                   dtype: torch.dtype | None = None) -> nn.Module:
-    """Assign already-validated tensors chunk by chunk (one chunk per shard)."""
+                   dtype: torch.dtype | None = None,
+                   left_on_meta: Callable[[str], bool] | None = None) -> nn.Module:
+    """Assign already-validated tensors chunk by chunk (one chunk per shard); names that
+    `left_on_meta` accepts are meant to stay unloaded."""
     keep_fp32 = tuple(getattr(model, "keep_in_fp32", ()))
     for chunk in chunks:
         # Each source tensor is dropped as soon as its cast/copy exists, so a shard is never
@@ -71,7 +73,8 @@ def assign_tensors(model: nn.Module, chunks: Iterable[Mapping[str, Tensor]],
         for key in list(pending):
             cast[key] = cast_for_model(key, pending.pop(key), dtype, keep_fp32)
         model.load_state_dict(cast, strict=False, assign=True)
-    still_meta = [name for name, t in model.state_dict().items() if t.is_meta]
+    still_meta = [name for name, t in model.state_dict().items()
+                  if t.is_meta and not (left_on_meta is not None and left_on_meta(name))]
     if still_meta:
         raise CheckpointError(f"parameters never loaded: {key_listing(still_meta)}")
     return model.eval().requires_grad_(False)

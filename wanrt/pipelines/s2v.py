@@ -252,7 +252,10 @@ class S2VPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         self._speech: SpeechFeatureExtractor | None = None
 
-    def read_dit(self, folder: Path) -> WanS2VDiT:
+    def read_dit(self, folder: Path, leave_in_file: Callable[[str], bool] | None = None) -> WanS2VDiT:
+        if leave_in_file is not None:
+            raise InputError(f"{self.task.name}: RAM mode stream-file is not supported for the S2V DiT yet; "
+                             "give more --ram or --precision fp8")
         return load_s2v_dit(folder, expect=self.task.dit, dtype=self.dit_dtype)
 
     @property

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wanrt.configs import SIZES, ModelType, SampleDefaults, TaskSpec, get_task, parse_size
-from wanrt.errors import CheckpointError, InputError, parse_choice
+from wanrt.errors import CheckpointError, ConfigError, InputError, parse_choice
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_checkpoint, check_checkpoint_task,
-                                      check_dit_matches_vae, load_dit, load_t5, load_vae, locate_checkpoint)
+                                      check_dit_matches_vae, dit_tensor_infos, load_dit, load_t5, load_vae,
+                                      locate_checkpoint)
 from wanrt.loading.component_files import ComponentFiles, apply_component_files, stored_precision
 from wanrt.lora import LoadedLora, LoraSpec, check_loras, merge_loras, parameter_shapes
 from wanrt.models.dit import WanDiT
@@ -36,20 +37,19 @@ from wanrt.pipelines.core import (Guidance, MemoryBudget, NonFiniteLatentsError,
 from wanrt.progress import track
 from wanrt.request_checks import (check_frame_num, check_guide_scale, check_gib, check_shift,
                                   check_text)
-from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
+from wanrt.runtime.planner import MemoryPlan, Precision, RamMode, make_plan, require_fit
 from wanrt.runtime.step_cache import EasyCache, StepCacheConfig
 from wanrt.runtime.streaming import BlockStreamer
+from wanrt.runtime.vae_tiling import TiledVAE, VAETiling
 from wanrt.schedulers import FlowScheduler, Solver, make_scheduler
 from wanrt.schedulers.distill import DISTILL_SHIFT, DISTILL_STEPS
 
 
 def resolve_size(task: TaskSpec, size: str | None) -> str:
-    """`--size`, default the task's first; one line naming the supported ones otherwise."""
+    """`--size`, default the task's first; t2v also renders other sizes (`free_t2v_size`);
+    one line naming the supported ones otherwise."""
     size = size or task.sample.sizes[0]
-    if size not in task.sample.sizes:
-        raise InputError(f"--size {size} is not supported by {task.name}; "
-                         f"choose one of {', '.join(task.sample.sizes)}")
-    return size
+    return size if size in task.sample.sizes else free_t2v_size(task, size)
 
 
 def resolve_steps(defaults: SampleDefaults, steps: int | None) -> int:
@@ -110,6 +110,23 @@ class GenerationRequest:
             guide_scale=check_guide_scale(tuple(guide)), solver=solver, seed=self.seed,
             negative_prompt=check_text(self.negative_prompt or defaults.negative_prompt, "--negative-prompt"),
             image=self.image, denoising_steps=self.denoising_steps)
+
+
+def free_t2v_size(task: TaskSpec, size: str) -> str:
+    """t2v renders any WIDTH*HEIGHT whose latent grid splits into whole DiT patches (the
+    official sizes are the defaults); i2v/ti2v derive their grid from the official areas."""
+    official = f"choose one of {', '.join(task.sample.sizes)}"
+    if task.dit.model_type is not ModelType.T2V:
+        raise InputError(f"--size {size} is not supported by {task.name}; {official}")
+    multiple = task.vae_stride[1] * task.dit.patch_size[1]
+    try:
+        width, height = parse_size(size)
+    except ConfigError:
+        raise InputError(f"--size {size!r} must be WIDTH*HEIGHT, e.g. {task.sample.sizes[0]}") from None
+    if width <= 0 or height <= 0 or width % multiple or height % multiple:
+        raise InputError(f"--size {size}: width and height must be positive multiples of {multiple} "
+                         f"for {task.name}, or {official}")
+    return f"{width}*{height}"
 
 
 @dataclass(frozen=True)
@@ -305,6 +322,14 @@ class Pipeline:
         self._text_encoder = None
         self._vae = None
         self.load_seconds: dict[str, float] = {}
+        # Host RAM: ONE_EXPERT frees T5 once the prompt is encoded and the high-noise expert
+        # at the MoE boundary, before the low-noise one is read (set by the plan, or by hand).
+        self.ram_mode = RamMode.BOTH
+        # Spatial VAE tiles (set by the plan from the VRAM budget); None decodes whole frames.
+        self.vae_tiling: VAETiling | None = None
+        # The TAEHV file (`use_tiny_vae`) that decodes instead of the VAE, and the model.
+        self.tiny_vae_path: Path | None = None
+        self._tiny_vae = None
 
     @staticmethod
     def _dit_shapes(task: TaskSpec) -> dict[str, tuple[int, ...]]:
@@ -384,9 +409,13 @@ class Pipeline:
             model = self._timed_load(f"dit_{expert.value}", lambda: load_quantized(folder, expect_config=self.task.dit))
             self.quant_summaries[expert.value] = model.quant_report.summary()
             self._experts[expert] = model
+        file_tensors = None
         if expert not in self._experts:
             folder = self._require_files().dit_dirs[expert]
-            model = self._timed_load(f"dit_{expert.value}", lambda: self.read_dit(folder))
+            leave_in_file = self._blocks_left_in_file()
+            model = self._timed_load(f"dit_{expert.value}", lambda: self.read_dit(folder, leave_in_file))
+            if leave_in_file is not None:
+                file_tensors = dit_tensor_infos(folder, expect=self.task.dit)
             check_dit_matches_vae(model.config, self.task.vae, str(folder))
             # LoRAs first: quantization, pinning and streaming then see the merged weights.
             self._merge_loras(expert, model)
@@ -402,17 +431,28 @@ class Pipeline:
                 self._streamer = BlockStreamer(self.device, depth=self.streaming.depth,
                                                pin_limit_bytes=self.streaming.pin_limit_bytes)
             self._streamer.register(expert, self._experts[expert],
-                                    resident_blocks=self.streaming.resident_blocks)
+                                    resident_blocks=self.streaming.resident_blocks, file_tensors=file_tensors)
             self._streamed_experts.add(expert)
         if expert not in self._runners:
             model = self._experts[expert]
             self._runners[expert] = model if self.wrap_expert is None else self.wrap_expert(expert, model)
         return self._experts[expert]
 
-    def read_dit(self, folder: Path) -> WanDiT:
-        """One DiT folder in host memory, in the DiT dtype (a task family's own DiT class
-        overrides this)."""
-        return load_dit(folder, expect=self.task.dit, dtype=self.dit_dtype)
+    def read_dit(self, folder: Path, leave_in_file: Callable[[str], bool] | None = None) -> WanDiT:
+        """One DiT folder in host memory, in the DiT dtype, less the parameters `leave_in_file`
+        names (a task family's own DiT class overrides this)."""
+        return load_dit(folder, expect=self.task.dit, dtype=self.dit_dtype, leave_in_file=leave_in_file)
+
+    def _blocks_left_in_file(self) -> Callable[[str], bool] | None:
+        """RAM mode stream-file: the streamed blocks' parameter names, which are read from the
+        checkpoint on every turn instead of being loaded."""
+        if self.ram_mode is not RamMode.STREAM_FILE:
+            return None
+        if self.streaming is None or self.precision != Precision.BF16.value or self.quantized_files is not None:
+            raise InputError("--ram-mode stream-file streams bf16 blocks from the checkpoint: it needs block "
+                             "streaming (a memory plan) and no --precision/--quantized")
+        resident = self.streaming.resident_blocks
+        return lambda key: key.startswith("blocks.") and int(key.split(".")[1]) >= resident
 
     def _place(self, expert: Expert, device: torch.device | str) -> None:
         """Move what of `expert` is not streamed (all of it without streaming)."""
@@ -485,6 +525,8 @@ class Pipeline:
         if self.text_device.type == "cuda":
             encoder.encoder.to("cpu")
             torch.cuda.empty_cache()
+        if self.ram_mode is not RamMode.BOTH:
+            self._text_encoder = None
         return TextEmbeddings(cond.float().cpu(), uncond.float().cpu())
 
     def latent_grid(self, request: ResolvedRequest) -> tuple[int, int, int]:
@@ -508,7 +550,7 @@ class Pipeline:
         resized = F.interpolate(image[None].float().cpu(), size=(height, width), mode="bicubic")
         video = torch.cat([resized.transpose(0, 1), torch.zeros(3, frame_num - 1, height, width)], dim=1)
         with torch.no_grad():
-            encoded = self.vae.encode(video[None].to(self.device))[0]
+            encoded = self.codec().encode(video[None].to(self.device))[0]
         # Mask: 1 on pixel frame 0, repeated 4x so the frames fold into [4, F_lat] channels.
         mask = torch.zeros(1, frame_num, lat_h, lat_w, device=self.device)
         mask[:, 0] = 1
@@ -527,7 +569,7 @@ class Pipeline:
         left, top = (img.width - out_w) // 2, (img.height - out_h) // 2
         img = img.crop((left, top, left + out_w, top + out_h))
         with torch.no_grad():
-            frozen = self.vae.encode(_from_pil(img)[None, :, None].to(self.device))
+            frozen = self.codec().encode(_from_pil(img)[None, :, None].to(self.device))
         frozen_mask = torch.ones_like(latents)
         frozen_mask[:, :, 0] = 0
         patch_h, patch_w = self.task.dit.patch_size[1:]
@@ -583,21 +625,22 @@ class Pipeline:
         the scheduler it is given; its step counter is set from `state.step`. `on_state`
         sees the state after each step (to checkpoint it: wanrt.resume)."""
         steps = self.schedule(state, stop)
-        for expert in dict.fromkeys(expert for _, expert in steps):
-            self._load_expert(expert)
         def scale_of(expert: Expert) -> float:
             return state.request.guide_scale[0 if expert is Expert.LOW_NOISE else 1]
-        if self._streamer is not None:
-            # The whole run's block order, so prefetching crosses forwards and the boundary.
-            # (Steps the step cache skips leave their blocks announced; the streamer realigns.)
-            for _, expert in steps:
-                for _ in range(self.guidance.forwards_for(scale_of(expert))):
-                    self._streamer.expect_forward(expert)
+        phases = list(dict.fromkeys(expert for _, expert in steps))
+        if self.ram_mode is not RamMode.BOTH and phases:
+            self._enter_phase(phases[0], steps, scale_of)
+        else:
+            for expert in phases:
+                self._load_expert(expert)
+            self._announce(steps, scale_of)
         cond = embeddings.cond[None].to(self.device)
         uncond = embeddings.uncond[None].to(self.device)
         conditioning = state.conditioning
 
         def predict(t: float, expert: Expert, latents: Tensor) -> tuple[Tensor, float]:
+            if self.ram_mode is not RamMode.BOTH and expert not in self._experts:
+                self._enter_phase(expert, [step for step in steps if step[1] is expert], scale_of)
             self.dit(expert)
             runner, scale = self._runners[expert], scale_of(expert)
             timestep = conditioning.timestep(torch.tensor(t, device=self.device))
@@ -622,6 +665,36 @@ class Pipeline:
             self.cached_steps += cache.skipped
         return dataclasses.replace(state, latents=latents, step=state.step + len(steps))
 
+    def _announce(self, steps: list[tuple[float, Expert]], scale_of: Callable[[Expert], float]) -> None:
+        """Tell the block streamer the order of the coming forwards, so prefetching crosses
+        forwards and the MoE boundary (experts not registered yet are skipped). Steps the
+        step cache skips leave their blocks announced; the streamer realigns."""
+        if self._streamer is not None:
+            for _, expert in steps:
+                for _ in range(self.guidance.forwards_for(scale_of(expert))):
+                    self._streamer.expect_forward(expert)
+
+    def _enter_phase(self, expert: Expert, steps: list[tuple[float, Expert]],
+                     scale_of: Callable[[Expert], float]) -> None:
+        """One expert in host RAM at a time: free every other expert (device and host,
+        pinned buffers included) before `expert` is read from the checkpoint."""
+        for other in [e for e in self._experts if e is not expert]:
+            self.free_expert(other)
+        self._load_expert(expert)
+        self._announce(steps, scale_of)
+
+    def free_expert(self, expert: Expert) -> None:
+        """Drop every reference this pipeline holds to `expert`'s weights."""
+        if self._active_expert is expert:
+            self._active_expert = None  # its device tensors go with the model
+        if self._streamer is not None and expert in self._streamed_experts:
+            self._streamer.unregister(expert)
+            self._streamed_experts.discard(expert)
+        self._experts.pop(expert, None)
+        self._runners.pop(expert, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def sample(self, request: GenerationRequest | ResolvedRequest, embeddings: TextEmbeddings | None = None,
                noise: Tensor | None = None, on_step: Callable[[StepInfo], None] | None = None) -> Tensor:
         """Run the whole denoising loop; returns the final latents `[C, F, h, w]` (float32, CPU)."""
@@ -641,11 +714,37 @@ class Pipeline:
         if not torch.isfinite(latents).all():
             raise NonFiniteLatentsError("the latents contain NaN/Inf; refusing to decode")
         self.offload_dit()
+        decoder = (self._tiny_vae.to(self.device) if self._tiny_vae is not None
+                   else self.codec(output_device="cpu"))
         with torch.no_grad():
-            steps = track(self.vae.iter_decode(latents[None].to(self.device).float()), "VAE decode",
+            steps = track(decoder.iter_decode(latents[None].to(self.device).float()), "VAE decode",
                           total=latents.shape[1])
             chunks = [frames.float().cpu() for frames in steps]
         return torch.cat(chunks, dim=2)[0]
+
+    def codec(self, output_device: torch.device | str | None = None):
+        """The VAE as the plan runs it: tiled (results gathered on `output_device`, default
+        this pipeline's device) or whole frames."""
+        if self.vae_tiling is None:
+            return self.vae
+        return TiledVAE(self.vae, self.vae_tiling, output_device or self.device)
+
+    def use_tiny_vae(self, path: Path | None = None) -> None:
+        """Decode with the tiny VAE in `path` (default: the published file name inside the
+        checkpoint folder), loaded now so a wrong file fails before sampling."""
+        from wanrt.loading.tiny_vae import find_tiny_vae, load_tiny_vae
+
+        self.tiny_vae_path = Path(path) if path is not None else find_tiny_vae(self._require_files().root,
+                                                                              self.task.vae)
+        self._tiny_vae = self._timed_load("tiny_vae", lambda: load_tiny_vae(
+            self.tiny_vae_path, self.task.vae, dtype=torch.float32))
+
+    def decode_record(self) -> dict:
+        """What decoded the video, for the sidecar."""
+        if self.tiny_vae_path is not None:
+            return {"vae": "tiny", "file": str(self.tiny_vae_path)}
+        tiling = dataclasses.asdict(self.vae_tiling) if self.vae_tiling is not None else None
+        return {"vae": "full", "tiling": tiling}
 
     def plan_run(self, request: GenerationRequest | ResolvedRequest) -> MemoryPlan | None:
         """Plan the run within the memory budget before anything loads, refusing one that
@@ -658,11 +757,15 @@ class Pipeline:
         return self.adopt_plan(require_fit(make_plan(
             self.task, request.size, request.frame_num, self.precision, self.memory.vram_gib,
             self.memory.ram_gib, image=request.image is not None,
-            t5_cpu=self.text_device.type == "cpu")))
+            t5_cpu=self.text_device.type == "cpu", quantize_at_load=self.quantized_files is None,
+            steps=request.steps)))
 
     def adopt_plan(self, plan: MemoryPlan) -> MemoryPlan:
-        """Run by `plan`: stream the DiT blocks it streams (unless streaming was set explicitly)."""
+        """Run by `plan`: its RAM mode and VAE tiling, and stream the DiT blocks it streams
+        (unless streaming was set explicitly)."""
         self.plan = plan
+        self.ram_mode = RamMode(plan.ram_mode)
+        self.vae_tiling = plan.vae_tiling
         if plan.streaming and self.streaming is None:
             self.streaming = StreamingConfig(plan.resident_blocks, plan.prefetch_depth, plan.pinned_bytes)
         return plan

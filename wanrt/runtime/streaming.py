@@ -27,6 +27,9 @@ from typing import Hashable, Iterable
 import torch
 from torch import Tensor, nn
 
+from wanrt.loading.files import TensorInfo
+from wanrt.runtime.file_blocks import FileReader, FileTensor
+
 # Tensor views inside a slot start at multiples of this, so kernels see the same alignment
 # as for freshly allocated tensors (some CPU kernels pick their path by alignment).
 ALIGNMENT = 256
@@ -72,16 +75,49 @@ def _bind(layout: list[_TensorSlot], buffer: Tensor) -> None:
         getattr(entry.module, entry.name).data = _view(buffer, entry)
 
 
+def _bind_placeholder(layout: list[_TensorSlot]) -> None:
+    """Point every tensor of a file-backed block at one zero element between its turns, so
+    the block holds no weights. Tensors still on the meta device (as loaded) are replaced:
+    a meta tensor cannot be re-pointed at real memory."""
+    for entry in layout:
+        placeholder = torch.zeros((), dtype=entry.dtype).expand(entry.shape)
+        tensor = getattr(entry.module, entry.name)
+        if not tensor.is_meta:
+            tensor.data = placeholder
+        elif entry.name in entry.module._parameters:
+            entry.module._parameters[entry.name] = nn.Parameter(placeholder, requires_grad=False)
+        else:
+            entry.module._buffers[entry.name] = placeholder
+
+
 class _StreamedBlock:
     def __init__(self, key: Hashable, block: nn.Module, layout: list[_TensorSlot], nbytes: int,
-                 pin: bool) -> None:
+                 pin: bool, file_tensors: list[FileTensor] | None = None) -> None:
         self.key = key
-        self.layout, self.nbytes, self.pinned = layout, nbytes, pin
+        self.layout, self.nbytes = layout, nbytes
+        # A file-backed block has no host copy: it is read from the checkpoint every turn.
+        self.file_tensors = file_tensors
+        self.pinned = pin and file_tensors is None
+        self.host: Tensor | None = None
+        if file_tensors is not None:
+            _bind_placeholder(layout)
+            return
         host = torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=pin)
         for entry in self.layout:
             _view(host, entry).copy_(getattr(entry.module, entry.name).detach())
         _bind(self.layout, host)
         self.host = host
+
+
+def _file_layout(block: nn.Module, prefix: str, layout: list[_TensorSlot],
+                 file_tensors: dict[str, TensorInfo]) -> list[FileTensor]:
+    """Where each tensor of `block` (named under `prefix`) is in the file and in the buffer."""
+    names = {id(module): name for name, module in block.named_modules()}
+    placed = []
+    for entry in layout:
+        name = ".".join(part for part in (prefix, names[id(entry.module)], entry.name) if part)
+        placed.append(FileTensor(entry.offset, entry.shape, entry.dtype, file_tensors[name]))
+    return placed
 
 
 class BlockStreamer:
@@ -106,6 +142,7 @@ class BlockStreamer:
         self._blocks: dict[tuple[Hashable, int], _StreamedBlock] = {}
         self._resident: dict[Hashable, list[nn.Module]] = {}
         self._resident_tensors: dict[Hashable, list[Tensor]] = {}
+        self._hooks: dict[Hashable, list[torch.utils.hooks.RemovableHandle]] = {}
         self._slots: list[Tensor] = []
         self._slot_free: list[torch.cuda.Event | None] = []
         self._loaded: dict[tuple[Hashable, int], int] = {}       # block -> slot holding it
@@ -113,12 +150,21 @@ class BlockStreamer:
         self._order: deque[tuple[Hashable, int]] = deque()
         cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        # File-backed blocks: the reader, and per slot a page-locked staging buffer whose
+        # last copy to the device must finish before it is refilled.
+        self._reader = FileReader()
+        self._staging: dict[int, Tensor] = {}
+        self._staging_done: dict[int, torch.cuda.Event] = {}
         self.bytes_copied = 0
 
     # ------------------------------------------------------------------ setup
 
-    def register(self, key: Hashable, model: nn.Module, resident_blocks: int = 0) -> None:
-        """Stream `model`'s repeated blocks; the rest (`move_resident`) is the caller's to place."""
+    def register(self, key: Hashable, model: nn.Module, resident_blocks: int = 0,
+                 file_tensors: dict[str, TensorInfo] | None = None) -> None:
+        """Stream `model`'s repeated blocks; the rest (`move_resident`) is the caller's to place.
+
+        With `file_tensors` (parameter name -> where it is stored), blocks whose parameters
+        were left on the meta device are read from the checkpoint file on every turn."""
         blocks_name = getattr(model, "repeated_blocks", "blocks")
         resident = [child for name, child in model.named_children() if name != blocks_name]
         self._resident[key] = resident + list(getattr(model, blocks_name)[:resident_blocks])
@@ -127,12 +173,30 @@ class BlockStreamer:
             if index < resident_blocks:
                 continue
             layout, nbytes = block_layout(block)
-            streamed = _StreamedBlock((key, index), block, layout, nbytes, self._pin_next(nbytes))
+            from_file = None
+            if file_tensors is not None and any(p.is_meta for p in block.parameters()):
+                from_file = _file_layout(block, f"{blocks_name}.{index}", layout, file_tensors)
+            pin = from_file is None and self._pin_next(nbytes)
+            streamed = _StreamedBlock((key, index), block, layout, nbytes, pin, from_file)
             self._blocks[streamed.key] = streamed
-            block.register_forward_pre_hook(lambda _m, _a, k=streamed.key: self._before(k))
-            block.register_forward_hook(lambda _m, _a, _o, k=streamed.key: self._after(k))
+            self._hooks.setdefault(key, []).extend([
+                block.register_forward_pre_hook(lambda _m, _a, k=streamed.key: self._before(k)),
+                block.register_forward_hook(lambda _m, _a, _o, k=streamed.key: self._after(k))])
         if self._slots and self.slot_bytes < max(b.nbytes for b in self._blocks.values()):
             self.release()
+
+    def unregister(self, key: Hashable) -> None:
+        """Forget model `key` (an expert whose phase is over): its host block buffers, pinned
+        ones included, are no longer referenced from here, so dropping the model frees them."""
+        self.release()
+        for handle in self._hooks.pop(key, []):
+            handle.remove()
+        for block_key in [k for k in self._blocks if k[0] == key]:
+            block = self._blocks.pop(block_key)
+            if block.pinned:
+                self.pinned_bytes -= block.nbytes
+        self._resident.pop(key, None)
+        self._resident_tensors.pop(key, None)
 
     def move_resident(self, key: Hashable, device: torch.device | str) -> None:
         """Move what of model `key` is not streamed: its small modules and resident blocks
@@ -141,6 +205,13 @@ class BlockStreamer:
             module.to(device)
         for tensor in self._resident_tensors.get(key, []):
             tensor.data = tensor.data.to(device)
+
+    def _staging_for(self, slot: int) -> Tensor:
+        if slot not in self._staging:
+            self._staging[slot] = torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
+        elif slot in self._staging_done:
+            self._staging_done.pop(slot).synchronize()
+        return self._staging[slot]
 
     def _pin_next(self, nbytes: int) -> bool:
         if not self.pin or (self.pin_limit_bytes is not None
@@ -155,6 +226,8 @@ class BlockStreamer:
         if self._copy_stream is not None:
             self._copy_stream.synchronize()
         self._slots, self._slot_free = [], []
+        self._staging.clear()
+        self._staging_done.clear()
         self._loaded.clear()
         self._copied.clear()
         self._order.clear()
@@ -214,18 +287,28 @@ class BlockStreamer:
     def _start_copy(self, key: tuple[Hashable, int], slot: int) -> None:
         block = self._blocks[key]
         target = self._slots[slot][:block.nbytes]
+        source = block.host
+        if source is None and self._copy_stream is None:
+            # A CPU device: the file's bytes go straight into the slot.
+            self._reader.read_block(block.file_tensors, target)
+        elif source is None:
+            source = self._staging_for(slot)[:block.nbytes]
+            self._reader.read_block(block.file_tensors, source)
         if self._copy_stream is None:
-            target.copy_(block.host)
+            if block.host is not None:
+                target.copy_(source)
             self._copied[key] = None
         else:
             with torch.cuda.stream(self._copy_stream):
                 # The slot's previous user must have finished computing before we overwrite it.
                 if self._slot_free[slot] is not None:
                     self._copy_stream.wait_event(self._slot_free[slot])
-                target.copy_(block.host, non_blocking=True)
+                target.copy_(source, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(self._copy_stream)
             self._copied[key] = event
+            if block.host is None:
+                self._staging_done[slot] = event
         self._loaded[key] = slot
         self.bytes_copied += block.nbytes
 
@@ -255,7 +338,11 @@ class BlockStreamer:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
             self._slot_free[slot] = done
-        # The block points at host memory again until its next turn, so nothing stale is
-        # ever read through it.
-        _bind(self._blocks[key].layout, self._blocks[key].host)
+        # The block points at host memory (or nothing) again until its next turn, so nothing
+        # stale is ever read through it.
+        block = self._blocks[key]
+        if block.host is None:
+            _bind_placeholder(block.layout)
+        else:
+            _bind(block.layout, block.host)
         self._prefetch()
