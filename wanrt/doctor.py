@@ -26,7 +26,7 @@ from wanrt.runtime.planner import Precision, make_plan
 
 # (distribution, importable module, extra that installs it, what it enables).
 OPTIONAL_PACKAGES: tuple[tuple[str, str, str | None, str], ...] = (
-    ("triton", "triton", None, "torch.compile / --engine compile|aoti kernels on GPU"),
+    ("triton", "triton", None, "--attention sage, fused activation quantization, --engine compile|aoti on GPU"),
     ("onnx", "onnx", "onnx", "wanrt export --backend onnx|tensorrt"),
     ("onnxruntime", "onnxruntime", "onnx", "checking exported ONNX graphs against eager"),
     ("tensorrt", "tensorrt", "tensorrt", "--engine tensorrt"),
@@ -35,7 +35,7 @@ OPTIONAL_PACKAGES: tuple[tuple[str, str, str | None, str], ...] = (
     ("diffusers", "diffusers", "baselines", "diffusers baselines in wanrt bench"),
     ("matplotlib", "matplotlib", "bench", "plots in wanrt bench reports"),
     ("kubeflow-training", "kubeflow.training", "k8s", "wanrt k8s PyTorchJob manifests"),
-    ("sageattention", "sageattention", "sage", "the sageattention library as an attention backend"),
+    ("sageattention", "sageattention", None, "timed beside wanrt's 8-bit kernel by benchmarks/attention_bench.py"),
     ("gguf", "gguf", "gguf", "GGUF checkpoint files"),
     ("dashscope", "dashscope", "prompt", "--use_prompt_extend with DashScope"),
 )
