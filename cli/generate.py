@@ -27,10 +27,12 @@ from wanrt.engines.base import EngineKind, use_engine
 from wanrt.errors import InputError
 from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
                             generate_video, generation_task, parse_device)
+from wanrt.lora import LoraExpert, LoraSpec
 from wanrt.pipelines import GenerationRequest, Pipeline, StepInfo
 from wanrt.prompt_extend import (PromptExtendMethod, PromptExtendOptions, PromptExtension, PromptExtensionCache,
                                  TargetLanguage, extend_prompt)
 from wanrt.runtime.planner import Precision as WeightPrecision
+from wanrt.runtime.step_cache import StepCacheConfig
 from wanrt.video_io import load_image
 
 
@@ -58,6 +60,23 @@ def parse_guide_scale(text: str | None) -> float | tuple[float, float] | None:
     if len(values) == 2:
         return values
     raise InputError(f"--guide-scale {text!r} must be one number or two as 'low,high' (e.g. 3.0,4.0)")
+
+
+def parse_step_list(text: str | None) -> tuple[int, ...] | None:
+    """'1000,750,500,250' -> (1000, 750, 500, 250)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"--denoising-step-list {text!r} must be integers separated by commas, "
+                         "e.g. 1000,750,500,250") from None
+
+
+def parse_lora_options(both: list[str] | None, high: list[str] | None, low: list[str] | None) -> list[LoraSpec]:
+    return [LoraSpec.parse(text, expert) for texts, expert in
+            ((both, LoraExpert.BOTH), (high, LoraExpert.HIGH_NOISE), (low, LoraExpert.LOW_NOISE))
+            for text in texts or ()]
 
 
 def parse_official_bool(text: str, flag: str) -> bool:
@@ -147,6 +166,12 @@ def print_result(record: GenerationRecord) -> None:
     typer.echo(f"total:   {record.sidecar['timings_s']['total']:.1f} s")
     for expert, summary in record.sidecar["runtime"]["quantization"].items():
         typer.echo(f"quantized {expert}: {summary}")
+    for lora in record.sidecar["runtime"]["loras"]:
+        skipped = f"; skipped {len(lora['skipped_keys'])} keys of modules Wan2.2 lacks (Wan2.1 image branch)" \
+            if lora["skipped_keys"] else ""
+        typer.echo(f"lora {lora['expert']}: {lora['file']} x{lora['strength']} ({lora['format']} keys, "
+                   f"{lora['patched_parameters']} weights merged{skipped})")
+    typer.echo(f"dit forwards: {record.sidecar['runtime']['dit_forwards']}")
 
 
 def run_generation(pipeline: Pipeline, request: GenerationRequest, output: Path,
@@ -172,6 +197,9 @@ def torchrun_arguments(ctx: typer.Context, dropped: str) -> list[str]:
             continue
         if param.is_flag:
             arguments.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.multiple:
+            for item in value:
+                arguments += [param.opts[0], str(item)]
         else:
             arguments += [param.opts[0], str(value.value if isinstance(value, Enum) else value)]
     return arguments
@@ -195,14 +223,37 @@ def generate_command(
     seed: Annotated[int, typer.Option(
         "--seed", "--base-seed", "--base_seed", help="Noise seed; -1 draws one (recorded in the sidecar).")] = -1,
     solver: Annotated[str | None, typer.Option(
-        "--solver", "--sample-solver", "--sample_solver", help="unipc, dpm++ or euler.")] = None,
+        "--solver", "--sampler", "--sample-solver", "--sample_solver",
+        help="unipc, dpm++, euler, or distill: the 4-step sampler of step-distilled models and LoRAs "
+        "(LightX2V / Wan2.2-Lightning; defaults to 4 steps, shift 5, guide scale 1).")] = None,
     steps: Annotated[int | None, typer.Option(
         "--steps", "--sample-steps", "--sample_steps", help="Sampling steps (default: the task's).")] = None,
     shift: Annotated[float | None, typer.Option(
         "--shift", "--sample-shift", "--sample_shift", help="Flow-matching shift.")] = None,
     guide_scale: Annotated[str | None, typer.Option(
         "--guide-scale", "--sample-guide-scale", "--sample_guide_scale",
-        help="CFG scale: one number, or 'low,high' for the low- and high-noise experts.")] = None,
+        help="CFG scale: one number, or 'low,high' for the low- and high-noise experts. "
+        "1 skips the negative-prompt forward (one DiT forward per step).")] = None,
+    denoising_step_list: Annotated[str | None, typer.Option(
+        "--denoising-step-list", "--denoising_step_list",
+        help="--sampler distill: training steps to sample at (default for 4 steps: 1000,750,500,250).")] = None,
+    lora: Annotated[list[str] | None, typer.Option(
+        "--lora", metavar="PATH[:STRENGTH]",
+        help="LoRA merged into every expert's weights at load (repeatable; they stack). Scale = "
+        "strength x alpha / rank, with alpha and rank read from the file; a file without alpha gets "
+        "the strength alone (default 1). .safetensors (Wan/ComfyUI, musubi/kohya or diffusers keys), "
+        "a PEFT adapter folder, a weights-only .pt/.ckpt, or a Wan2.2-Lightning folder "
+        "(high_noise_model/low_noise_model.safetensors: one per expert).")] = None,
+    lora_high: Annotated[list[str] | None, typer.Option(
+        "--lora-high", metavar="PATH[:STRENGTH]", help="LoRA for the high-noise expert only (A14B; repeatable).")]
+    = None,
+    lora_low: Annotated[list[str] | None, typer.Option(
+        "--lora-low", metavar="PATH[:STRENGTH]", help="LoRA for the low-noise expert only (A14B; repeatable).")]
+    = None,
+    cache: Annotated[str | None, typer.Option(
+        "--cache", metavar="easycache:THRESHOLD[:WARMUP_STEPS]",
+        help="Step cache: reuse the last step's residual while EasyCache predicts a small change "
+        "(e.g. easycache:0.05; skipped steps are recorded in the sidecar).")] = None,
     offload_model: Annotated[bool, typer.Option(
         "--offload-model", help="Accepted for compatibility and recorded; wanrt manages memory itself.")] = False,
     offload_model_official: Annotated[str | None, typer.Option(
@@ -284,8 +335,11 @@ def generate_command(
     request = GenerationRequest(
         prompt=prompt, size=size, frame_num=frame_num, steps=steps, shift=shift,
         guide_scale=parse_guide_scale(guide_scale), solver=solver or spec.sample.solver, seed=seed,
-        negative_prompt=negative_prompt, image=load_image_option(image))
+        negative_prompt=negative_prompt, image=load_image_option(image),
+        denoising_steps=parse_step_list(denoising_step_list))
     resolved = request.resolved(spec)  # validates every sampling option before anything loads
+    loras = parse_lora_options(lora, lora_high, lora_low)
+    step_cache = StepCacheConfig.parse(cache) if cache else None
     target = check_output_path(output or default_output_path(spec, resolved))
     offload = (parse_official_bool(offload_model_official, "--offload_model")
                if offload_model_official is not None else offload_model or None)
@@ -304,7 +358,7 @@ def generate_command(
         pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=on_device,
                                             dtype=COMPUTE_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu,
                                             vram_gib=vram, ram_gib=ram, precision=precision.value,
-                                            quantized_dir=quantized)
+                                            quantized_dir=quantized, loras=loras, step_cache=step_cache)
         # Refuses a run that cannot fit, before loading; FSDP shards are not what it sizes.
         plan = None if parallel.dit_fsdp else pipeline.plan_run(resolved)
         if plan is not None and show_plan and is_rank_zero():

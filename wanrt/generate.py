@@ -327,7 +327,10 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
                     "text_device": str(pipeline.text_device), "embedding_cache": cache_state,
                     "precision": pipeline.precision, "quantization": dict(pipeline.quant_summaries),
                     "memory_plan": pipeline.plan.to_dict() if pipeline.plan else None,
-                    "streamed_bytes": pipeline.streamed_bytes},
+                    "streamed_bytes": pipeline.streamed_bytes, "dit_forwards": pipeline.dit_forwards,
+                    "step_cache": None if pipeline.step_cache is None else
+                    {**pipeline.step_cache.record(resolved.steps), "skipped_steps": list(pipeline.cached_steps)},
+                    "loras": pipeline.lora_records()},
         "options": dict(run_options or {}),
         "image": _image_record(resolved.image),
         "checkpoint": checkpoint,

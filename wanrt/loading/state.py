@@ -18,7 +18,7 @@ from wanrt.loading.files import TensorInfo
 MAX_LISTED_KEYS = 8
 
 
-def _listing(keys: Iterable[str]) -> str:
+def key_listing(keys: Iterable[str]) -> str:
     keys = sorted(keys)
     shown = ", ".join(keys[:MAX_LISTED_KEYS])
     return shown + (f" (+{len(keys) - MAX_LISTED_KEYS} more)" if len(keys) > MAX_LISTED_KEYS else "")
@@ -33,11 +33,11 @@ def check_state_keys(model: nn.Module, found: Mapping[str, TensorInfo | Tensor],
                   if key in found and tuple(found[key].shape) != shape]
     problems = []
     if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
+        problems.append(f"missing keys: {key_listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
+        problems.append(f"unexpected keys: {key_listing(unexpected)}")
     if mismatched:
-        problems.append(f"wrong shapes: {_listing(mismatched)}")
+        problems.append(f"wrong shapes: {key_listing(mismatched)}")
     if problems:
         raise CheckpointError(f"{source}: does not match {type(model).__name__}: " + "; ".join(problems))
 
@@ -66,5 +66,5 @@ def assign_tensors(model: nn.Module, chunks: Iterable[Mapping[str, Tensor]],
         model.load_state_dict(cast, strict=False, assign=True)
     still_meta = [name for name, t in model.state_dict().items() if t.is_meta]
     if still_meta:
-        raise CheckpointError(f"parameters never loaded: {_listing(still_meta)}")
+        raise CheckpointError(f"parameters never loaded: {key_listing(still_meta)}")
     return model.eval().requires_grad_(False)

@@ -56,7 +56,7 @@ class StreamingConfig:
 class StepInfo:
     index: int
     total: int
-    timestep: int
+    timestep: float  # an integer for the official samplers; float for the distilled one
     expert: Expert
     guide_scale: float
 
@@ -66,13 +66,21 @@ class Guidance:
     unconditional forward in turn, combined as `uncond + scale * (cond - uncond)`.
 
     A strategy object so that distributed runs can split the two forwards across ranks
-    (`forwards_per_step` is what each process runs, which the block streamer schedules)."""
+    (`forwards_per_step` is what each process runs with CFG, which the block streamer
+    schedules). A guide scale of 1 makes the mix the conditional prediction itself, so
+    that step runs the conditional forward alone (CFG-free: distilled models)."""
 
     forwards_per_step = 2
+
+    def forwards_for(self, scale: float) -> int:
+        """DiT forwards this process runs for one step at guide scale `scale`."""
+        return 1 if scale == 1.0 else self.forwards_per_step
 
     def __call__(self, forward: Callable[..., Tensor], latents: Tensor, timestep: Tensor, cond: Tensor,
                  uncond: Tensor, y: Tensor | None, scale: float) -> Tensor:
         pred_cond = forward(latents, timestep, cond, y=y)
+        if scale == 1.0:
+            return pred_cond
         pred_uncond = forward(latents, timestep, uncond, y=y)
         return pred_uncond + scale * (pred_cond - pred_uncond)
 
@@ -85,10 +93,10 @@ def noise_for(shape: tuple[int, ...], seed: int) -> Tensor:
 
 
 # predict(t, expert, latents) -> (velocity, guide scale used): one step's model output.
-Predict = Callable[[int, Expert, Tensor], tuple[Tensor, float]]
+Predict = Callable[[float, Expert, Tensor], tuple[Tensor, float]]
 
 
-def run_steps(steps: Sequence[tuple[int, Expert]], first_index: int, scheduler: FlowScheduler,
+def run_steps(steps: Sequence[tuple[float, Expert]], first_index: int, scheduler: FlowScheduler,
               latents: Tensor, predict: Predict, fix_up: Callable[[Tensor], Tensor] | None = None,
               on_step: Callable[[StepInfo], None] | None = None) -> Tensor:
     """The denoising loop over `steps` (timestep, expert), numbered from `first_index`.

@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,12 +29,15 @@ from wanrt.configs import SIZES, ModelType, TaskSpec, get_task, parse_size
 from wanrt.errors import CheckpointError, InputError, parse_choice
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
                                       load_t5, load_vae, locate_checkpoint)
+from wanrt.lora import LoadedLora, LoraSpec, check_loras, merge_loras, parameter_shapes
 from wanrt.models.dit import WanDiT
 from wanrt.pipelines.core import (Guidance, MemoryBudget, StepInfo, StreamingConfig, TextEmbeddings,
                                   noise_for, run_steps)
 from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
+from wanrt.runtime.step_cache import EasyCache, StepCacheConfig
 from wanrt.runtime.streaming import BlockStreamer
 from wanrt.schedulers import FlowScheduler, Solver, make_scheduler
+from wanrt.schedulers.distill import DISTILL_SHIFT, DISTILL_STEPS
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,21 @@ class GenerationRequest:
     seed: int = 0
     negative_prompt: str | None = None
     image: Tensor | None = field(default=None, repr=False)  # [3, H, W] in [-1, 1]
+    # The distilled sampler's training steps (default for 4 steps: 1000,750,500,250).
+    denoising_steps: tuple[int, ...] | None = None
 
     def resolved(self, task: TaskSpec) -> "ResolvedRequest":
-        """Fill defaults and validate; raises InputError with one line naming the flag."""
+        """Fill defaults and validate; raises InputError with one line naming the flag.
+
+        The distilled sampler has its own defaults (LightX2V's wan22 distill configs): the
+        steps of its denoising list (4), shift 5 and guide scale 1 (no CFG)."""
+        solver = parse_choice(Solver, self.solver, "--solver")
         defaults = task.sample
+        if solver is Solver.DISTILL:
+            defaults = dataclasses.replace(defaults, steps=len(self.denoising_steps or ()) or DISTILL_STEPS,
+                                           shift=DISTILL_SHIFT, guide_scale=(1.0, 1.0))
+        elif self.denoising_steps is not None:
+            raise InputError(f"--denoising-step-list applies to --sampler distill, not {solver.value}")
         size = self.size or defaults.sizes[0]
         if size not in defaults.sizes:
             raise InputError(f"--size {size} is not supported by {task.name}; "
@@ -66,7 +80,6 @@ class GenerationRequest:
         steps = defaults.steps if self.steps is None else self.steps
         if steps < 1:
             raise InputError(f"--steps {steps} must be at least 1")
-        solver = parse_choice(Solver, self.solver, "--solver")
         guide = defaults.guide_scale if self.guide_scale is None else self.guide_scale
         if isinstance(guide, (int, float)):
             guide = (float(guide), float(guide))
@@ -79,7 +92,8 @@ class GenerationRequest:
             prompt=self.prompt, size=size, frame_num=frame_num, steps=steps,
             shift=defaults.shift if self.shift is None else self.shift,
             guide_scale=tuple(guide), solver=solver, seed=self.seed,
-            negative_prompt=self.negative_prompt or defaults.negative_prompt, image=self.image)
+            negative_prompt=self.negative_prompt or defaults.negative_prompt, image=self.image,
+            denoising_steps=self.denoising_steps)
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,7 @@ class ResolvedRequest:
     seed: int
     negative_prompt: str
     image: Tensor | None = field(default=None, repr=False)
+    denoising_steps: tuple[int, ...] | None = None
 
     def resolved(self, task: TaskSpec) -> "ResolvedRequest":
         """Already resolved: kept as is, so a caller that chose values beyond the official
@@ -105,7 +120,8 @@ class ResolvedRequest:
         return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "size": self.size,
                 "frame_num": self.frame_num, "steps": self.steps, "shift": self.shift,
                 "guide_scale": list(self.guide_scale), "solver": self.solver.value,
-                "seed": self.seed, "has_image": self.image is not None}
+                "seed": self.seed, "has_image": self.image is not None,
+                **({"denoising_steps": list(self.denoising_steps)} if self.denoising_steps else {})}
 
 
 def i2v_latent_hw(image_hw: tuple[int, int], max_area: int, task: TaskSpec) -> tuple[int, int]:
@@ -192,7 +208,8 @@ class Pipeline:
                  dit_dtype: torch.dtype, text_device: torch.device | None = None,
                  text_dtype: torch.dtype | None = None, memory: MemoryBudget | None = None,
                  streaming: StreamingConfig | None = None, precision: str = "bf16",
-                 quantized_dir: Path | None = None) -> None:
+                 quantized_dir: Path | None = None, loras: Sequence[LoraSpec] = (),
+                 step_cache: StepCacheConfig | None = None) -> None:
         self.task = task
         self.files = files
         self.device = device
@@ -219,6 +236,16 @@ class Pipeline:
             from wanrt.export.quant_io import quantized_scheme
 
             self.precision = Precision(quantized_scheme(next(iter(self.quantized_files.dit_dirs.values())))).value
+        if loras and self.quantized_files is not None:
+            raise InputError("--lora merges into the bf16 weights before quantizing; use --precision fp8/int8 "
+                             "with the checkpoint instead of --quantized")
+        # Opened and checked against the task's DiT shapes now, before any weight loads.
+        experts = (Expert.HIGH_NOISE, Expert.LOW_NOISE) if task.is_moe else (Expert.ONLY,)
+        self.loras: list[LoadedLora] = check_loras(loras, self._dit_shapes(task), experts) if loras else []
+        self.step_cache = step_cache
+        # What the last run did: DiT forwards run, and the steps the step cache reused.
+        self.dit_forwards = 0
+        self.cached_steps: list[int] = []
         self.plan: MemoryPlan | None = None
         self._streamer: BlockStreamer | None = None
         self._experts: dict[Expert, WanDiT] = {}
@@ -239,13 +266,20 @@ class Pipeline:
         self._vae = None
         self.load_seconds: dict[str, float] = {}
 
+    @staticmethod
+    def _dit_shapes(task: TaskSpec) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            return parameter_shapes(WanDiT(task.dit))
+
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | Path, task: str, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None, t5_cpu: bool = False,
                         vram_gib: float | None = None, ram_gib: float | None = None,
-                        precision: str = "bf16", quantized_dir: str | Path | None = None) -> "Pipeline":
+                        precision: str = "bf16", quantized_dir: str | Path | None = None,
+                        loras: Sequence[LoraSpec] = (), step_cache: StepCacheConfig | None = None) -> "Pipeline":
         """On a GPU the run is planned within `vram_gib`/`ram_gib` (default: what the
-        machine has), streaming DiT blocks when the experts do not fit."""
+        machine has), streaming DiT blocks when the experts do not fit. `loras` are merged
+        into the experts they name as each loads; `step_cache` skips near-repeated steps."""
         spec = get_task(task)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # bf16 on GPUs as the official code; float32 on the CPU, where bf16 is slow and the
@@ -254,16 +288,21 @@ class Pipeline:
         text_device = torch.device("cpu") if t5_cpu else device
         memory = MemoryBudget.detect(device, vram_gib, ram_gib) if device.type == "cuda" else None
         return cls(spec, locate_checkpoint(Path(ckpt_dir), spec), device, dtype, text_device,
-                   memory=memory, precision=precision, quantized_dir=quantized_dir)
+                   memory=memory, precision=precision, quantized_dir=quantized_dir, loras=loras,
+                   step_cache=step_cache)
 
     @classmethod
     def from_models(cls, task: TaskSpec, experts: dict[Expert, WanDiT], vae=None,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    memory: MemoryBudget | None = None, text_encoder=None) -> "Pipeline":
+                    memory: MemoryBudget | None = None, text_encoder=None,
+                    loras: Sequence[LoraSpec] = ()) -> "Pipeline":
         """A pipeline over models already built (benchmarks with random full-size weights,
         converted models); a run then needs text embeddings (or `text_encoder`, a
-        `wanrt.text_encoder.TextEncoder`), and the VAE only to decode."""
-        pipeline = cls(task, None, torch.device(device), dtype, memory=memory)
+        `wanrt.text_encoder.TextEncoder`), and the VAE only to decode. `loras` are merged
+        into `experts` here, in place."""
+        pipeline = cls(task, None, torch.device(device), dtype, memory=memory, loras=loras)
+        for expert, model in experts.items():
+            pipeline._merge_loras(expert, model)
         pipeline._experts.update(experts)
         pipeline._vae = vae
         pipeline._text_encoder = text_encoder
@@ -276,6 +315,12 @@ class Pipeline:
         value = load()
         self.load_seconds[name] = time.perf_counter() - start
         return value
+
+    def _merge_loras(self, expert: Expert, model: WanDiT) -> None:
+        merge_loras(model, [lora for lora in self.loras if lora.spec.applies_to(expert)])
+
+    def lora_records(self) -> list[dict]:
+        return [lora.record() for lora in self.loras]
 
     def _require_files(self) -> CheckpointFiles:
         if self.files is None:
@@ -296,6 +341,8 @@ class Pipeline:
             model = self._timed_load(f"dit_{expert.value}", lambda: load_dit(
                 folder, expect=self.task.dit, dtype=self.dit_dtype))
             check_dit_matches_vae(model.config, self.task.vae, str(folder))
+            # LoRAs first: quantization, pinning and streaming then see the merged weights.
+            self._merge_loras(expert, model)
             if self.precision != Precision.BF16.value:
                 from wanrt.export.quantize import quantize
 
@@ -462,17 +509,25 @@ class Pipeline:
         if self.plan is None:
             self.plan_run(request)
         conditioning = self._condition(request, noise)
+        self.dit_forwards = 0
+        self.cached_steps = []
         return SamplingState(request, conditioning.latents, self.new_scheduler(request), 0, conditioning)
 
     def new_scheduler(self, request: ResolvedRequest) -> FlowScheduler:
         """A fresh scheduler for `request`'s schedule, its timesteps on this pipeline's device."""
         return make_scheduler(request.solver, request.steps, request.shift,
-                              self.task.sample.num_train_timesteps, device=self.device)
+                              self.task.sample.num_train_timesteps, device=self.device,
+                              denoising_steps=request.denoising_steps)
 
-    def schedule(self, state: SamplingState, stop: int | None = None) -> list[tuple[int, Expert]]:
-        """(timestep, expert) of the steps `state.step .. stop` (default: to the end)."""
-        timesteps = state.scheduler.timesteps.tolist()[state.step:stop]
-        return [(t, self.expert_for(t)) for t in timesteps]
+    def schedule(self, state: SamplingState, stop: int | None = None) -> list[tuple[float, Expert]]:
+        """(timestep, expert) of the steps `state.step .. stop` (default: to the end). The
+        expert follows the timestep boundary, or the step index for a sampler that fixes
+        the split (the distilled one: LightX2V's `boundary_step_index`)."""
+        timesteps = state.scheduler.timesteps.tolist()
+        boundary_step = state.scheduler.boundary_step_index
+        return [(timesteps[i], self.expert_for(timesteps[i]) if boundary_step is None or not self.task.is_moe
+                 else Expert.HIGH_NOISE if i < boundary_step else Expert.LOW_NOISE)
+                for i in range(len(timesteps))[state.step:stop]]
 
     def denoise(self, state: SamplingState, embeddings: TextEmbeddings, stop: int | None = None,
                 on_step: Callable[[StepInfo], None] | None = None) -> SamplingState:
@@ -483,27 +538,39 @@ class Pipeline:
         steps = self.schedule(state, stop)
         for expert in dict.fromkeys(expert for _, expert in steps):
             self._load_expert(expert)
+        def scale_of(expert: Expert) -> float:
+            return state.request.guide_scale[0 if expert is Expert.LOW_NOISE else 1]
         if self._streamer is not None:
             # The whole run's block order, so prefetching crosses forwards and the boundary.
+            # (Steps the step cache skips leave their blocks announced; the streamer realigns.)
             for _, expert in steps:
-                for _ in range(self.guidance.forwards_per_step):
+                for _ in range(self.guidance.forwards_for(scale_of(expert))):
                     self._streamer.expect_forward(expert)
         cond = embeddings.cond[None].to(self.device)
         uncond = embeddings.uncond[None].to(self.device)
         conditioning = state.conditioning
 
-        def predict(t: int, expert: Expert, latents: Tensor) -> tuple[Tensor, float]:
+        def predict(t: float, expert: Expert, latents: Tensor) -> tuple[Tensor, float]:
             self.dit(expert)
-            scale = state.request.guide_scale[0 if expert is Expert.LOW_NOISE else 1]
+            runner, scale = self._runners[expert], scale_of(expert)
             timestep = conditioning.timestep(torch.tensor(t, device=self.device))
-            return self.guidance(self._runners[expert], latents, timestep, cond, uncond,
-                                 conditioning.y, scale), scale
+
+            def forward(*args, **kwargs) -> Tensor:
+                self.dit_forwards += 1
+                return runner(*args, **kwargs)
+            return self.guidance(forward, latents, timestep, cond, uncond, conditioning.y, scale), scale
+        cache = None
+        if self.step_cache is not None:
+            cache = EasyCache(self.step_cache, len(state.scheduler.timesteps))
+            predict = cache.wrap(predict, state.step)
 
         autocast = torch.autocast(self.device.type, dtype=self.dit_dtype,
                                   enabled=self.dit_dtype != torch.float32)
         with torch.no_grad(), autocast:
             latents = run_steps(steps, state.step, state.scheduler, state.latents, predict,
                                 conditioning.fix_up, on_step)
+        if cache is not None:
+            self.cached_steps += cache.skipped
         return dataclasses.replace(state, latents=latents, step=state.step + len(steps))
 
     def sample(self, request: GenerationRequest | ResolvedRequest, embeddings: TextEmbeddings | None = None,

@@ -39,6 +39,9 @@ class FlowScheduler:
     # The official DPM++ path starts at sigma 1 (pure noise), the others at the top of the
     # training table.
     starts_from_pure_noise: ClassVar[bool] = False
+    # A14B experts switch at the timestep boundary; a sampler that fixes the split by step
+    # index instead (the distilled one) sets this to the first low-noise step.
+    boundary_step_index: int | None = None
 
     def __init__(self, steps: int, shift: float, num_train_timesteps: int = 1000,
                  device: torch.device | str | None = None) -> None:
