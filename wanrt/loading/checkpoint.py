@@ -218,3 +218,44 @@ def check_dit_matches_vae(dit: DiTConfig, vae: VAEConfig, source: str) -> None:
         raise CheckpointError(
             f"{source}: the DiT predicts {dit.out_dim} latent channels but the Wan{vae.version.value} "
             f"VAE has {vae.z_dim}; the DiT and the VAE come from different models")
+
+
+# Keys of the official Animate config.json beyond the `WanModel` ones, with the only values
+# wanrt runs (sliding windows and the CLIP-less variant were never released).
+_ANIMATE_JSON_FIXED = {"window_size": [-1, -1], "use_img_emb": True}
+# Runtime options of the official class, not architecture.
+_ANIMATE_JSON_RUNTIME = ("use_context_parallel", "motion_encoder_dim")
+
+
+def load_animate_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype | None = None):
+    """Load a Wan2.2-Animate DiT folder (official layout: `WanAnimateModel` config.json and
+    safetensors shards). The face-branch widths are read from the tensor shapes."""
+    from wanrt.models.animate_dit import AnimateDiT, AnimateWidths
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    raw = dict(_read_json(config_path, "DiT config.json"))
+    if raw.get("_class_name") != "WanAnimateModel":
+        raise CheckpointError(f"{config_path}: a {raw.get('_class_name')!r} config, not WanAnimateModel; "
+                              "point --ckpt-dir at the Wan2.2-Animate-14B folder")
+    for key, value in _ANIMATE_JSON_FIXED.items():
+        if key in raw and raw.pop(key) != value:
+            raise CheckpointError(f"{config_path}: {key} must be {value}")
+    for key in _ANIMATE_JSON_RUNTIME:
+        raw.pop(key, None)
+    raw["model_type"] = "animate"
+    try:
+        config = DiTConfig.from_official_json(raw, str(config_path))
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    shards = safetensors_shards(folder, "diffusion_pytorch_model")
+    infos = _renamed_headers(shards, str)
+    config = complete_dit_config(config, infos, expect, str(folder))
+    try:
+        widths = AnimateWidths.from_shapes({key: info.shape for key, info in infos.items()})
+        with torch.device("meta"):
+            model = AnimateDiT(config, widths)
+    except ConfigError as exc:
+        raise CheckpointError(f"{folder}: {exc}") from None
+    check_state_keys(model, infos, str(folder))
+    return assign_tensors(model, _renamed_chunks(shards, str), dtype)
