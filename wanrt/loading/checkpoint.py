@@ -259,3 +259,35 @@ def load_animate_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch
         raise CheckpointError(f"{folder}: {exc}") from None
     check_state_keys(model, infos, str(folder))
     return assign_tensors(model, _renamed_chunks(shards, str), dtype)
+
+
+def load_clip_vision(path: Path, num_heads: int, dtype: torch.dtype | None = None):
+    """The image tower of the official open-clip XLM-R ViT-H/14 `.pth` (weights-only load).
+
+    Key map: `visual.<name>` -> `<name>`. Dropped on purpose, and only these: the text
+    tower (`textual.*`, `log_scale`) and what `use_31_block` never runs (the last
+    transformer block, `visual.post_norm`, `visual.head`). The widths come from the shapes;
+    the head count cannot, so the task gives it."""
+    from wanrt.models.clip import ClipVision, ClipVisionConfig
+
+    path = Path(path)
+    state = load_pth(path)
+    blocks = {int(key.split(".")[2]) for key in state if key.startswith("visual.transformer.")}
+    if not blocks or "visual.patch_embedding.weight" not in state or "visual.pos_embedding" not in state:
+        raise CheckpointError(f"{path}: not an open-clip XLM-R ViT-H/14 checkpoint (no visual tower)")
+    last = max(blocks)
+    unused = (f"visual.transformer.{last}.", "visual.post_norm.", "textual.")
+    renamed = {key.removeprefix("visual."): tensor for key, tensor in state.items()
+               if key.startswith("visual.") and not key.startswith(unused) and key != "visual.head"}
+    patch = state["visual.patch_embedding.weight"]
+    dim, patch_size = patch.shape[0], patch.shape[-1]
+    grid = round((state["visual.pos_embedding"].shape[1] - 1) ** 0.5)
+    hidden = state["visual.transformer.0.mlp.0.weight"].shape[0] if "visual.transformer.0.mlp.0.weight" in state else dim
+    config = ClipVisionConfig(image_size=grid * patch_size, patch_size=patch_size, dim=dim,
+                              mlp_ratio=hidden // dim, num_heads=num_heads, num_layers=last)
+    if dim % num_heads:
+        raise CheckpointError(f"{path}: CLIP width {dim} is not divisible by {num_heads} heads")
+    with torch.device("meta"):
+        model = ClipVision(config)
+    check_state_keys(model, renamed, str(path))
+    return assign_tensors(model, [renamed], dtype)
