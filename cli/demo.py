@@ -9,16 +9,19 @@ from typing import Annotated
 import torch
 import typer
 
+from wanrt.animate_video import generate_animation
+from wanrt.cli.animate import print_animation
 from wanrt.cli.generate import run_generation
 from wanrt.configs import ModelType, TaskSpec, get_task, parse_size
-from wanrt.demo import write_tiny_checkpoint
+from wanrt.demo import write_tiny_animate_checkpoint, write_tiny_checkpoint, write_toy_animate_source
 from wanrt.errors import InputError
 from wanrt.generate import check_output_path
 from wanrt.hashing import cache_root
 from wanrt.loading.checkpoint import locate_checkpoint
 from wanrt.pipelines import GenerationRequest, Pipeline
+from wanrt.pipelines.animate import AnimatePipeline, AnimateRequest
 
-DEMO_TASKS = ("tiny-t2v", "tiny-i2v", "tiny-ti2v")
+DEMO_TASKS = ("tiny-t2v", "tiny-i2v", "tiny-ti2v", "tiny-animate")
 # Whole words of the toy tokenizer's vocabulary, so the prompt is not all <unk>.
 DEMO_PROMPT = "a cat surfing on the beach at sunset"
 
@@ -29,9 +32,26 @@ def demo_checkpoint(task: TaskSpec) -> Path:
     files = locate_checkpoint(root, task) if root.is_dir() else None
     needed = [*(folder / "config.json" for folder in files.dit_dirs.values()), files.vae, files.t5,
               files.tokenizer] if files else []
+    animate = task.dit.model_type is ModelType.ANIMATE
+    if animate:
+        needed += [root / task.extras["clip_checkpoint"], root / task.extras["lora_checkpoint"]]
     if files is None or not all(path.exists() for path in needed):
-        write_tiny_checkpoint(root, task)
+        (write_tiny_animate_checkpoint if animate else write_tiny_checkpoint)(root, task)
     return root
+
+
+def animate_demo(spec: TaskSpec, target: Path) -> None:
+    """Both Animate modes on a toy source folder: animation, then replacement with the
+    relighting LoRA (`<output>-replace.mp4`)."""
+    source = write_toy_animate_source(cache_root() / "demo" / f"{spec.name}-source", spec)
+    for replace in (False, True):
+        output = target if not replace else target.with_name(f"{target.stem}-replace{target.suffix}")
+        pipeline = AnimatePipeline.from_pretrained(demo_checkpoint(spec), spec.name, device="cpu",
+                                                   use_relighting_lora=replace)
+        record = generate_animation(pipeline, AnimateRequest(replace=replace, seed=0), source, output,
+                                    run_options={"demo": True})
+        typer.echo(f"{'replace' if replace else 'animate'}: ", nl=False)
+        print_animation(record)
 
 
 def gradient_image(task: TaskSpec) -> torch.Tensor:
@@ -43,7 +63,7 @@ def gradient_image(task: TaskSpec) -> torch.Tensor:
 
 
 def demo_command(
-    task: Annotated[str, typer.Option("--task", help="tiny-t2v, tiny-i2v or tiny-ti2v.")] = "tiny-t2v",
+    task: Annotated[str, typer.Option("--task", help="tiny-t2v, tiny-i2v, tiny-ti2v or tiny-animate.")] = "tiny-t2v",
     output: Annotated[Path | None, typer.Option(
         "--output", help="Output .mp4 (default: wanrt-demo-<task>.mp4 here).")] = None,
 ) -> None:
@@ -54,6 +74,9 @@ def demo_command(
     target = check_output_path(output or Path(f"wanrt-demo-{task}.mp4"))
     typer.echo(f"wanrt demo: {task} is a random-weight smoke model; the video is noise, "
                "not a real generation. It checks that T5, sampling, the VAE and mp4 writing work.")
+    if spec.dit.model_type is ModelType.ANIMATE:
+        animate_demo(spec, target)
+        return
     image = gradient_image(spec) if spec.dit.model_type is not ModelType.T2V else None
     pipeline = Pipeline.from_pretrained(demo_checkpoint(spec), task, device="cpu")
     request = GenerationRequest(prompt=DEMO_PROMPT, image=image, seed=0)

@@ -21,6 +21,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeRemainingColumn)
 from rich.text import Text
 
+from wanrt.cli.animate import ANIMATE_TASKS, AnimateOptions, refuse_animate_options, refuse_unsupported, run_animate
 from wanrt.distributed.config import ParallelConfig
 from wanrt.distributed.launch import check_gpu_count, is_rank_zero, launched_world_size, relaunch, run_rank
 from wanrt.engines.base import EngineKind, use_engine
@@ -29,6 +30,7 @@ from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path,
                             generate_video, generation_task, parse_device)
 from wanrt.lora import LoraExpert, LoraSpec
 from wanrt.pipelines import GenerationRequest, Pipeline, StepInfo
+from wanrt.pipelines.animate import AnimateRequest
 from wanrt.prompt_extend import (PromptExtendMethod, PromptExtendOptions, PromptExtension, PromptExtensionCache,
                                  TargetLanguage, extend_prompt)
 from wanrt.runtime.planner import Precision as WeightPrecision
@@ -320,8 +322,36 @@ def generate_command(
     prompt_extend_strict: Annotated[bool, typer.Option(
         "--prompt-extend-strict", help="Stop when prompt extension fails instead of using the original prompt.")]
     = False,
+    src_root_path: Annotated[Path | None, typer.Option(
+        "--src_root_path", "--src-root-path", help="Animate: the preprocessed folder (src_pose.mp4, src_face.mp4, "
+        "src_ref.png; with --replace_flag also src_bg.mp4, src_mask.mp4).")] = None,
+    refert_num: Annotated[int, typer.Option(
+        "--refert_num", "--refert-num", help="Animate: frames carried into the next segment, 1 or 5.")] = 1,
+    replace_flag: Annotated[bool, typer.Option(
+        "--replace_flag", "--replace-flag", help="Animate: replace the person in the video instead of "
+        "animating the reference image.")] = False,
+    use_relighting_lora: Annotated[bool, typer.Option(
+        "--use_relighting_lora", "--use-relighting-lora",
+        help="Animate replacement: merge the checkpoint's relighting_lora.ckpt.")] = False,
 ) -> None:
-    """Generate a video from a prompt (and an image for i2v/ti2v)."""
+    """Generate a video from a prompt (and an image for i2v/ti2v), or animate a character
+    (--task animate-14B --src_root_path DIR)."""
+    animate_options = AnimateOptions(src_root_path, refert_num, replace_flag, use_relighting_lora)
+    if task in ANIMATE_TASKS:
+        refuse_unsupported({"--image": image is not None, "--size": size is not None, "--lora": bool(lora or lora_high
+                            or lora_low), "--cache": cache is not None, "--quantized": quantized is not None,
+                            "--engine": engine is not EngineKind.EAGER, "--gpus": gpus > 1,
+                            "--ulysses/--cfg-parallel/--dit-fsdp/--t5-fsdp": bool(ulysses or cfg_parallel or dit_fsdp
+                                                                                 or t5_fsdp),
+                            "--use_prompt_extend": use_prompt_extend}, task)
+        request = AnimateRequest(replace=replace_flag, refert_num=refert_num, clip_len=frame_num, steps=steps,
+                                 shift=shift, guide_scale=parse_guide_scale(guide_scale), solver=solver or "unipc",
+                                 seed=seed, prompt=prompt, negative_prompt=negative_prompt)
+        run_animate(task, animate_options, request, ckpt_dir, output, device,
+                    COMPUTE_DTYPES[dtype] if dtype else None, t5_cpu, precision.value, vram, ram,
+                    {"offload_model": offload_model_official or offload_model, "convert_model_dtype": convert_model_dtype})
+        return
+    refuse_animate_options(animate_options, task)
     spec = generation_task(task)
     if prompt is None or not (prompt or (use_prompt_extend and image)):
         raise InputError("--prompt is required (it may be empty only with --use_prompt_extend and --image, "

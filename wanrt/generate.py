@@ -279,6 +279,15 @@ def read_latents(path: Path) -> tuple[Tensor, dict[str, str]]:
 # ---------------------------------------------------------------------- runs
 
 
+def resolve_seed(seed: int) -> tuple[int, bool]:
+    """(the seed to use, whether it was drawn): a negative seed draws one, as the official CLI."""
+    if seed < 0:
+        return secrets.randbelow(_MAX_SEED + 1), True
+    if seed > _MAX_SEED:
+        raise InputError(f"--seed {seed} is too large; use 0..{_MAX_SEED}, or -1 for a random one")
+    return seed, False
+
+
 def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequest, output: Path, *,
                    embedding_cache: EmbeddingCache | None,
                    on_step: Callable[[StepInfo], None] | None = None,
@@ -297,10 +306,7 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
     """
     started = time.perf_counter()
     output = check_output_path(output)
-    seed_was_random = request.seed < 0
-    seed = secrets.randbelow(sys.maxsize + 1) if seed_was_random else request.seed
-    if seed > _MAX_SEED:
-        raise InputError(f"--seed {seed} is too large; use 0..{_MAX_SEED}, or -1 for a random one")
+    seed, seed_was_random = resolve_seed(request.seed)
     resolved = dataclasses.replace(request, seed=seed).resolved(pipeline.task)
     if pipeline.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipeline.device)

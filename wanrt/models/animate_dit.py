@@ -128,10 +128,16 @@ class Blur(nn.Module):
 
     def __init__(self, pad: tuple[int, int]) -> None:
         super().__init__()
-        taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
-        kernel = torch.outer(taps, taps)
-        self.register_buffer("kernel", kernel / kernel.sum())
+        self.register_buffer("kernel", torch.empty(4, 4))
+        self.reset_kernel()
         self.pad = pad
+
+    @torch.no_grad()
+    def reset_kernel(self) -> None:
+        """The official kernel (also what the checkpoint stores)."""
+        taps = torch.tensor([1.0, 3.0, 3.0, 1.0], device=self.kernel.device)
+        kernel = torch.outer(taps, taps)
+        self.kernel.copy_(kernel / kernel.sum())
 
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape

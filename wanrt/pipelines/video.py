@@ -338,8 +338,7 @@ class Pipeline:
             self._experts[expert] = model
         if expert not in self._experts:
             folder = self._require_files().dit_dirs[expert]
-            model = self._timed_load(f"dit_{expert.value}", lambda: load_dit(
-                folder, expect=self.task.dit, dtype=self.dit_dtype))
+            model = self._timed_load(f"dit_{expert.value}", lambda: self.read_dit(folder))
             check_dit_matches_vae(model.config, self.task.vae, str(folder))
             # LoRAs first: quantization, pinning and streaming then see the merged weights.
             self._merge_loras(expert, model)
@@ -360,6 +359,10 @@ class Pipeline:
             model = self._experts[expert]
             self._runners[expert] = model if self.wrap_expert is None else self.wrap_expert(expert, model)
         return self._experts[expert]
+
+    def read_dit(self, folder: Path) -> WanDiT:
+        """One DiT folder as this task's model class (a task family may read another)."""
+        return load_dit(folder, expect=self.task.dit, dtype=self.dit_dtype)
 
     def _place(self, expert: Expert, device: torch.device | str) -> None:
         """Move what of `expert` is not streamed (all of it without streaming)."""
@@ -602,12 +605,15 @@ class Pipeline:
         (CPU runs) or the DiT runs in float32 (the planner counts bf16/fp8/int8 weights)."""
         if isinstance(request, GenerationRequest):
             request = request.resolved(self.task)
+        return self.plan_shape(request.size, request.frame_num, image=request.image is not None)
+
+    def plan_shape(self, size: str, frame_num: int, image: bool) -> MemoryPlan | None:
+        """`plan_run` for a video of `size` ('W*H') and `frame_num` frames per DiT run."""
         if self.memory is None or self.dit_dtype != torch.bfloat16:
             return None
         self.plan = require_fit(make_plan(
-            self.task, request.size, request.frame_num, self.precision, self.memory.vram_gib,
-            self.memory.ram_gib, image=request.image is not None,
-            t5_cpu=self.text_device.type == "cpu"))
+            self.task, size, frame_num, self.precision, self.memory.vram_gib,
+            self.memory.ram_gib, image=image, t5_cpu=self.text_device.type == "cpu"))
         if self.plan.streaming and self.streaming is None:
             self.streaming = StreamingConfig(self.plan.resident_blocks, self.plan.prefetch_depth,
                                              self.plan.pinned_bytes)
