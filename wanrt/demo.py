@@ -155,7 +155,8 @@ def write_tiny_animate_checkpoint(root: Path, task: TaskSpec, seed: int = 0) -> 
     return root
 
 
-def write_toy_animate_source(folder: Path, task: TaskSpec, frames: int = 13, replace: bool = True) -> Path:
+def write_toy_animate_source(folder: Path, task: TaskSpec, frames: int = 13, replace: bool = True,
+                             size: str | None = None) -> Path:
     """A `src_root_path` folder in the official preprocessor's layout for the tiny task: a
     moving square as the pose video, its face crops, a gradient reference image, and for
     replacement a background video and the square as the person mask."""
@@ -164,7 +165,7 @@ def write_toy_animate_source(folder: Path, task: TaskSpec, frames: int = 13, rep
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    width, height = (int(v) for v in task.sample.sizes[0].split("*"))
+    width, height = (int(v) for v in (size or task.sample.sizes[0]).split("*"))
     face = AnimateWidths(**TINY_ANIMATE_WIDTHS).face_size
     time = torch.linspace(0, 1, frames)[:, None, None]
     ys, xs = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")

@@ -134,7 +134,9 @@ class Blur(nn.Module):
 
     @torch.no_grad()
     def reset_kernel(self) -> None:
-        """The official kernel (also what the checkpoint stores)."""
+        """The official kernel (also what the checkpoint stores); nothing to fill on meta."""
+        if self.kernel.is_meta:
+            return
         taps = torch.tensor([1.0, 3.0, 3.0, 1.0], device=self.kernel.device)
         kernel = torch.outer(taps, taps)
         self.kernel.copy_(kernel / kernel.sum())
