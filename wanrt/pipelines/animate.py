@@ -267,7 +267,8 @@ class AnimatePipeline(Pipeline):
         self.check_source(source, request)
         if self.plan is None:  # before the DiT loads: the plan decides what streams
             height, width = source.pose.shape[1:3]
-            self.plan_shape(f"{width}*{height}", request.clip_len, image=True)
+            # One more latent frame than the clip: the reference frame 0.
+            self.plan_shape(f"{width}*{height}", request.clip_len + self.task.vae_stride[0], image=True)
         face_size = self.dit(Expert.ONLY).widths.face_size
         if tuple(source.face.shape[1:3]) != (face_size, face_size):
             raise InputError(f"src_face.mp4 frames are {source.face.shape[2]}x{source.face.shape[1]}; this model "

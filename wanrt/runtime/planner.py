@@ -21,7 +21,11 @@ import torch
 
 from wanrt.configs import SIZES, DiTConfig, ModelType, TaskSpec, VAEVersion, parse_size
 from wanrt.errors import InputError
+from wanrt.models.animate_dit import AnimateDiT
 from wanrt.models.dit import WanDiT
+
+# DiT variants whose parameters differ from `WanDiT`'s (Animate: CLIP rows, face branch).
+DIT_CLASSES: dict[ModelType, type[WanDiT]] = {ModelType.ANIMATE: AnimateDiT}
 
 GIB = 2**30
 
@@ -80,7 +84,7 @@ def dit_bytes(config: DiTConfig, precision: Precision) -> ModelBytes:
     modulation tables float32/bf16 as loaded; everything outside the blocks bf16, except
     the float32 time MLPs and head."""
     with torch.device("meta"):
-        model = WanDiT(config)
+        model = DIT_CLASSES.get(config.model_type, WanDiT)(config)
 
     def size(name: str, param: torch.Tensor, in_block: bool) -> int:
         parts = name.split(".")
