@@ -22,6 +22,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from wanrt.cli.animate import ANIMATE_TASKS, AnimateOptions, refuse_animate_options, refuse_unsupported, run_animate
+from wanrt.configs import get_task
 from wanrt.distributed.config import ParallelConfig
 from wanrt.distributed.launch import check_gpu_count, is_rank_zero, launched_world_size, relaunch, run_rank
 from wanrt.engines.base import EngineKind, use_engine
@@ -345,7 +346,8 @@ def generate_command(
                                                                                  or t5_fsdp),
                             "--use_prompt_extend": use_prompt_extend}, task)
         request = AnimateRequest(replace=replace_flag, refert_num=refert_num, clip_len=frame_num, steps=steps,
-                                 shift=shift, guide_scale=parse_guide_scale(guide_scale), solver=solver or "unipc",
+                                 shift=shift, guide_scale=parse_guide_scale(guide_scale),
+                                 solver=solver or get_task(task).sample.solver,
                                  seed=seed, prompt=prompt, negative_prompt=negative_prompt)
         run_animate(task, animate_options, request, ckpt_dir, output, device,
                     COMPUTE_DTYPES[dtype] if dtype else None, t5_cpu, precision.value, vram, ram,

@@ -186,3 +186,14 @@ def test_animate_flags_on_another_task_are_refused(tmp_path):
     result = wanrt("generate", "--task", "tiny-t2v", "--prompt", "a cat", "--ckpt_dir", tmp_path,
                    "--src_root_path", tmp_path)
     assert result.exit_code == 2 and "--src_root_path apply to --task" in result.stderr
+
+
+@pytest.mark.slow
+def test_demo_runs_both_modes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANRT_CACHE_DIR", str(tmp_path / "cache"))
+    output = tmp_path / "demo.mp4"
+    result = wanrt("demo", "--task", "tiny-animate", "--output", output)
+    assert result.exit_code == 0, result.output
+    for video in (output, tmp_path / "demo-replace.mp4"):
+        assert read_video(video)[0].shape[1] == 13
+    assert json.loads((tmp_path / "demo-replace.json").read_text())["runtime"]["loras"][0]["patched_parameters"] == 60

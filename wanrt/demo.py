@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -61,24 +62,23 @@ def write_tiny_checkpoint(root: Path, task: TaskSpec, seed: int = 0) -> Path:
     Built in a temporary sibling folder and renamed into place, so an interrupted write
     never leaves a half checkpoint that a later run would trust.
     """
-    from wanrt.models.t5 import UMT5Encoder
-    from wanrt.models.vae import WanVAE
-
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-    try:
+    def write(staging: Path) -> None:
         files = locate_checkpoint(staging, task)
         for offset, (expert, folder) in enumerate(files.dit_dirs.items()):
             with torch.device("meta"):
                 dit = WanDiT(task.dit)
             # Shards of ~256 KB so the tiny model is sharded with an index, as released.
             save_dit_official(randomize_(dit, seed + offset), folder, max_shard_bytes=256 * 1024)
-        save_pth(_random_state(WanVAE, task.vae, seed + 10), files.vae)
-        t5_state = _random_state(UMT5Encoder, task.t5, seed + 20)
-        # The released encoder is stored in bf16.
-        save_pth({k: v.to(torch.bfloat16) for k, v in t5_state.items()}, files.t5)
-        write_toy_tokenizer(files.tokenizer)
+        _write_vae_and_text_encoder(staging, task, seed)
+    return _write_staged(Path(root), write)
+
+
+def _write_staged(root: Path, write: Callable[[Path], None]) -> Path:
+    """`write(folder)` into a temporary sibling of `root`, then rename it into place."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        write(staging)
         if root.exists():
             shutil.rmtree(root)
         os.replace(staging, root)
@@ -87,6 +87,17 @@ def write_tiny_checkpoint(root: Path, task: TaskSpec, seed: int = 0) -> Path:
         raise
     return root
 
+
+def _write_vae_and_text_encoder(folder: Path, task: TaskSpec, seed: int) -> None:
+    from wanrt.models.t5 import UMT5Encoder
+    from wanrt.models.vae import WanVAE
+
+    files = locate_checkpoint(folder, task)
+    save_pth(_random_state(WanVAE, task.vae, seed + 10), files.vae)
+    t5_state = _random_state(UMT5Encoder, task.t5, seed + 20)
+    # The released encoder is stored in bf16.
+    save_pth({k: v.to(torch.bfloat16) for k, v in t5_state.items()}, files.t5)
+    write_toy_tokenizer(files.tokenizer)
 
 
 # Tiny Animate sub-networks: 32 px faces (3 ResBlocks), a 64-row motion basis, the official
@@ -105,13 +116,8 @@ def write_tiny_animate_checkpoint(root: Path, task: TaskSpec, seed: int = 0) -> 
     from wanrt.loading.save import official_dit_config, save_safetensors_sharded, write_json
     from wanrt.models.animate_dit import AnimateDiT, AnimateWidths, Blur
     from wanrt.models.clip import ClipVision, ClipVisionConfig
-    from wanrt.models.t5 import UMT5Encoder
-    from wanrt.models.vae import WanVAE
 
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-    try:
+    def write(staging: Path) -> None:
         widths = AnimateWidths(**TINY_ANIMATE_WIDTHS)
         with torch.device("meta"):
             dit = AnimateDiT(task.dit, widths)
@@ -131,29 +137,22 @@ def write_tiny_animate_checkpoint(root: Path, task: TaskSpec, seed: int = 0) -> 
                            "visual.post_norm.bias": torch.zeros(clip_config.dim),
                            "visual.head": torch.randn(clip_config.dim, 16), "log_scale": torch.tensor(2.6593)})
         save_pth(clip_state, staging / task.extras["clip_checkpoint"])
-        generator = torch.Generator().manual_seed(seed + 40)
-        lora = {}
-        for name, module in dit.blocks.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                out_features, in_features = module.weight.shape
-                lora[f"blocks.{name}.lora_A.weight"] = torch.randn(TINY_RELIGHTING_RANK, in_features, generator=generator)
-                lora[f"blocks.{name}.lora_B.weight"] = 0.01 * torch.randn(out_features, TINY_RELIGHTING_RANK,
-                                                                         generator=generator)
-        save_pth({"state_dict": {k: v.to(torch.bfloat16) for k, v in lora.items()}},
-                 staging / task.extras["lora_checkpoint"])
-        files = locate_checkpoint(staging, task)
-        save_pth(_random_state(WanVAE, task.vae, seed + 10), files.vae)
-        t5_state = _random_state(UMT5Encoder, task.t5, seed + 20)
-        save_pth({k: v.to(torch.bfloat16) for k, v in t5_state.items()}, files.t5)
-        write_toy_tokenizer(files.tokenizer)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return root
+        save_pth({"state_dict": _random_relighting_lora(dit, seed + 40)}, staging / task.extras["lora_checkpoint"])
+        _write_vae_and_text_encoder(staging, task, seed)
+    return _write_staged(Path(root), write)
 
+
+def _random_relighting_lora(dit: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """PEFT keys for every Linear inside `blocks`, bf16, as the released relighting LoRA."""
+    generator = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, module in dit.blocks.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            out_features, in_features = module.weight.shape
+            lora[f"blocks.{name}.lora_A.weight"] = torch.randn(TINY_RELIGHTING_RANK, in_features, generator=generator)
+            lora[f"blocks.{name}.lora_B.weight"] = 0.01 * torch.randn(out_features, TINY_RELIGHTING_RANK,
+                                                                     generator=generator)
+    return {key: value.to(torch.bfloat16) for key, value in lora.items()}
 
 def write_toy_animate_source(folder: Path, task: TaskSpec, frames: int = 13, replace: bool = True,
                              size: str | None = None) -> Path:

@@ -131,6 +131,13 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
+def _official_config(raw: dict[str, Any], config_path: Path) -> DiTConfig:
+    try:
+        return DiTConfig.from_official_json(raw, str(config_path))
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype | None = None) -> WanDiT:
     """Load one DiT (expert) folder of either layout; `expect` is the task's architecture."""
     folder = Path(folder)
@@ -142,10 +149,7 @@ def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype |
         config = diffusers_dit.config_from_diffusers(raw, str(config_path), text_len=text_len)
     else:
         rename = str
-        try:
-            config = DiTConfig.from_official_json(raw, str(config_path))
-        except ConfigError as exc:
-            raise CheckpointError(str(exc)) from None
+        config = _official_config(raw, config_path)
     shards = safetensors_shards(folder, "diffusion_pytorch_model")
     infos = _renamed_headers(shards, rename)
     config = complete_dit_config(config, infos, expect, str(folder))
@@ -244,10 +248,7 @@ def load_animate_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch
     for key in _ANIMATE_JSON_RUNTIME:
         raw.pop(key, None)
     raw["model_type"] = "animate"
-    try:
-        config = DiTConfig.from_official_json(raw, str(config_path))
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
+    config = _official_config(raw, config_path)
     shards = safetensors_shards(folder, "diffusion_pytorch_model")
     infos = _renamed_headers(shards, str)
     config = complete_dit_config(config, infos, expect, str(folder))
