@@ -18,7 +18,7 @@ from wanrt.demo import write_tiny_animate_checkpoint, write_toy_animate_source
 from wanrt.errors import InputError
 from wanrt.pipelines.animate import (AnimatePipeline, AnimateRequest, i2v_mask, padded_length, ping_pong_indices,
                                      read_source)
-from wanrt.video_io import read_video
+from wanrt.video_io import read_video, write_video
 
 TASK = get_task("tiny-animate")
 runner = CliRunner()
@@ -180,6 +180,16 @@ def test_cli_bad_inputs_are_one_line(checkpoint, source, tmp_path, args, needle)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_wrong_face_crop_size_is_refused_before_the_dit_loads(checkpoint, source, tmp_path):
+    folder = tmp_path / "src"
+    shutil.copytree(source, folder)
+    write_video(torch.zeros(3, 9, 16, 16), folder / "src_face.mp4", fps=30)
+    pipeline = AnimatePipeline.from_pretrained(checkpoint, TASK.name, device="cpu")
+    with pytest.raises(InputError, match="src_face.mp4 frames are 16x16; this model takes 32x32"):
+        pipeline.animate(AnimateRequest(clip_len=5), read_source(folder, replace=False))
+    assert pipeline.load_seconds == {}  # nothing loaded
 
 
 def test_animate_flags_on_another_task_are_refused(tmp_path):

@@ -234,7 +234,7 @@ _ANIMATE_JSON_RUNTIME = ("use_context_parallel", "motion_encoder_dim")
 def load_animate_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype | None = None):
     """Load a Wan2.2-Animate DiT folder (official layout: `WanAnimateModel` config.json and
     safetensors shards). The face-branch widths are read from the tensor shapes."""
-    from wanrt.models.animate_dit import AnimateDiT, AnimateWidths
+    from wanrt.models.animate_dit import AnimateDiT
 
     folder = Path(folder)
     config_path = folder / "config.json"
@@ -253,13 +253,28 @@ def load_animate_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch
     infos = _renamed_headers(shards, str)
     config = complete_dit_config(config, infos, expect, str(folder))
     try:
-        widths = AnimateWidths.from_shapes({key: info.shape for key, info in infos.items()})
         with torch.device("meta"):
-            model = AnimateDiT(config, widths)
+            model = AnimateDiT(config, _animate_widths(infos, folder))
     except ConfigError as exc:
         raise CheckpointError(f"{folder}: {exc}") from None
     check_state_keys(model, infos, str(folder))
     return assign_tensors(model, _renamed_chunks(shards, str), dtype)
+
+
+def _animate_widths(infos: Mapping[str, TensorInfo], folder: Path):
+    from wanrt.models.animate_dit import AnimateWidths
+
+    try:
+        return AnimateWidths.from_shapes({key: info.shape for key, info in infos.items()})
+    except ConfigError as exc:
+        raise CheckpointError(f"{folder}: {exc}") from None
+
+
+def read_animate_widths(folder: Path):
+    """The Animate sub-network widths from the safetensors headers alone (no weight read),
+    so inputs can be checked against them before the DiT loads."""
+    return _animate_widths(_renamed_headers(safetensors_shards(Path(folder), "diffusion_pytorch_model"), str),
+                           Path(folder))
 
 
 def load_clip_vision(path: Path, num_heads: int, dtype: torch.dtype | None = None):

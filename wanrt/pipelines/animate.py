@@ -32,7 +32,7 @@ from torch import Tensor
 
 from wanrt.configs import TaskSpec
 from wanrt.errors import CheckpointError, InputError, parse_choice
-from wanrt.loading.checkpoint import Expert, load_animate_dit, load_clip_vision
+from wanrt.loading.checkpoint import Expert, load_animate_dit, load_clip_vision, read_animate_widths
 from wanrt.lora import LoraSpec, parameter_shapes
 from wanrt.models.animate_dit import AnimateDiT, AnimateWidths
 from wanrt.pipelines.core import StepInfo, TextEmbeddings, run_steps
@@ -245,6 +245,12 @@ class AnimatePipeline(Pipeline):
                 path, num_heads=self.task.extras["clip_heads"], dtype=dtype))
         return self._clip.to(self.device)
 
+    def face_size(self) -> int:
+        """Side of the face crops the DiT takes, without loading it when not loaded yet."""
+        if Expert.ONLY in self._experts:
+            return self._experts[Expert.ONLY].widths.face_size
+        return read_animate_widths(self._require_files().dit_dirs[Expert.ONLY]).face_size
+
     # ------------------------------------------------------------------ the run
 
     def check_source(self, source: AnimateSource, request: AnimateRequest) -> None:
@@ -254,6 +260,10 @@ class AnimatePipeline(Pipeline):
         if height % multiple or width % multiple:
             raise InputError(f"src_pose.mp4 is {width}x{height}; Animate needs both sides to be multiples of "
                              f"{multiple} (re-run the preprocessor with such a --resolution_area)")
+        face_size = self.face_size()
+        if tuple(source.face.shape[1:3]) != (face_size, face_size):
+            raise InputError(f"src_face.mp4 frames are {source.face.shape[2]}x{source.face.shape[1]}; this model "
+                             f"takes {face_size}x{face_size} face crops")
         if source.num_frames <= request.refert_num:
             raise InputError(f"src_pose.mp4 has {source.num_frames} frame(s); Animate needs more than "
                              f"--refert_num {request.refert_num}")
@@ -269,10 +279,6 @@ class AnimatePipeline(Pipeline):
             height, width = source.pose.shape[1:3]
             # One more latent frame than the clip: the reference frame 0.
             self.plan_shape(f"{width}*{height}", request.clip_len + self.task.vae_stride[0], image=True)
-        face_size = self.dit(Expert.ONLY).widths.face_size
-        if tuple(source.face.shape[1:3]) != (face_size, face_size):
-            raise InputError(f"src_face.mp4 frames are {source.face.shape[2]}x{source.face.shape[1]}; this model "
-                             f"takes {face_size}x{face_size} face crops")
         if embeddings is None:
             embeddings = self.encode_text(request.prompt, request.negative_prompt)
         clip_len, refert_num = request.clip_len, request.refert_num
