@@ -267,6 +267,10 @@ class AnimatePipeline(Pipeline):
         if source.num_frames <= request.refert_num:
             raise InputError(f"src_pose.mp4 has {source.num_frames} frame(s); Animate needs more than "
                              f"--refert_num {request.refert_num}")
+        for name, frames in (("face", source.face), ("bg", source.bg), ("mask", source.mask)):
+            if frames is not None and len(frames) != source.num_frames:
+                raise InputError(f"{SOURCE_FILES[name]} has {len(frames)} frames but src_pose.mp4 has "
+                                 f"{source.num_frames}; preprocess them together")
 
     def animate(self, request: AnimateRequest, source: AnimateSource, embeddings: TextEmbeddings | None = None,
                 on_step: Callable[[StepInfo], None] | None = None) -> Tensor:
