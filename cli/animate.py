@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 import typer
@@ -15,6 +15,7 @@ from wanrt.animate_video import AnimationRecord, generate_animation
 from wanrt.configs import TASK_NAMES, ModelType, get_task
 from wanrt.errors import InputError
 from wanrt.generate import check_output_path, parse_device
+from wanrt.lora import LoraSpec
 from wanrt.pipelines.animate import AnimatePipeline, AnimateRequest
 
 ANIMATE_TASKS = tuple(name for name in TASK_NAMES if get_task(name).dit.model_type is ModelType.ANIMATE)
@@ -55,24 +56,24 @@ def print_animation(record: AnimationRecord) -> None:
     typer.echo(f"dit forwards: {record.sidecar['runtime']['dit_forwards']}")
 
 
-def run_animate(task: str, options: AnimateOptions, request: AnimateRequest, ckpt_dir: Path | None,
-                output: Path | None, device: str | None, dtype: torch.dtype | None, t5_cpu: bool,
-                precision: str, vram: float | None, ram: float | None,
+def run_animate(task: str, options: AnimateOptions, request: AnimateRequest, loras: Sequence[LoraSpec],
+                ckpt_dir: Path | None, output: Path | None, device: str | None, dtype: torch.dtype | None,
+                t5_cpu: bool, precision: str, vram: float | None, ram: float | None,
                 run_options: Mapping[str, Any]) -> AnimationRecord:
     """Validate every option and the inputs' presence, then build the pipeline and run."""
     spec = get_task(task)
     if ckpt_dir is None:
         raise InputError("--ckpt-dir is required: the folder of the downloaded Wan2.2-Animate-14B checkpoint")
     if options.src_root_path is None:
-        raise InputError("--src_root_path is required: the folder written by `wanrt animate-prep` (or the "
-                         "official preprocess_data.py)")
+        raise InputError("--src_root_path is required: the folder written by the official Wan2.2-Animate "
+                         "preprocess_data.py")
     if options.use_relighting_lora and not request.replace:
         raise InputError("--use_relighting_lora is for character replacement; add --replace_flag")
     request.resolved(spec)  # every sampling option checked before anything loads
     target = check_output_path(output or Path(f"{spec.name}_{Path(options.src_root_path).name}.mp4"))
     pipeline = AnimatePipeline.from_pretrained(
         ckpt_dir, spec.name, device=parse_device(device), dtype=dtype, t5_cpu=t5_cpu, vram_gib=vram, ram_gib=ram,
-        precision=precision, use_relighting_lora=options.use_relighting_lora)
+        precision=precision, loras=loras, use_relighting_lora=options.use_relighting_lora)
     record = generate_animation(pipeline, request, options.src_root_path, target,
                                 run_options={**run_options, "use_relighting_lora": options.use_relighting_lora})
     print_animation(record)

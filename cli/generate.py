@@ -339,8 +339,8 @@ def generate_command(
     (--task animate-14B --src_root_path DIR)."""
     animate_options = AnimateOptions(src_root_path, refert_num, replace_flag, use_relighting_lora)
     if task in ANIMATE_TASKS:
-        refuse_unsupported({"--image": image is not None, "--size": size is not None, "--lora": bool(lora or lora_high
-                            or lora_low), "--cache": cache is not None, "--quantized": quantized is not None,
+        refuse_unsupported({"--image": image is not None, "--size": size is not None,
+                            "--cache": cache is not None, "--quantized": quantized is not None,
                             "--engine": engine is not EngineKind.EAGER, "--gpus": gpus > 1,
                             "--ulysses/--cfg-parallel/--dit-fsdp/--t5-fsdp": bool(ulysses or cfg_parallel or dit_fsdp
                                                                                  or t5_fsdp),
@@ -349,8 +349,8 @@ def generate_command(
                                  shift=shift, guide_scale=parse_guide_scale(guide_scale),
                                  solver=solver or get_task(task).sample.solver,
                                  seed=seed, prompt=prompt, negative_prompt=negative_prompt)
-        run_animate(task, animate_options, request, ckpt_dir, output, device,
-                    COMPUTE_DTYPES[dtype] if dtype else None, t5_cpu, precision.value, vram, ram,
+        run_animate(task, animate_options, request, parse_lora_options(lora, lora_high, lora_low), ckpt_dir, output,
+                    device, COMPUTE_DTYPES[dtype] if dtype else None, t5_cpu, precision.value, vram, ram,
                     {"offload_model": offload_model_official or offload_model, "convert_model_dtype": convert_model_dtype})
         return
     refuse_animate_options(animate_options, task)

@@ -149,7 +149,8 @@ def wanrt(*args):
 @pytest.mark.parametrize("replace", [False, True], ids=["animate", "replace"])
 def test_cli_generates_both_modes(checkpoint, source, tmp_path, replace):
     output = tmp_path / "out.mp4"
-    flags = ["--replace_flag", "--use_relighting_lora"] if replace else []
+    # Replacement with the official relighting flag; animation with the same file as a user --lora.
+    flags = ["--replace_flag", "--use_relighting_lora"] if replace else ["--lora", checkpoint / "relighting_lora.ckpt"]
     result = wanrt("generate", "--task", "tiny-animate", "--ckpt_dir", checkpoint, "--src_root_path", source,
                    "--refert_num", 1, "--frame_num", 5, "--sample_steps", 1, "--base_seed", 3, "--save_file",
                    output, *flags)
@@ -158,7 +159,7 @@ def test_cli_generates_both_modes(checkpoint, source, tmp_path, replace):
     assert frames.shape[1] == 9 and fps == 30
     sidecar = json.loads(output.with_suffix(".json").read_text())
     assert sidecar["settings"]["replace_flag"] is replace and sidecar["seed"] == 3
-    assert len(sidecar["runtime"]["loras"]) == int(replace)
+    assert [lora["patched_parameters"] for lora in sidecar["runtime"]["loras"]] == [60]
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -167,7 +168,8 @@ def test_cli_generates_both_modes(checkpoint, source, tmp_path, replace):
     (["--use_relighting_lora"], "add --replace_flag"),
     (["--size", "64*64"], "--size do(es) not apply"),
     (["--sample_guide_scale", "1,2"], "must be one number"),
-], ids=["refert", "missing-files", "lora-without-replace", "size", "two-scales"])
+    (["--lora-high", "{empty}"], "single DiT; use --lora"),
+], ids=["refert", "missing-files", "lora-without-replace", "size", "two-scales", "expert-lora"])
 def test_cli_bad_inputs_are_one_line(checkpoint, source, tmp_path, args, needle):
     empty = tmp_path / "empty"
     empty.mkdir()

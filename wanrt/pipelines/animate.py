@@ -70,8 +70,8 @@ def read_source(root: Path, replace: bool) -> AnimateSource:
     """Read a `src_root_path` folder; every problem is one line naming the file."""
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"--src_root_path {root} is not a folder; give the folder written by `wanrt animate-prep` "
-                         "or the official preprocess_data.py")
+        raise InputError(f"--src_root_path {root} is not a folder; give the folder written by the official "
+                         "Wan2.2-Animate preprocess_data.py")
     needed = ("pose", "face", "ref") + (("bg", "mask") if replace else ())
     missing = [SOURCE_FILES[name] for name in needed if not (root / SOURCE_FILES[name]).is_file()]
     if missing:
