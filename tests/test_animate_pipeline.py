@@ -16,8 +16,8 @@ from wanrt.cli.app import app
 from wanrt.configs import get_task
 from wanrt.demo import write_tiny_animate_checkpoint, write_toy_animate_source
 from wanrt.errors import InputError
-from wanrt.pipelines.animate import (AnimatePipeline, AnimateRequest, i2v_mask, padded_length, ping_pong_indices,
-                                     read_source)
+from wanrt.pipelines.animate import (AnimatePipeline, AnimateRequest, i2v_mask, letterbox, padded_length,
+                                     ping_pong_indices, read_source)
 from wanrt.video_io import read_video, write_video
 
 TASK = get_task("tiny-animate")
@@ -58,6 +58,14 @@ def test_segment_padding_is_the_official_one():
     # inputs_padding plays the frames forwards and back.
     assert ping_pong_indices(4, 10) == [0, 1, 2, 3, 2, 1, 0, 1, 2, 3]
     assert ping_pong_indices(3, 3) == [0, 1, 2]
+
+
+def test_reference_is_letterboxed_as_the_official_padding_resize():
+    tall = torch.full((20, 10, 3), 200, dtype=torch.uint8)
+    boxed = letterbox(tall, 32, 32)
+    # h/w 2 > 1: height fills, width int(32 / 20 * 10) = 16, centred at column (32 - 16) // 2.
+    assert (boxed[:, 8:24] == 200).all() and (boxed[:, :8] == 0).all() and (boxed[:, 24:] == 0).all()
+    assert torch.equal(letterbox(tall, 20, 10), tall)  # same size: untouched
 
 
 def test_request_validation():
