@@ -33,6 +33,22 @@ from wanrt.random_weights import randomize_  # noqa: E402
 GIB = 2**30
 
 
+def random_vae(config) -> WanVAE:
+    with torch.device("meta"):
+        vae = WanVAE(config)
+    return randomize_(vae, seed=3, device="cpu").eval().requires_grad_(False)
+
+
+def capped_budget(device: torch.device, vram_gib: float, ram_gib: float) -> MemoryBudget | None:
+    """On a GPU, cap this process at `vram_gib` and plan within it; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, vram_gib * GIB / total))
+    return MemoryBudget(vram_gib, ram_gib)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -51,16 +67,10 @@ def main() -> None:
     # Built on the device (fast random numbers), kept in host memory like loaded weights.
     experts = {expert: build_expert(task.dit, device, seed=seed).cpu()
                for seed, expert in enumerate((Expert.HIGH_NOISE, Expert.LOW_NOISE))}
-    with torch.device("meta"):
-        vae = WanVAE(task.vae)
-    vae = randomize_(vae, seed=3, device="cpu").eval().requires_grad_(False)
-    memory = None
+    vae = random_vae(task.vae)
+    memory = capped_budget(device, args.vram_gib, args.ram_gib)
     if cuda:
-        torch.cuda.empty_cache()
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_gib * GIB / total))
         torch.cuda.reset_peak_memory_stats()
-        memory = MemoryBudget(args.vram_gib, args.ram_gib)
     pipeline = Pipeline.from_models(task, experts, vae=vae, device=device, dtype=torch.bfloat16,
                                     memory=memory)
     g = torch.Generator().manual_seed(0)

@@ -124,6 +124,7 @@ def bench_precision(task, precision: str, sizes, device, iters: int, dynamic: bo
                 "block_seconds_median": medians,
                 "speedup_vs_eager": {k: medians["eager"] / v for k, v in medians.items() if k != "eager"},
                 "max_abs_error_relative_to_eager": errors,
+                "eager_output_rms": reference.float().pow(2).mean().sqrt().item(),
                 "build_seconds": {"compile_first_call": compile_seconds, "aoti": build_seconds[label],
                                   **({"aoti_dynamic": build_seconds["dynamic"]} if dynamic else {})},
             }

@@ -1,80 +1,79 @@
 """`wanrt generate --task animate-14B --src_root_path DIR [--refert_num 1|5] [--replace_flag
---use_relighting_lora]`: the official Animate options, validated here and run by
-`wanrt.animate_video.generate_animation`."""
+--use_relighting_lora]`: the official Animate options of `wanrt generate`, checked before any
+model loads, then `wanrt.animate_video.generate_animation`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-import torch
 import typer
 
-from wanrt.animate_video import AnimationRecord, generate_animation
-from wanrt.configs import TASK_NAMES, ModelType, get_task
+from wanrt.cli.display import RunDisplay
+from wanrt.cli.generate import (COMPUTE_DTYPES, parse_guide_scale, parse_lora_options, parse_official_bool,
+                                print_result)
+from wanrt.configs import TaskSpec
+from wanrt.engines.base import EngineKind
 from wanrt.errors import InputError
-from wanrt.generate import check_output_path, parse_device
-from wanrt.lora import LoraSpec
+from wanrt.generate import EmbeddingCache, GenerationRecord, check_output_path, parse_device
 from wanrt.pipelines.animate import AnimatePipeline, AnimateRequest
 
-ANIMATE_TASKS = tuple(name for name in TASK_NAMES if get_task(name).dit.model_type is ModelType.ANIMATE)
+# Options of `wanrt generate` the Animate segment loop does not run with: refused, not ignored.
+_SINGLE_GPU_ONLY = {"gpus": 1, "ulysses": None, "cfg_parallel": False, "dit_fsdp": False, "t5_fsdp": False,
+                    "expert_per_gpu": False}
+_NOT_FOR_ANIMATE = ("image", "size", "cache", "quantized", "denoising_step_list", "dit_file", "dit_high", "dit_low",
+                    "vae_file", "t5_file", "use_prompt_extend")
 
 
-@dataclass(frozen=True)
-class AnimateOptions:
-    """The official generate.py's Animate flags."""
-
-    src_root_path: Path | None = None
-    refert_num: int = 1
-    replace_flag: bool = False
-    use_relighting_lora: bool = False
-
-    def given(self) -> list[str]:
-        return [flag for flag, value in (("--src_root_path", self.src_root_path is not None),
-                                         ("--replace_flag", self.replace_flag),
-                                         ("--use_relighting_lora", self.use_relighting_lora)) if value]
-
-
-def refuse_animate_options(options: AnimateOptions, task: str) -> None:
-    """Animate's flags given to another task: one line, before anything loads."""
-    if options.given():
-        raise InputError(f"{', '.join(options.given())} apply to --task {' or '.join(ANIMATE_TASKS)}, not {task}")
-
-
-def refuse_unsupported(unsupported: Mapping[str, bool], task: str) -> None:
-    given = [flag for flag, value in unsupported.items() if value]
-    if given:
-        raise InputError(f"{', '.join(given)} do(es) not apply to --task {task}; Animate takes its size and length "
-                         "from --src_root_path")
-
-
-def print_animation(record: AnimationRecord) -> None:
-    typer.echo(f"video:   {record.video_path.absolute()}")
-    typer.echo(f"sidecar: {record.sidecar_path.absolute()}")
-    typer.echo(f"total:   {record.sidecar['timings_s']['total']:.1f} s")
-    typer.echo(f"dit forwards: {record.sidecar['runtime']['dit_forwards']}")
-
-
-def run_animate(task: str, options: AnimateOptions, request: AnimateRequest, loras: Sequence[LoraSpec],
-                ckpt_dir: Path | None, output: Path | None, device: str | None, dtype: torch.dtype | None,
-                t5_cpu: bool, precision: str, vram: float | None, ram: float | None,
-                run_options: Mapping[str, Any]) -> AnimationRecord:
-    """Validate every option and the inputs' presence, then build the pipeline and run."""
-    spec = get_task(task)
-    if ckpt_dir is None:
+def generate_animate(ctx: typer.Context, spec: TaskSpec, animate: Mapping[str, Any]) -> None:
+    options = ctx.params
+    for name, default in _SINGLE_GPU_ONLY.items():
+        if options.get(name, default) != default:
+            raise InputError(f"--{name.replace('_', '-')} is not supported for {spec.name}: it runs on one GPU")
+    for name in _NOT_FOR_ANIMATE:
+        if options.get(name):
+            raise InputError(f"--{name.removesuffix('_file').replace('_', '-')} does not apply to {spec.name}; "
+                             "its size and length come from --src_root_path")
+    if options["engine"] is not EngineKind.EAGER:
+        raise InputError(f"--engine {options['engine'].value} is not supported for {spec.name}; leave it out")
+    if options["ckpt_dir"] is None:
         raise InputError("--ckpt-dir is required: the folder of the downloaded Wan2.2-Animate-14B checkpoint")
-    if options.src_root_path is None:
+    if animate["--src_root_path"] is None:
         raise InputError("--src_root_path is required: the folder written by the official Wan2.2-Animate "
                          "preprocess_data.py")
-    if options.use_relighting_lora and not request.replace:
+    if animate["--use_relighting_lora"] and not animate["--replace_flag"]:
         raise InputError("--use_relighting_lora is for character replacement; add --replace_flag")
+    request = AnimateRequest(
+        replace=bool(animate["--replace_flag"]), refert_num=animate["--refert_num"], clip_len=options["frame_num"],
+        steps=options["steps"], shift=options["shift"], guide_scale=parse_guide_scale(options["guide_scale"]),
+        solver=options["solver"] or spec.sample.solver, seed=options["seed"], prompt=options["prompt"],
+        negative_prompt=options["negative_prompt"])
     request.resolved(spec)  # every sampling option checked before anything loads
-    target = check_output_path(output or Path(f"{spec.name}_{Path(options.src_root_path).name}.mp4"))
+    source = Path(animate["--src_root_path"])
+    target = check_output_path(options["output"] or Path(f"{spec.name}_{source.name}.mp4"))
+    dtype = options["dtype"]
     pipeline = AnimatePipeline.from_pretrained(
-        ckpt_dir, spec.name, device=parse_device(device), dtype=dtype, t5_cpu=t5_cpu, vram_gib=vram, ram_gib=ram,
-        precision=precision, loras=loras, use_relighting_lora=options.use_relighting_lora)
-    record = generate_animation(pipeline, request, options.src_root_path, target,
-                                run_options={**run_options, "use_relighting_lora": options.use_relighting_lora})
-    print_animation(record)
+        options["ckpt_dir"], spec.name, device=parse_device(options["device"]),
+        dtype=COMPUTE_DTYPES[dtype] if dtype else None, t5_cpu=options["t5_cpu"], vram_gib=options["vram"],
+        ram_gib=options["ram"], precision=options["precision"].value,
+        loras=parse_lora_options(options["lora"], options["lora_high"], options["lora_low"]),
+        use_relighting_lora=bool(animate["--use_relighting_lora"]))
+    official_offload = options["offload_model_official"]
+    run_options = {
+        "offload_model": (parse_official_bool(official_offload, "--offload_model") if official_offload is not None
+                          else options["offload_model"] or None),
+        "convert_model_dtype": options["convert_model_dtype"], "engine": EngineKind.EAGER.value,
+        "use_relighting_lora": bool(animate["--use_relighting_lora"])}
+    cache = None if options["no_embedding_cache"] else EmbeddingCache(options["embedding_cache"])
+    run_animate(pipeline, request, source, target, cache, run_options)
+
+
+def run_animate(pipeline: AnimatePipeline, request: AnimateRequest, src_root_path: Path, output: Path,
+                cache: EmbeddingCache | None, run_options: Mapping[str, Any]) -> GenerationRecord:
+    from wanrt.animate_video import generate_animation
+
+    with RunDisplay(request.resolved(pipeline.task).steps) as display:
+        record = generate_animation(pipeline, request, src_root_path, output, embedding_cache=cache,
+                                    on_step=display.on_step, run_options=run_options)
+    print_result(record)
     return record

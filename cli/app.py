@@ -7,16 +7,20 @@ one place, so the subcommands just call the library and let typed errors propaga
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 import click
 import typer
 from typer.core import TyperGroup
 
-from wanrt.cli import decode, demo, generate, plan, quantize
+from wanrt import __version__
+from wanrt.cli import decode, demo, doctor, generate, plan, quantize
+from wanrt.cli.display import TerminalProgress
 from wanrt.cli import bench
 from wanrt.cli import k8s, preview, refine
 from wanrt.cli import export
 from wanrt.errors import WanrtError
+from wanrt.progress import reporting
 
 # Recent Typer releases vendor click as `typer._click` and raise its exception classes;
 # older ones use click itself.
@@ -32,7 +36,10 @@ def one_line(message: str) -> str:
 class _WanrtGroup(TyperGroup):
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            # Every tracked loop of the command (loading, T5, sampling, VAE, export...)
+            # draws on one progress display on stderr.
+            with reporting(TerminalProgress()):
+                return super().invoke(ctx)
         except WanrtError as error:
             click.echo(f"error: {one_line(str(error))}", err=True)
             ctx.exit(USER_ERROR_EXIT_CODE)
@@ -46,10 +53,25 @@ class _WanrtGroup(TyperGroup):
 
 app = typer.Typer(cls=_WanrtGroup, name="wanrt", no_args_is_help=True, add_completion=False,
                   help="Optimized runtime for the open Wan2.2 video diffusion models.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"wanrt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
+    """Optimized runtime for the open Wan2.2 video diffusion models."""
+
+
 app.command("generate", no_args_is_help=True)(generate.generate_command)
 app.command("decode", no_args_is_help=True)(decode.decode_command)
 app.command("demo")(demo.demo_command)
 app.command("plan")(plan.plan_command)
+app.command("doctor")(doctor.doctor_command)
 app.command("quantize", no_args_is_help=True)(quantize.quantize_command)
 app.command("export", no_args_is_help=True)(export.export_command)
 app.command("bench")(bench.bench_command)

@@ -10,7 +10,7 @@ import torch
 import typer
 
 from wanrt.bench.harness import CPU_NOTE, check_runnable, device_name, run_benchmarks
-from wanrt.bench.report import default_run_name, require_matplotlib, run_folder, write_report
+from wanrt.bench.report import SMOKE_CAVEAT, default_run_name, require_matplotlib, run_folder, write_report
 from wanrt.bench.scenarios import Scenario, Weights, default_scenarios, load_scenario_file, parse_baselines
 from wanrt.engines.base import EngineKind
 from wanrt.errors import InputError
@@ -94,5 +94,7 @@ def bench_command(
             run = scenario["runs"][baseline]
             line += (f"; {baseline} {run['status']}" if ratio is None
                      else f"; {ratio['sampling_speedup']:.3g}x sampling speedup over {baseline}")
+        if scenario["settings"]["task"].startswith("tiny-"):
+            line += f" ({SMOKE_CAVEAT})"
         typer.echo(line)
     typer.echo(f"report: {folder / 'report.md'}")

@@ -85,7 +85,10 @@ def export_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the artifacts (reuse it with generate --engine-dir).")],
     task: Annotated[str, typer.Option("--task", help="t2v-A14B, i2v-A14B, ti2v-5B or a tiny-* test task.")]
     = "t2v-A14B",
-    backend: Annotated[Backend, typer.Option("--backend", help="aoti, onnx or tensorrt.")] = Backend.AOTI,
+    backend: Annotated[Backend, typer.Option("--backend", help=(
+        "aoti: packages `generate --engine aoti` runs; tensorrt: engines `--engine tensorrt` runs; onnx: graphs "
+        "that wanrt does not run itself, for inspection (netron), checking against onnxruntime, and building "
+        "TensorRT engines on another machine (trtexec) -- the DiT block takes its weights as inputs."))] = Backend.AOTI,
     components: Annotated[str | None, typer.Option(
         "--components", help="Comma-separated: dit_pre, dit_block, dit_post, vae_decoder_first_step, "
                              "vae_decoder_step, vae_encoder_first_step, vae_encoder (default: what the "

@@ -16,22 +16,18 @@ from typing import Annotated, Any, Mapping
 
 import torch
 import typer
-from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
-                           TimeRemainingColumn)
-from rich.text import Text
 
-from wanrt.cli.animate import ANIMATE_TASKS, AnimateOptions, refuse_animate_options, refuse_unsupported, run_animate
-from wanrt.configs import get_task
+from wanrt.cli.display import RunDisplay
+from wanrt.configs import ModelType
 from wanrt.distributed.config import ParallelConfig
 from wanrt.distributed.launch import check_gpu_count, is_rank_zero, launched_world_size, relaunch, run_rank
 from wanrt.engines.base import EngineKind, use_engine
 from wanrt.errors import InputError
 from wanrt.generate import (EmbeddingCache, GenerationRecord, check_output_path, default_output_path,
                             generate_video, generation_task, parse_device)
+from wanrt.loading.component_files import ComponentFiles
 from wanrt.lora import LoraExpert, LoraSpec
-from wanrt.pipelines import GenerationRequest, Pipeline, StepInfo
-from wanrt.pipelines.animate import AnimateRequest
+from wanrt.pipelines import GenerationRequest, Pipeline
 from wanrt.prompt_extend import (PromptExtendMethod, PromptExtendOptions, PromptExtension, PromptExtensionCache,
                                  TargetLanguage, extend_prompt)
 from wanrt.runtime.planner import Precision as WeightPrecision
@@ -123,49 +119,11 @@ def show_extension(extension: PromptExtension) -> None:
     typer.echo(f"extended prompt: {extension.prompt}", err=True)
 
 
-class _StepRateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.speed
-        if not speed:
-            return Text("-- it/s")
-        return Text(f"{speed:.2f} it/s" if speed >= 1 else f"{1 / speed:.1f} s/it")
-
-
-class RunDisplay:
-    """Sampling progress (step i/N, active expert, it/s, ETA) and phase lines on stderr.
-
-    The bar is drawn only on a terminal; redirected or captured output gets the phase
-    lines alone, and the result paths always go to stdout (`print_result`).
-    """
-
-    def __init__(self, steps: int) -> None:
-        self.console = Console(stderr=True, soft_wrap=True, highlight=False)
-        self.progress = Progress(
-            TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[expert]}"),
-            _StepRateColumn(), TimeRemainingColumn(), console=self.console,
-            disable=not self.console.is_terminal)
-        self._task_id = self.progress.add_task("sampling", total=steps, expert="")
-
-    def __enter__(self) -> "RunDisplay":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.progress.stop()
-
-    def on_step(self, info: StepInfo) -> None:
-        self.progress.update(self._task_id, completed=info.index + 1,
-                             expert=f"{info.expert.value.replace('_', '-')} expert")
-
-    def on_decode(self) -> None:
-        self.progress.stop()
-        self.console.print("decoding the latents with the VAE and writing the video...", markup=False)
-
-
 def print_result(record: GenerationRecord) -> None:
     typer.echo(f"video:   {record.video_path.absolute()}")
     typer.echo(f"sidecar: {record.sidecar_path.absolute()}")
-    typer.echo(f"latents: {record.latents_path.absolute()}")
+    if record.latents_path is not None:
+        typer.echo(f"latents: {record.latents_path.absolute()}")
     typer.echo(f"total:   {record.sidecar['timings_s']['total']:.1f} s")
     for expert, summary in record.sidecar["runtime"]["quantization"].items():
         typer.echo(f"quantized {expert}: {summary}")
@@ -277,6 +235,15 @@ def generate_command(
     = WeightPrecision.BF16,
     quantized: Annotated[Path | None, typer.Option(
         "--quantized", help="Folder written by `wanrt quantize`: its experts replace the checkpoint's.")] = None,
+    dit_file: Annotated[Path | None, typer.Option(
+        "--dit", help="Single-file DiT (ti2v-5B): safetensors (ComfyUI, Kijai, LightX2V; fp16/bf16/fp8/int8) "
+        "or GGUF; 8-bit files run as stored.")] = None,
+    dit_high: Annotated[Path | None, typer.Option("--dit-high", help="Single-file high-noise expert (A14B).")]
+    = None,
+    dit_low: Annotated[Path | None, typer.Option("--dit-low", help="Single-file low-noise expert (A14B).")] = None,
+    vae_file: Annotated[Path | None, typer.Option("--vae", help="Single-file VAE (.safetensors or .pth).")] = None,
+    t5_file: Annotated[Path | None, typer.Option(
+        "--t5", help="Single-file umt5-xxl encoder (fp16/bf16 or fp8_e4m3fn_scaled safetensors, or .pth).")] = None,
     vram: Annotated[float | None, typer.Option(
         "--vram", help="GPU memory budget in GiB for the memory planner (default: the device's).")] = None,
     ram: Annotated[float | None, typer.Option(
@@ -323,38 +290,57 @@ def generate_command(
     prompt_extend_strict: Annotated[bool, typer.Option(
         "--prompt-extend-strict", help="Stop when prompt extension fails instead of using the original prompt.")]
     = False,
+    audio: Annotated[Path | None, typer.Option("--audio", help="s2v: the speech that drives the video.")] = None,
+    pose_video: Annotated[Path | None, typer.Option(
+        "--pose-video", "--pose_video", help="s2v: a pose (DWPose) video that drives the motion.")] = None,
+    num_clip: Annotated[int | None, typer.Option(
+        "--num-clip", "--num_clip", help="s2v: clips to generate (default and most: what the audio covers).")]
+    = None,
+    infer_frames: Annotated[int | None, typer.Option(
+        "--infer-frames", "--infer_frames", help="s2v: frames per clip, a multiple of 4 (default 80).")] = None,
+    start_from_ref: Annotated[bool, typer.Option(
+        "--start-from-ref", "--start_from_ref", help="s2v: start the video from the reference image.")] = False,
+    enable_tts: Annotated[bool, typer.Option(
+        "--enable-tts", "--enable_tts", help="s2v: synthesize the speech with CosyVoice2 (see README).")] = False,
+    tts_prompt_audio: Annotated[Path | None, typer.Option("--tts-prompt-audio", "--tts_prompt_audio")] = None,
+    tts_prompt_text: Annotated[str | None, typer.Option("--tts-prompt-text", "--tts_prompt_text")] = None,
+    tts_text: Annotated[str | None, typer.Option("--tts-text", "--tts_text")] = None,
     src_root_path: Annotated[Path | None, typer.Option(
-        "--src_root_path", "--src-root-path", help="Animate: the preprocessed folder (src_pose.mp4, src_face.mp4, "
+        "--src_root_path", "--src-root-path", help="animate: the preprocessed folder (src_pose.mp4, src_face.mp4, "
         "src_ref.png; with --replace_flag also src_bg.mp4, src_mask.mp4).")] = None,
-    refert_num: Annotated[int, typer.Option(
-        "--refert_num", "--refert-num", help="Animate: frames carried into the next segment, 1 or 5.")] = 1,
+    refert_num: Annotated[int | None, typer.Option(
+        "--refert_num", "--refert-num", help="animate: frames carried into the next segment, 1 or 5 (default 1).")]
+    = None,
     replace_flag: Annotated[bool, typer.Option(
-        "--replace_flag", "--replace-flag", help="Animate: replace the person in the video instead of "
+        "--replace_flag", "--replace-flag", help="animate: replace the person in the video instead of "
         "animating the reference image.")] = False,
     use_relighting_lora: Annotated[bool, typer.Option(
         "--use_relighting_lora", "--use-relighting-lora",
-        help="Animate replacement: merge the checkpoint's relighting_lora.ckpt.")] = False,
+        help="animate replacement: merge the checkpoint's relighting_lora.ckpt.")] = False,
 ) -> None:
-    """Generate a video from a prompt (and an image for i2v/ti2v), or animate a character
-    (--task animate-14B --src_root_path DIR)."""
-    animate_options = AnimateOptions(src_root_path, refert_num, replace_flag, use_relighting_lora)
-    if task in ANIMATE_TASKS:
-        refuse_unsupported({"--image": image is not None, "--size": size is not None,
-                            "--cache": cache is not None, "--quantized": quantized is not None,
-                            "--engine": engine is not EngineKind.EAGER, "--gpus": gpus > 1,
-                            "--ulysses/--cfg-parallel/--dit-fsdp/--t5-fsdp": bool(ulysses or cfg_parallel or dit_fsdp
-                                                                                 or t5_fsdp),
-                            "--use_prompt_extend": use_prompt_extend}, task)
-        request = AnimateRequest(replace=replace_flag, refert_num=refert_num, clip_len=frame_num, steps=steps,
-                                 shift=shift, guide_scale=parse_guide_scale(guide_scale),
-                                 solver=solver or get_task(task).sample.solver,
-                                 seed=seed, prompt=prompt, negative_prompt=negative_prompt)
-        run_animate(task, animate_options, request, parse_lora_options(lora, lora_high, lora_low), ckpt_dir, output,
-                    device, COMPUTE_DTYPES[dtype] if dtype else None, t5_cpu, precision.value, vram, ram,
-                    {"offload_model": offload_model_official or offload_model, "convert_model_dtype": convert_model_dtype})
-        return
-    refuse_animate_options(animate_options, task)
+    """Generate a video from a prompt (an image for i2v/ti2v; an image and speech for s2v;
+    a preprocessed folder for animate)."""
     spec = generation_task(task)
+    speech = {"--audio": audio, "--pose_video": pose_video, "--num_clip": num_clip, "--infer_frames": infer_frames,
+              "--start_from_ref": start_from_ref or None, "--enable_tts": enable_tts or None,
+              "--tts_prompt_audio": tts_prompt_audio, "--tts_prompt_text": tts_prompt_text, "--tts_text": tts_text}
+    if spec.dit.model_type is ModelType.S2V:
+        from wanrt.cli.s2v import generate_s2v
+
+        return generate_s2v(ctx, spec, speech)
+    animate = {"--src_root_path": src_root_path, "--refert_num": refert_num,
+               "--replace_flag": replace_flag or None, "--use_relighting_lora": use_relighting_lora or None}
+    if spec.dit.model_type is ModelType.ANIMATE:
+        from wanrt.cli.animate import generate_animate
+
+        given = [flag for flag, value in speech.items() if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply to s2v tasks, not {task}")
+        return generate_animate(ctx, spec, {**animate, "--refert_num": refert_num or 1})
+    for flags, family in ((speech, "s2v"), (animate, "animate")):
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply to {family} tasks, not {task}")
     if prompt is None or not (prompt or (use_prompt_extend and image)):
         raise InputError("--prompt is required (it may be empty only with --use_prompt_extend and --image, "
                          "which write it from the image)")
@@ -364,6 +350,9 @@ def generate_command(
         extend_options.check()
     if ckpt_dir is None:
         raise InputError("--ckpt-dir is required: the folder of the downloaded checkpoint")
+    components = ComponentFiles(dit_file, dit_high, dit_low, vae_file, t5_file)
+    if quantized is not None and (dit_file or dit_high or dit_low):
+        raise InputError("--quantized replaces the DiT experts; it cannot be combined with --dit/--dit-high/--dit-low")
     request = GenerationRequest(
         prompt=prompt, size=size, frame_num=frame_num, steps=steps, shift=shift,
         guide_scale=parse_guide_scale(guide_scale), solver=solver or spec.sample.solver, seed=seed,
@@ -390,7 +379,8 @@ def generate_command(
         pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=on_device,
                                             dtype=COMPUTE_DTYPES[dtype] if dtype else None, t5_cpu=t5_cpu,
                                             vram_gib=vram, ram_gib=ram, precision=precision.value,
-                                            quantized_dir=quantized, loras=loras, step_cache=step_cache)
+                                            quantized_dir=quantized, loras=loras, step_cache=step_cache,
+                                            components=components)
         # Refuses a run that cannot fit, before loading; FSDP shards are not what it sizes.
         plan = None if parallel.dit_fsdp else pipeline.plan_run(resolved)
         if plan is not None and show_plan and is_rank_zero():

@@ -136,7 +136,7 @@ def preview_command(
         pipeline = runtime.load_pipeline(ckpt_dir, spec.name, ranks)
 
         def announce(index: int, seed: int) -> None:
-            typer.echo(f"candidate {index + 1}/{count} (seed {seed}): {resolved.size}, {resolved.steps} steps, "
+            typer.echo(f"candidate {index} of {count} (seed {seed}): {resolved.size}, {resolved.steps} steps, "
                        f"{resolved.frame_num} frames", err=True)
         index = run_preview(pipeline, request, count, folder, embedding_cache=cache, ranks=ranks,
                             image_path=image, on_candidate=announce)

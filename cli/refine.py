@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from wanrt.cli.generate import RunDisplay, print_result
+from wanrt.cli.display import RunDisplay
+from wanrt.cli.generate import print_result
 from wanrt.cli.preview import (CkptDirOption, DeviceOption, DtypeOption, EmbeddingCacheOption, FrameNumOption,
                                GuideScaleOption, ImageOption, NegativePromptOption, NoEmbeddingCacheOption,
                                PrecisionOption, PromptOption, RamOption, ShiftOption, SolverOption, StepsOption,

@@ -25,6 +25,7 @@ from wanrt.export.manifest import (ArtifactStore, BuiltFiles, Identity, Manifest
 from wanrt.export.specs import VAE_STEPS, Component, ExportSpec, compute_dtype_of, export_module, make_spec
 from wanrt.loading.checkpoint import Expert
 from wanrt.models.dit import WanDiT
+from wanrt.progress import track
 
 
 class Backend(str, Enum):
@@ -214,7 +215,7 @@ def export_all(targets: Sequence[ExportTarget], task: TaskSpec, backend: Backend
     """Build every target over one profile covering `sizes` x `frame_nums`."""
     version = require_backend(backend, device)
     built = []
-    for target in targets:
+    for target in track(targets, f"exporting ({backend.value})"):
         model = on_device(target, device)
         spec = make_spec(target.component, model, task, sizes, frame_nums, target.per_token_timesteps)
         identity = artifact_identity(target.component, backend, model, device, scheme, version)

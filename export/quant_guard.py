@@ -39,6 +39,7 @@ from wanrt.export.quantize import (
     plan_layers,
     quantize,
 )
+from wanrt.progress import track
 
 __all__ = ["LayerReport", "QuantReport", "calibrate_and_guard", "layer_rel_error"]
 
@@ -104,7 +105,7 @@ def calibrate_and_guard(model: nn.Module, calibration_inputs: Iterable[Mapping[s
     try:
         with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype,
                                              enabled=autocast_dtype is not None):
-            for inputs in calibration_inputs:
+            for inputs in track(calibration_inputs, "calibrating"):
                 model(**inputs)
     finally:
         for hook in hooks:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wanrt.errors import ConfigError, parse_choice
+from wanrt.runtime.planner import short_dtype_name
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -431,6 +432,8 @@ class QuantReport:
     policy: PrecisionPolicy
     threshold: float | None  # the guard's threshold; None when no guard ran
     layers: tuple[LayerReport, ...]
+    # The dtype the kept layers compute in (the model's own: bf16 on GPUs, float32 on CPUs).
+    kept_dtype: str = "bfloat16"
 
     @property
     def quantized_names(self) -> tuple[str, ...]:
@@ -444,17 +447,20 @@ class QuantReport:
         errors = [layer.rel_error for layer in self.layers if layer.quantized and layer.rel_error is not None]
         error = f"max rel err {max(errors):.1e}" if errors else "rel err not measured"
         return (f"{self.scheme.value}: {len(self.layers) - len(kept)}/{len(self.layers)} linears quantized, "
-                f"{len(kept)} kept bf16 ({by_guard} guard, {len(kept) - by_guard} policy), {error}")
+                f"{len(kept)} kept {short_dtype_name(self.kept_dtype)} ({by_guard} guard, "
+                f"{len(kept) - by_guard} policy), {error}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheme": self.scheme.value, "policy": self.policy.to_dict(), "threshold": self.threshold,
-                "layers": [dataclasses.asdict(layer) for layer in self.layers]}
+                "layers": [dataclasses.asdict(layer) for layer in self.layers], "kept_dtype": self.kept_dtype}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> QuantReport:
         try:
+            # Reports written before `kept_dtype` was recorded come from bf16 models.
             return cls(parse_scheme(raw["scheme"]), PrecisionPolicy.from_dict(raw["policy"]),
-                       raw["threshold"], tuple(LayerReport(**layer) for layer in raw["layers"]))
+                       raw["threshold"], tuple(LayerReport(**layer) for layer in raw["layers"]),
+                       raw.get("kept_dtype", "bfloat16"))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"malformed quantization report ({type(exc).__name__}: {exc})") from None
 
@@ -525,5 +531,6 @@ def quantize(model: nn.Module, scheme: Scheme | str, policy: PrecisionPolicy = D
     check_not_quantized(model)
     layers = plan_layers(model, scheme, policy, keep)
     quantize_layers(model, scheme, tuple(layer.name for layer in layers if layer.quantized))
-    setattr(model, QUANT_ATTR, QuantReport(scheme, policy, None, layers))
+    kept_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    setattr(model, QUANT_ATTR, QuantReport(scheme, policy, None, layers, kept_dtype))
     return model

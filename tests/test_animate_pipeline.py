@@ -174,7 +174,7 @@ def test_cli_generates_both_modes(checkpoint, source, tmp_path, replace):
     (["--refert_num", 3], "--refert_num 3 must be 1 or 5"),
     (["--replace_flag", "--src_root_path", "{empty}"], "lacks src_pose.mp4"),
     (["--use_relighting_lora"], "add --replace_flag"),
-    (["--size", "64*64"], "--size do(es) not apply"),
+    (["--size", "64*64"], "--size does not apply to tiny-animate"),
     (["--sample_guide_scale", "1,2"], "must be one number"),
     (["--lora-high", "{empty}"], "single DiT; use --lora"),
 ], ids=["refert", "missing-files", "lora-without-replace", "size", "two-scales", "expert-lora"])
@@ -205,7 +205,7 @@ def test_wrong_face_crop_size_is_refused_before_the_dit_loads(checkpoint, source
 def test_animate_flags_on_another_task_are_refused(tmp_path):
     result = wanrt("generate", "--task", "tiny-t2v", "--prompt", "a cat", "--ckpt_dir", tmp_path,
                    "--src_root_path", tmp_path)
-    assert result.exit_code == 2 and "--src_root_path apply to --task" in result.stderr
+    assert result.exit_code == 2 and "--src_root_path only apply to animate tasks" in result.stderr
 
 
 @pytest.mark.slow

@@ -235,6 +235,10 @@ def test_bench_cli_runs_tiny_scenarios_and_writes_the_report(tmp_path, checkpoin
     assert [p.name for p in (tmp_path / "results").iterdir()] == ["run"]  # no staging left
     assert f"report: {folder / 'report.md'}" in result.stdout
     assert CPU_NOTE in result.stderr
+    # A tiny scenario's speedup carries its caveat on the same line and in the report.
+    speedup_line = next(line for line in result.stdout.splitlines() if line.startswith("checkpoint:"))
+    assert "sampling speedup over official" in speedup_line and bench_report.SMOKE_CAVEAT in speedup_line
+    assert f"(baseline s / wanrt s) ({bench_report.SMOKE_CAVEAT}):" in (folder / "report.md").read_text()
 
     report = _no_nan((folder / "report.json").read_text())
     assert report["format"] == "wanrt-bench/1" and report["cpu_only"] is True and report["note"] == CPU_NOTE

@@ -183,7 +183,7 @@ def test_precision_flag_quantizes_by_the_default_policy_and_reports_it(checkpoin
     # The default policy keeps the first and the last block in high precision, which in
     # the two-block tiny model is all of them: reported, and the latents are unchanged.
     # (test_pipeline measures real quantization error on a four-block model.)
-    expected = f"{precision}: 0/26 linears quantized, 26 kept bf16 (0 guard, 26 policy)"
+    expected = f"{precision}: 0/26 linears quantized, 26 kept fp32 (0 guard, 26 policy)"  # a float32 CPU run
     assert sidecar["runtime"]["quantization"]["high_noise"].startswith(expected)
     assert f"quantized high_noise: {expected}" in quantized.stdout
     reference, latents = (read_latents(tmp_path / f"{n}.latents.safetensors")[0] for n in ("full", "q"))

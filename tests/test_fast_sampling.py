@@ -12,9 +12,10 @@ from safetensors.torch import save_file
 from test_cli import PROMPT, assert_one_line_error, wanrt
 from test_lora import TASK, pair, tiny_dit
 
+from wanrt.errors import InputError
 from wanrt.loading.checkpoint import Expert
 from wanrt.lora import parameter_shapes
-from wanrt.pipelines import GenerationRequest, Guidance, Pipeline, TextEmbeddings, noise_for
+from wanrt.pipelines import GenerationRequest, Guidance, Pipeline, StreamingConfig, TextEmbeddings, noise_for
 from wanrt.runtime.step_cache import StepCacheConfig
 from wanrt.schedulers import make_scheduler
 
@@ -66,7 +67,8 @@ def test_distill_experts_split_by_step_index_not_timestep(experts):
     yet the second step runs the high-noise expert (LightX2V's boundary_step_index)."""
     steps = []
     Pipeline.from_models(TASK, experts).sample(
-        GenerationRequest(prompt="", size="64*64", frame_num=1, solver="distill", denoising_steps=(1000, 500, 400, 300)),
+        GenerationRequest(prompt="", size="64*64", frame_num=1, solver="distill",
+                          denoising_steps=(1000, 500, 400, 300)),
         embeddings=EMBEDDINGS, on_step=steps.append)
     assert steps[1].timestep < 875
     assert [s.expert for s in steps] == [Expert.HIGH_NOISE] * 2 + [Expert.LOW_NOISE] * 2
@@ -104,6 +106,18 @@ def test_guide_scale_one_runs_one_forward_per_step_and_equals_cfg(experts, solve
     assert (latents - reference).abs().max() <= 1e-6 * reference.abs().max()
 
 
+def test_streamer_is_told_one_forward_per_cfg_free_step(experts):
+    """The block streamer prefetches what it is told will run: at guide scale 1 that is one
+    forward per step, so it copies exactly the blocks of 4 forwards and nothing more."""
+    request = GenerationRequest(prompt="", size="64*64", frame_num=1, solver="distill", seed=2)
+    expected = Pipeline.from_models(TASK, experts).sample(request, embeddings=EMBEDDINGS)
+    streamed = Pipeline.from_models(TASK, experts)
+    streamed.streaming = StreamingConfig(resident_blocks=0, depth=1)
+    assert torch.equal(streamed.sample(request, embeddings=EMBEDDINGS), expected)
+    block_bytes = streamed._streamer._blocks[(Expert.HIGH_NOISE, 1)].nbytes
+    assert streamed._streamer.bytes_copied == 4 * TASK.dit.num_layers * block_bytes
+
+
 def test_guide_scale_one_on_one_expert_only(experts):
     request = GenerationRequest(prompt="", size="64*64", frame_num=1, steps=6, guide_scale=(1.0, 4.0))
     pipeline = Pipeline.from_models(TASK, experts)
@@ -116,8 +130,9 @@ def test_guide_scale_one_on_one_expert_only(experts):
 def test_easycache_skips_steps_within_a_stated_error_and_resets_at_the_boundary(experts):
     """Measured on the tiny random experts (20 unipc steps, CFG 4/3, one latent frame):
     threshold 0.5 reuses 5 steps (30 forwards instead of 40) at a relative L2 error of 2.3%
-    (max abs 0.13 on latents up to ~4) in the final latents. The random experts change their output ~10-100x faster than their input
-    (EasyCache's k), so the paper's 0.05 skips nothing here."""
+    (max abs 0.13 on latents up to ~4) in the final latents. The random experts change their
+    output ~5-100x faster than their input (EasyCache's k), so the paper's 0.05 skips
+    nothing here."""
     request = GenerationRequest(prompt="", size="64*64", frame_num=1, steps=20, seed=3)
     reference = Pipeline.from_models(TASK, experts).sample(request, embeddings=EMBEDDINGS)
     pipeline = Pipeline.from_models(TASK, experts)
@@ -137,9 +152,9 @@ def test_easycache_skips_steps_within_a_stated_error_and_resets_at_the_boundary(
 
 
 def test_cache_option_errors_name_the_flag():
-    for text, needle in (("teacache:0.1", "--cache 'teacache' is unknown"), ("easycache:x", "KIND:THRESHOLD"),
-                         ("easycache:0", "threshold must be > 0")):
-        with pytest.raises(Exception, match=needle):
+    for text, needle in (("teacache:0.1", "--cache 'teacache' is unknown"),
+                         ("easycache:x", "KIND:THRESHOLD"), ("easycache:0", "threshold must be > 0")):
+        with pytest.raises(InputError, match=needle):
             StepCacheConfig.parse(text)
 
 
@@ -164,7 +179,7 @@ def test_cli_four_step_lora_run_records_loras_forwards_and_schedule(checkpoints,
     common = ["generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
               "--frame-num", 1, "--seed", 4, "--sampler", "distill", "--no-embedding-cache"]
     result = wanrt(*common, "--lora-high", f"{high}:1.0", "--lora-low", f"{low}:0.5", "--precision", "fp8",
-                   "--output", tmp_path / "fast.mp4")
+                   "--cache", "easycache:0.05", "--output", tmp_path / "fast.mp4")
     assert result.exit_code == 0, result.output
     assert "dit forwards: 4" in result.stdout
     sidecar = json.loads((tmp_path / "fast.json").read_text())
@@ -174,6 +189,9 @@ def test_cli_four_step_lora_run_records_loras_forwards_and_schedule(checkpoints,
     assert [(r["file"], r["strength"], r["expert"]) for r in sidecar["runtime"]["loras"]] == [
         (str(high), 1.0, "high_noise"), (str(low), 0.5, "low_noise")]
     assert sidecar["runtime"]["loras"][0]["patched_parameters"] == 2
+    # 4 steps: warm-up 1, a fresh k after the expert switch, the last step: nothing to reuse.
+    assert sidecar["runtime"]["step_cache"] == {"kind": "easycache", "threshold": 0.05, "warmup_steps": 1,
+                                                "skipped_steps": []}
 
 
 @pytest.mark.usefixtures("cache_dir")
@@ -196,3 +214,24 @@ def test_cli_bad_lora_and_sampler_options_exit_2_before_sampling(checkpoints, tm
                    "--output", tmp_path / "video.mp4", *extra)
     assert_one_line_error(result, *needles)
     assert not list(tmp_path.glob("video*"))
+
+
+@pytest.mark.usefixtures("cache_dir")
+def test_repeated_lora_options_reach_every_torchrun_process(checkpoints, tmp_path, monkeypatch):
+    import wanrt.cli.generate as generate_cli
+
+    launched = []
+    monkeypatch.setattr(generate_cli, "check_gpu_count", lambda gpus, device: None)
+    monkeypatch.setattr(generate_cli, "relaunch", lambda gpus, arguments: launched.append(arguments) or 0)
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    _lightning_like_lora(first, 1)
+    _lightning_like_lora(second, 2)
+    result = wanrt("generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
+                   "--gpus", 2, "--lora", f"{first}:0.5", "--lora", second, "--lora-low", first,
+                   "--output", tmp_path / "video.mp4")
+    assert result.exit_code == 0, result.output
+    (arguments,) = launched
+    assert "--gpus" not in arguments
+    options = list(zip(arguments, arguments[1:]))
+    assert [option for option in options if option[0].startswith("--lora")] == [
+        ("--lora", f"{first}:0.5"), ("--lora", str(second)), ("--lora-low", str(first))]

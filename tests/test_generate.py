@@ -153,5 +153,5 @@ def test_file_sha256_is_memoised_by_path_size_and_mtime(tmp_path, cache_dir):
 def test_library_validation_names_the_flag(tmp_path):
     with pytest.raises(InputError, match="--output"):
         check_output_path(tmp_path / "video.avi")
-    with pytest.raises(InputError, match="--task 's2v-14B'.*tiny-t2v"):
-        generation_task("s2v-14B")
+    with pytest.raises(InputError, match="--task 'animate-14B'.*tiny-t2v"):
+        generation_task("animate-14B")

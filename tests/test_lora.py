@@ -125,6 +125,11 @@ def test_diffusers_format_merges_through_the_checkpoint_key_map(tmp_path):
     lora = load(tmp_path / "diffusers.safetensors", strength=1.5)
     assert lora.file.format is LoraFormat.DIFFUSERS
     check_deltas(merged_state(lora), expected)
+    # diffusers' save_lora_weights stores alpha and r as metadata: scale = alpha / r.
+    metadata = {"lora_adapter_metadata": json.dumps({"transformer.r": RANK, "transformer.lora_alpha": 2})}
+    save_file(tensors, tmp_path / "with_metadata.safetensors", metadata=metadata)
+    check_deltas(merged_state(load(tmp_path / "with_metadata.safetensors", strength=1.5)),
+                 {k: 2 / RANK * v for k, v in expected.items()})
 
 
 def test_peft_adapter_folder_takes_alpha_and_patterns_from_its_config(tmp_path):
@@ -156,7 +161,7 @@ def test_loras_stack_and_strength_zero_is_bit_exact_no_op(tmp_path):
 def _on_the_fly(model: WanDiT, lora: LoadedLora, strength: float) -> list:
     """The reference: the unmerged model with each pair added to its Linear's output."""
     modules = dict(model.named_modules())
-    tensors = lora.file.tensors()
+    tensors = lora.file.read()
     handles = []
     for patch in lora.plan.patches:
         down, up = tensors[patch.down], tensors[patch.up]
@@ -296,3 +301,25 @@ def test_lora_option_parsing_and_single_dit_tasks():
     assert LoraSpec.parse("C:\\loras\\x.safetensors").strength == 1.0
     with pytest.raises(InputError, match="--lora-high .* single DiT; use --lora"):
         Pipeline.from_models(get_task("tiny-ti2v"), {}, loras=[LoraSpec("x", 1.0, LoraExpert.HIGH_NOISE)])
+
+
+def test_pipeline_merges_before_it_quantizes(checkpoints, tmp_path, monkeypatch):
+    """`--precision fp8` quantizes what the loader returns: the LoRA must already be in it."""
+    import wanrt.export.quantize as quantize_module
+    from wanrt.loading.checkpoint import load_dit, locate_checkpoint
+
+    path, expected = wan_lora(tmp_path)
+    seen = {}
+    original = quantize_module.quantize
+
+    def spying_quantize(model, scheme, *args, **kwargs):
+        seen["q"] = model.blocks[0].self_attn.q.weight.detach().clone()
+        return original(model, scheme, *args, **kwargs)
+    monkeypatch.setattr(quantize_module, "quantize", spying_quantize)
+    files = locate_checkpoint(checkpoints["tiny-t2v"], TASK)
+    pipeline = Pipeline(TASK, files, torch.device("cpu"), torch.float32, precision="fp8",
+                        loras=[LoraSpec(path, 1.0, LoraExpert.HIGH_NOISE)])
+    pipeline.dit(Expert.HIGH_NOISE)
+    loaded = load_dit(files.dit_dirs[Expert.HIGH_NOISE], expect=TASK.dit, dtype=torch.float32)
+    merged = loaded.blocks[0].self_attn.q.weight + expected["blocks.0.self_attn.q.weight"]
+    torch.testing.assert_close(seen["q"], merged, rtol=0, atol=1e-6)

@@ -249,7 +249,7 @@ def test_guard_keeps_a_damaged_layer(scheme, fixture_inputs):
     others = [layer for name, layer in layers.items() if name.startswith("blocks.") and name != "blocks.0.ffn.2"]
     assert len(others) == 19 and all(layer.quantized for layer in others)
     assert max(layer.rel_error for layer in others) < report.threshold
-    assert report.summary().startswith(f"{scheme.value}: 19/26 linears quantized, 7 kept bf16 (1 guard, 6 policy)")
+    assert report.summary().startswith(f"{scheme.value}: 19/26 linears quantized, 7 kept fp32 (1 guard, 6 policy)")
 
     # With the W8A8 arithmetic (what a GPU runs), the damaged layer wrecks the unguarded
     # output; the guarded one stays within the whole-DiT budget.

@@ -87,6 +87,52 @@ class DiTConfig:
 
 
 @dataclass(frozen=True)
+class S2VConfig:
+    """What the S2V DiT adds to `DiTConfig` (official `WanModel_S2V.__init__` arguments).
+
+    Only the released variant is implemented: AdaIN audio injection ('attn_norm'),
+    FramePack motion tokens with 'padd', no motioner transformer, ref/motion tokens at t=0.
+    """
+
+    cond_dim: int = 16
+    audio_dim: int = 1024
+    num_audio_token: int = 4
+    audio_inject_layers: tuple[int, ...] = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
+    add_last_motion: bool = True
+    enable_adain: bool = True
+    adain_mode: str = "attn_norm"
+    enable_framepack: bool = True
+    framepack_drop_mode: str = "padd"
+    enable_motioner: bool = False
+    zero_timestep: bool = True
+
+    # The released values of the switches wanrt implements; anything else is refused.
+    _SUPPORTED = {"enable_adain": True, "adain_mode": "attn_norm", "enable_framepack": True,
+                  "framepack_drop_mode": "padd", "enable_motioner": False, "zero_timestep": True}
+    # Official config.json keys that only matter for training or unused branches.
+    _IGNORED_JSON = frozenset({"zero_init", "enable_tsm", "trainable_token_pos_emb", "motion_token_num"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "audio_inject_layers", tuple(self.audio_inject_layers))
+        for name, value in self._SUPPORTED.items():
+            if getattr(self, name) != value:
+                raise ConfigError(f"S2V {name}={getattr(self, name)!r} is not implemented; "
+                                  f"the released S2V-14B uses {value!r}")
+
+    @classmethod
+    def split_official_json(cls, raw: Mapping[str, Any], source: str = "config.json"
+                            ) -> tuple["S2VConfig", dict[str, Any]]:
+        """(S2V extras, the remaining `WanModel` keys for `DiTConfig.from_official_json`)."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        extras = {k: v for k, v in raw.items() if k in own}
+        rest = {k: v for k, v in raw.items() if k not in own and k not in cls._IGNORED_JSON}
+        try:
+            return cls(**extras), rest
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+@dataclass(frozen=True)
 class VAEConfig:
     """The causal video VAE (official `WanVAE_` arguments plus latent normalisation)."""
 
@@ -168,7 +214,9 @@ class TaskSpec:
     # MoE tasks have two experts in these sub-folders; single-model tasks have none.
     high_noise_subdir: str | None = None
     low_noise_subdir: str | None = None
-    # Architecture extras of tasks whose models wanrt does not implement yet (s2v, animate).
+    # The S2V DiT's architecture beyond `dit` (s2v tasks only).
+    s2v: S2VConfig | None = None
+    # Task constants beyond the shared ones (s2v's audio model and motion frames, animate's).
     extras: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -277,11 +325,10 @@ _register(TaskSpec(
     sample=SampleDefaults(shift=3.0, steps=40, guide_scale=(4.5, 4.5),
                           sizes=_A14B_SIZES + ("1024*704", "704*1024", "704*1280", "1280*704"),
                           negative_prompt=S2V_NEGATIVE_PROMPT),
-    extras=dict(wav2vec="wav2vec2-large-xlsr-53-english", audio_dim=1024, motion_frames=73,
-                cond_dim=16, audio_inject_layers=(0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39),
-                enable_adain=True, adain_mode="attn_norm", enable_framepack=True,
-                framepack_drop_mode="padd", zero_timestep=True, add_last_motion=True,
-                drop_first_motion=True),
+    s2v=S2VConfig(),
+    # Official pipeline constants (wan/configs/wan_s2v_14B.py, generate.py --infer_frames).
+    extras=dict(wav2vec="wav2vec2-large-xlsr-53-english", motion_frames=73, drop_first_motion=True,
+                infer_frames=80),
 ))
 _register(TaskSpec(
     name="animate-14B",
@@ -317,6 +364,13 @@ def _shrunk(name: str, full: str, tiny_vae: VAEConfig, sizes: tuple[str, ...]) -
 _register(_shrunk("tiny-t2v", "t2v-A14B", TINY_WAN21_VAE, ("64*64", "96*64")))
 _register(_shrunk("tiny-i2v", "i2v-A14B", TINY_WAN21_VAE, ("64*64", "96*64")))
 _register(_shrunk("tiny-ti2v", "ti2v-5B", TINY_WAN22_VAE, ("128*64", "64*128")))
+# S2V at toy widths: a 16-wide, 24-layer wav2vec2 (the fixtures' shape), audio injected
+# after both blocks, 8-frame clips of 64x64 (8x8 latents, the least FramePack's 4x patch takes)
+# and 9 motion frames (3 latents) instead of 73, so a CPU encodes them in a second.
+_register(dataclasses.replace(
+    _shrunk("tiny-s2v", "s2v-14B", TINY_WAN21_VAE, ("64*64", "128*64")),
+    s2v=S2VConfig(audio_dim=16, audio_inject_layers=(0, 1)),
+    extras={**_TASKS["s2v-14B"].extras, "infer_frames": 8, "motion_frames": 9}))
 # Animate puts a face adapter after every 5th block, so its tiny DiT has 5 layers; the tiny
 # CLIP tower has 2 heads (its size comes from the pose video, so `sizes` is informative).
 _TINY_ANIMATE = _shrunk("tiny-animate", "animate-14B", TINY_WAN21_VAE, ("64*64",))

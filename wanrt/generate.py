@@ -32,9 +32,13 @@ from wanrt.configs import TASK_NAMES, ModelType, TaskSpec, get_task
 from wanrt.errors import InputError, WanrtError
 from wanrt.hashing import cache_root, file_sha256, files_under, tensor_sha256, tree_sha256
 from wanrt.loading.checkpoint import CheckpointFiles
+from wanrt.loading.component_files import ComponentFiles, component_formats
 from wanrt.loading.files import safetensors_shards
 from wanrt.loading.save import DIT_WEIGHTS_STEM, write_atomic, write_json
-from wanrt.pipelines import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings
+from wanrt.loading.single_file import is_single_file
+from wanrt.pipelines import GenerationRequest, Pipeline, ResolvedRequest, StepInfo, TextEmbeddings, output_size
+from wanrt.progress import phase
+from wanrt.runtime.planner import Precision, short_dtype_name
 from wanrt.video_io import VideoInfo, write_video
 
 LATENTS_SUFFIX = ".latents.safetensors"
@@ -43,8 +47,9 @@ _LATENTS_KEY = "latents"
 _EMBEDDING_KEY = "embedding"
 # The official CLI draws random seeds up to sys.maxsize; torch generators take < 2**64.
 _MAX_SEED = sys.maxsize
-# Model types whose sampling `Pipeline` implements (s2v and animate are not yet).
-_GENERATION_MODEL_TYPES = (ModelType.T2V, ModelType.I2V, ModelType.TI2V)
+# Model types `wanrt generate` samples (animate is not implemented yet); s2v runs through
+# `wanrt.s2v_generate`.
+_GENERATION_MODEL_TYPES = (ModelType.T2V, ModelType.I2V, ModelType.TI2V, ModelType.S2V, ModelType.ANIMATE)
 
 
 class DecodeFailedError(WanrtError):
@@ -55,7 +60,7 @@ class DecodeFailedError(WanrtError):
 class GenerationRecord:
     video_path: Path
     sidecar_path: Path
-    latents_path: Path
+    latents_path: Path | None  # None for s2v, which decodes inside its clip loop
     video_info: VideoInfo
     sidecar: Mapping[str, Any]  # what the sidecar file holds
 
@@ -109,11 +114,13 @@ def check_output_path(output: Path) -> Path:
 
 
 def default_output_path(task: TaskSpec, request: ResolvedRequest, now: datetime | None = None) -> Path:
-    """The official naming, `<task>_<size>_<prompt[:50]>_<time>.mp4`, in the working folder."""
+    """The official naming, `<task>_<size>_<prompt[:50]>_<time>.mp4`, in the working folder,
+    with the size the video will have (an image-conditioned run keeps the image's aspect)."""
     prompt = request.prompt.replace(" ", "_").replace("/", "_")[:50]
     stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
     # 'x' rather than the official '*': a '*' in a file name trips up shells and Windows.
-    return Path(f"{task.name}_{request.size.replace('*', 'x')}_{prompt}_{stamp}.mp4")
+    size = output_size(task, request) if isinstance(request, ResolvedRequest) else request.size
+    return Path(f"{task.name}_{size.replace('*', 'x')}_{prompt}_{stamp}.mp4")
 
 
 def latents_path_for(output: Path) -> Path:
@@ -166,12 +173,14 @@ def text_embeddings(pipeline: Pipeline, request: ResolvedRequest,
                      cache: EmbeddingCache | None) -> tuple[TextEmbeddings, str]:
     """The prompt pair's embeddings and how they were obtained: 'hit', 'miss' or 'off'."""
     if cache is None:
-        return pipeline.encode_text(request.prompt, request.negative_prompt), "off"
+        with phase("T5: encoding the prompts"):
+            return pipeline.encode_text(request.prompt, request.negative_prompt), "off"
     cond = cache.get(pipeline, request.prompt)
     uncond = cache.get(pipeline, request.negative_prompt)
     if cond is not None and uncond is not None:
         return TextEmbeddings(cond, uncond), "hit"
-    embeddings = pipeline.encode_text(request.prompt, request.negative_prompt)
+    with phase("T5: encoding the prompts"):
+        embeddings = pipeline.encode_text(request.prompt, request.negative_prompt)
     cache.put(pipeline, request.prompt, embeddings.cond)
     cache.put(pipeline, request.negative_prompt, embeddings.uncond)
     return embeddings, "miss"
@@ -219,6 +228,9 @@ def checkpoint_files_used(files: CheckpointFiles) -> list[Path]:
     """The files a generation reads: DiT configs and shards, VAE, T5 and tokenizer."""
     used: list[Path] = []
     for folder in files.dit_dirs.values():
+        if folder.is_file():  # a single-file expert (--dit, --dit-high, --dit-low)
+            used.append(folder)
+            continue
         index = folder / f"{DIT_WEIGHTS_STEM}.safetensors.index.json"
         used += [folder / "config.json", *([index] if index.is_file() else []),
                  *safetensors_shards(folder, DIT_WEIGHTS_STEM)]
@@ -234,7 +246,17 @@ def _checkpoint_record(files: CheckpointFiles) -> dict[str, Any]:
         resolved = path.resolve()
         return resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else str(resolved)
     return {"folder": str(root), "layout": files.layout.value,
+            "formats": {name(path): fmt for path, fmt in component_formats(files).items()},
+            "vae": str(files.vae.resolve()),
             "sha256": {name(path): file_sha256(path) for path in checkpoint_files_used(files)}}
+
+
+def weight_precision(pipeline: Pipeline) -> str:
+    """What the DiT weights are stored in: the quantized scheme, else the compute dtype
+    (`--precision bf16` means "not quantized", which is float32 on a CPU)."""
+    if pipeline.precision != Precision.BF16.value:
+        return pipeline.precision
+    return short_dtype_name(pipeline.dit_dtype)
 
 
 def _image_record(image: Tensor | None) -> dict[str, Any] | None:
@@ -279,13 +301,58 @@ def read_latents(path: Path) -> tuple[Tensor, dict[str, str]]:
 # ---------------------------------------------------------------------- runs
 
 
-def resolve_seed(seed: int) -> tuple[int, bool]:
-    """(the seed to use, whether it was drawn): a negative seed draws one, as the official CLI."""
+def draw_seed(seed: int) -> tuple[int, bool]:
+    """(the seed to use, whether it was drawn): a negative seed draws a random one, as the
+    official CLI does."""
     if seed < 0:
         return secrets.randbelow(_MAX_SEED + 1), True
     if seed > _MAX_SEED:
         raise InputError(f"--seed {seed} is too large; use 0..{_MAX_SEED}, or -1 for a random one")
     return seed, False
+
+
+def start_run(pipeline: Pipeline, request, embedding_cache: EmbeddingCache | None):
+    """What every run does first: draw the seed, resolve (validate) the request, reset the
+    peak-memory counter, embed the prompts. Returns (resolved, seed_was_random, embeddings,
+    embedding cache state, text-encoding seconds)."""
+    seed, seed_was_random = draw_seed(request.seed)
+    resolved = dataclasses.replace(request, seed=seed).resolved(pipeline.task)
+    if pipeline.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pipeline.device)
+    text_start = time.perf_counter()
+    embeddings, cache_state = text_embeddings(pipeline, resolved, embedding_cache)
+    return resolved, seed_was_random, embeddings, cache_state, time.perf_counter() - text_start
+
+
+def run_sidecar(pipeline: Pipeline, resolved, seed_was_random: bool, fps: int, cache_state: str,
+                run_options: Mapping[str, Any] | None, timings: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar of a run before its video is written (`resolved` has `settings()`,
+    `seed` and `image`); hashing the checkpoint is timed into `timings`."""
+    hash_start = time.perf_counter()
+    checkpoint = _checkpoint_record(pipeline.files)
+    return {
+        "wanrt_version": wanrt.__version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": _device_name(pipeline.device),
+        "task": pipeline.task.name,
+        "settings": resolved.settings(),
+        "seed": resolved.seed,
+        "seed_was_random": seed_was_random,
+        "fps": fps,
+        "runtime": {"device": str(pipeline.device), "dit_dtype": str(pipeline.dit_dtype).removeprefix("torch."),
+                    "text_device": str(pipeline.text_device), "embedding_cache": cache_state,
+                    "precision": weight_precision(pipeline), "quantization": dict(pipeline.quant_summaries),
+                    "memory_plan": pipeline.plan.to_dict() if pipeline.plan else None,
+                    "streamed_bytes": pipeline.streamed_bytes, "dit_forwards": pipeline.dit_forwards,
+                    "step_cache": None if pipeline.step_cache is None else
+                    {**pipeline.step_cache.record(resolved.steps), "skipped_steps": list(pipeline.cached_steps)},
+                    "loras": pipeline.lora_records()},
+        "options": dict(run_options or {}),
+        "image": _image_record(resolved.image),
+        "checkpoint": checkpoint,
+        "timings_s": {**timings, "hashing": time.perf_counter() - hash_start},
+    }
 
 
 def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequest, output: Path, *,
@@ -306,43 +373,13 @@ def generate_video(pipeline: Pipeline, request: GenerationRequest | ResolvedRequ
     """
     started = time.perf_counter()
     output = check_output_path(output)
-    seed, seed_was_random = resolve_seed(request.seed)
-    resolved = dataclasses.replace(request, seed=seed).resolved(pipeline.task)
-    if pipeline.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(pipeline.device)
-
-    text_start = time.perf_counter()
-    embeddings, cache_state = text_embeddings(pipeline, resolved, embedding_cache)
-    text_seconds = time.perf_counter() - text_start
+    resolved, seed_was_random, embeddings, cache_state, text_seconds = start_run(pipeline, request, embedding_cache)
     expert_timer = _ExpertTimer(on_step)
     latents = (sample or pipeline.sample)(resolved, embeddings, on_step=expert_timer)
-
-    hash_start = time.perf_counter()
-    checkpoint = _checkpoint_record(pipeline.files)
-    sidecar: dict[str, Any] = {
-        "wanrt_version": wanrt.__version__,
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "device": _device_name(pipeline.device),
-        "task": pipeline.task.name,
-        "settings": resolved.settings(),
-        "seed": seed,
-        "seed_was_random": seed_was_random,
-        "fps": fps or pipeline.task.sample.fps,
-        "runtime": {"device": str(pipeline.device), "dit_dtype": str(pipeline.dit_dtype).removeprefix("torch."),
-                    "text_device": str(pipeline.text_device), "embedding_cache": cache_state,
-                    "precision": pipeline.precision, "quantization": dict(pipeline.quant_summaries),
-                    "memory_plan": pipeline.plan.to_dict() if pipeline.plan else None,
-                    "streamed_bytes": pipeline.streamed_bytes, "dit_forwards": pipeline.dit_forwards,
-                    "step_cache": None if pipeline.step_cache is None else
-                    {**pipeline.step_cache.record(resolved.steps), "skipped_steps": list(pipeline.cached_steps)},
-                    "loras": pipeline.lora_records()},
-        "options": dict(run_options or {}),
-        "image": _image_record(resolved.image),
-        "checkpoint": checkpoint,
-        "timings_s": {"text_encoding": text_seconds, "sampling": dict(expert_timer.seconds),
-                      "hashing": time.perf_counter() - hash_start},
-    }
+    sidecar = run_sidecar(pipeline, resolved, seed_was_random, fps or pipeline.task.sample.fps, cache_state,
+                          run_options, {"text_encoding": text_seconds, "sampling": dict(expert_timer.seconds)})
+    # The video actually generated: an image-conditioned run keeps the image's aspect.
+    sidecar["settings"].update(size=output_size(pipeline.task, resolved), requested_size=resolved.size)
     latents_path = latents_path_for(output)
     save_latents(latents_path, latents, pipeline.task.name, pipeline.files.root.resolve(), sidecar)
     return _decode_and_write(pipeline, latents, output, latents_path, sidecar, started, on_decode)
@@ -360,8 +397,12 @@ def decode_latents(latents_path: Path, output: Path | None = None, ckpt_dir: Pat
         name = latents_path.name.removesuffix(LATENTS_SUFFIX)
         output = latents_path.with_name(name).with_suffix(".mp4")
     output = check_output_path(output)
-    pipeline = Pipeline.from_pretrained(ckpt_dir or metadata["ckpt_dir"], metadata["task"], device=device)
     sidecar = json.loads(metadata["sidecar"])
+    # A run given `--vae FILE` decodes with that file again, unless another folder is asked for.
+    run_vae = sidecar.get("checkpoint", {}).get("vae") if ckpt_dir is None else None
+    components = ComponentFiles(vae=Path(run_vae)) if run_vae and is_single_file(Path(run_vae)) else None
+    pipeline = Pipeline.from_pretrained(ckpt_dir or metadata["ckpt_dir"], metadata["task"], device=device,
+                                        components=components)
     sidecar["decode_run"] = {"ckpt_dir": str(pipeline.files.root.resolve()),
                              "device": _device_name(pipeline.device),
                              "vae_sha256": tree_sha256(pipeline.files.vae)}

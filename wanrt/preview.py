@@ -32,6 +32,7 @@ from wanrt.errors import ConfigError, InputError
 from wanrt.generate import EmbeddingCache, check_output_path, generate_video, text_embeddings
 from wanrt.loading.save import write_atomic, write_json
 from wanrt.pipelines import GenerationRequest, Pipeline, ResolvedRequest, StepInfo
+from wanrt.progress import track
 from wanrt.video_io import frames_to_uint8, read_video
 
 INDEX_NAME = "index.json"
@@ -269,7 +270,7 @@ def run_preview(pipeline: Pipeline, request: GenerationRequest, count: int, fold
     sampled = (sample_expert_stages(pipeline, ranks, resolved, base_seed, count, shared, on_step)
                if ranks.expert_per_gpu else {})
     written = []
-    for index in ranks.share(count):
+    for index in track(ranks.share(count), "preview candidates"):
         seed = base_seed + index
         if on_candidate is not None:
             on_candidate(index, seed)

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from wanrt.audio import AudioTrack
 from wanrt.errors import InputError, WanrtError
 
 VIDEO_CODEC = "h264"
@@ -71,11 +72,12 @@ def frames_to_uint8(frames: Tensor) -> Tensor:
     return (unit * 255).to(torch.uint8).cpu()
 
 
-def write_video(frames: Tensor, path: Path, fps: int, *, crf: int = 18) -> VideoInfo:
+def write_video(frames: Tensor, path: Path, fps: int, *, crf: int = 18, audio: AudioTrack | None = None) -> VideoInfo:
     """Encode `[3, T, H, W]` frames in [-1, 1] as an H.264 (yuv420p) mp4 at `path`, atomically.
 
-    The file is decoded again before it replaces `path`; the container is always mp4,
-    whatever the suffix of `path`.
+    With `audio`, the mp4 also carries it as AAC (192 kb/s, as the official s2v merge),
+    trimmed to the video's length. The file is decoded again before it replaces `path`;
+    the container is always mp4, whatever the suffix of `path`.
     """
     _require_channels_first(frames, ndim=4, what="video frames [3, T, H, W]")
     _, num_frames, height, width = frames.shape
@@ -95,12 +97,19 @@ def write_video(frames: Tensor, path: Path, fps: int, *, crf: int = 18) -> Video
         with av.open(str(temporary), mode="w", format="mp4") as container:
             stream = container.add_stream(_ENCODER, rate=fps, options={"crf": str(crf)})
             stream.width, stream.height, stream.pix_fmt = width, height, _PIXEL_FORMAT
+            # Every stream exists before the first packet: the mp4 header is written then.
+            audio_stream = _add_audio_stream(container, audio) if audio is not None else None
             for index, image in enumerate(pixels):
                 frame = av.VideoFrame.from_ndarray(image, format="rgb24")
                 frame.pts, frame.time_base = index, Fraction(1, fps)
                 container.mux(stream.encode(frame))
             container.mux(stream.encode(None))  # flush the frames the encoder holds back
+            if audio_stream is not None:
+                _mux_audio(container, audio_stream, audio, seconds=num_frames / fps)
         decoded, decoded_size = _count_decoded_frames(temporary)
+        if audio is not None and not _decodes_audio(temporary):
+            raise OutputWriteError(f"verification of {path} failed: its audio stream does not decode; "
+                                   "nothing was written (check the PyAV/FFmpeg install)")
         if (decoded, decoded_size) != (num_frames, (width, height)):
             raise OutputWriteError(
                 f"verification of {path} failed: it decodes to {decoded} frames of "
@@ -214,6 +223,40 @@ def _count_decoded_frames(path: Path) -> tuple[int, tuple[int, int]]:
         for frame in container.decode(video=0):
             count, size = count + 1, (frame.width, frame.height)
     return count, size
+
+
+_AAC_FRAME_SAMPLES = 1024
+_AAC_BIT_RATE = 192_000
+
+
+def _audio_channels(audio: AudioTrack) -> Tensor:
+    """Mono or stereo samples: more channels are mixed down to mono."""
+    return audio.samples.mean(dim=0, keepdim=True) if audio.samples.shape[0] > 2 else audio.samples
+
+
+def _add_audio_stream(container, audio: AudioTrack):
+    layout = "mono" if _audio_channels(audio).shape[0] == 1 else "stereo"
+    stream = container.add_stream("aac", rate=audio.rate, layout=layout)
+    stream.bit_rate = _AAC_BIT_RATE
+    return stream
+
+
+def _mux_audio(container, stream, audio: AudioTrack, seconds: float) -> None:
+    """Encode `audio`, cut at `seconds`, into the AAC `stream`."""
+    samples = _audio_channels(audio)[:, :round(seconds * audio.rate)]
+    layout = stream.layout.name
+    planar = samples.float().clamp(-1, 1).contiguous().numpy()
+    for start in range(0, planar.shape[1], _AAC_FRAME_SAMPLES):
+        frame = av.AudioFrame.from_ndarray(planar[:, start:start + _AAC_FRAME_SAMPLES].copy(),
+                                           format="fltp", layout=layout)
+        frame.sample_rate, frame.pts, frame.time_base = audio.rate, start, Fraction(1, audio.rate)
+        container.mux(stream.encode(frame))
+    container.mux(stream.encode(None))
+
+
+def _decodes_audio(path: Path) -> bool:
+    with av.open(str(path)) as container:
+        return bool(container.streams.audio) and any(True for _ in container.decode(audio=0))
 
 
 @contextmanager

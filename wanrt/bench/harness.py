@@ -196,19 +196,21 @@ def _placement(pipeline: Pipeline, strategy: Strategy) -> dict[str, Any]:
 
 
 def measure_pipeline(source: ModelSource, strategy: Strategy, request: ResolvedRequest, device: torch.device,
-                     flops: RunFlops, peak_of: Callable[[str], float | None]
+                     flops: RunFlops, peak_of: Callable[[str], float | None],
+                     embeddings: TextEmbeddings | None = None
                      ) -> tuple[dict[str, Any], _Outputs | None, TextEmbeddings | None]:
-    """One wanrt-pipeline run (T5, sampling, decode) measured phase by phase."""
-    result = _measure_pipeline(source, strategy, request, device, flops, peak_of)
+    """One wanrt-pipeline run (T5, sampling, decode) measured phase by phase. Given
+    `embeddings`, no text encoder is built and the run has no T5 phase."""
+    result = _measure_pipeline(source, strategy, request, device, flops, peak_of, embeddings)
     _free_memory(device)  # the run's models are gone with its frame
     return result
 
 
 def _measure_pipeline(source: ModelSource, strategy: Strategy, request: ResolvedRequest, device: torch.device,
-                      flops: RunFlops, peak_of: Callable[[str], float | None]
+                      flops: RunFlops, peak_of: Callable[[str], float | None], embeddings: TextEmbeddings | None
                       ) -> tuple[dict[str, Any], _Outputs | None, TextEmbeddings | None]:
     scenario, runner = source.scenario, strategy.value
-    pipeline, engine = source.pipeline(strategy, device)
+    pipeline, engine = source.pipeline(strategy, device, with_text_encoder=embeddings is None)
     sampler = MemorySampler(device)
     recorder = RunRecorder(device, sampler)
     # The engine's hooks, with each expert runner timed from outside.
@@ -216,11 +218,12 @@ def _measure_pipeline(source: ModelSource, strategy: Strategy, request: Resolved
                                                                       engine.wrap_expert(expert, model))
     pipeline.prepare_vae = engine.prepare_vae
     record: dict[str, Any] = {"runner": runner, "status": "ok", "note": None}
-    outputs = embeddings = None
+    outputs = None
     try:
         with sampler, vram_cap(device, scenario.vram_gib):
-            with recorder.phase("t5"):
-                embeddings = pipeline.encode_text(request.prompt, request.negative_prompt)
+            if embeddings is None:
+                with recorder.phase("t5"):
+                    embeddings = pipeline.encode_text(request.prompt, request.negative_prompt)
             with recorder.phase("sampling"):
                 state = pipeline.start(request)
                 recorder.begin_steps()

@@ -122,9 +122,11 @@ class ModelSource:
             return load_vae(self.files.vae, self.task.vae, dtype=torch.float32)
         return random_vae(self.task, self.scenario.seed + _VAE_SEED_OFFSET, build_device()).cpu()
 
-    def pipeline(self, strategy: Strategy, device: torch.device) -> tuple[Pipeline, Engine]:
+    def pipeline(self, strategy: Strategy, device: torch.device,
+                 with_text_encoder: bool = True) -> tuple[Pipeline, Engine]:
         """The run's pipeline and the engine to run its experts and VAE steps through (the
-        caller attaches it: the harness times the engine's runners)."""
+        caller attaches it: the harness times the engine's runners). Without the text
+        encoder, runs need their text embeddings given."""
         from wanrt.engines.base import EngineKind, EngineOptions, make_engine
 
         scenario, dtype = self.scenario, compute_dtype(device)
@@ -148,7 +150,8 @@ class ModelSource:
 
                 for model in experts.values():
                     quantize(model, precision.value)
-            text_encoder = random_text_encoder(self.task, scenario.seed + _T5_SEED_OFFSET, build_device(), dtype)
+            text_encoder = (random_text_encoder(self.task, scenario.seed + _T5_SEED_OFFSET, build_device(), dtype)
+                            if with_text_encoder else None)
             pipeline = Pipeline.from_models(self.task, experts, vae=self.vae_model(), device=device,
                                             dtype=dtype, memory=memory, text_encoder=text_encoder)
             pipeline.precision = precision.value

@@ -12,9 +12,12 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from wanrt.errors import InputError
+
+# Beside every speedup of a tiny-* scenario, in the same stream and file as the figure.
+SMOKE_CAVEAT = "tiny random-weight smoke model: proves the harness, no performance claim"
 
 GIB = 2**30
 REPORT_FILES = ("report.json", "report.md", "step_time.png", "memory.png", "achieved_vs_peak.png")
@@ -22,10 +25,14 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _COMPONENTS = (("t5", "T5"), ("dit", "DiT"), ("vae_decode", "VAE decode"))
 
 
+def device_slug(device_name: str) -> str:
+    """A device name as a folder-name part: 'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+
+
 def default_run_name(device_name: str, now: datetime | None = None) -> str:
     now = now or datetime.now(timezone.utc)
-    slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-    return f"{now:%Y%m%d-%H%M%S}-{slug}"
+    return f"{now:%Y%m%d-%H%M%S}-{device_slug(device_name)}"
 
 
 def require_matplotlib() -> None:
@@ -45,22 +52,35 @@ def run_folder(results: Path, run_name: str) -> Path:
     return folder
 
 
-def write_report(report: dict[str, Any], results: Path, run_name: str) -> Path:
-    """Write the report folder atomically and return its path."""
-    final = run_folder(results, run_name)
+def write_folder_atomically(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Let `fill` write the folder's files into a hidden sibling, then rename it to `final`:
+    a reader sees the whole folder or none of it."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{run_name}.", suffix=".tmp"))
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         os.chmod(staging, 0o755)  # mkdtemp makes 0700; a results folder is meant to be shared
-        # allow_nan=False: a NaN or infinity is a harness bug, not a number to publish.
-        (staging / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-        (staging / "report.md").write_text(markdown(report, run_name))
-        write_plots(report, staging)
+        fill(staging)
         os.replace(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
+
+
+def json_text(report: dict[str, Any]) -> str:
+    # allow_nan=False: a NaN or infinity is a harness bug, not a number to publish.
+    return json.dumps(report, indent=2, allow_nan=False) + "\n"
+
+
+def write_report(report: dict[str, Any], results: Path, run_name: str) -> Path:
+    """Write the report folder atomically and return its path."""
+
+    def fill(folder: Path) -> None:
+        (folder / "report.json").write_text(json_text(report))
+        (folder / "report.md").write_text(markdown(report, run_name))
+        write_plots(report, folder)
+
+    return write_folder_atomically(run_folder(results, run_name), fill)
 
 
 # ---------------------------------------------------------------------- Markdown
@@ -132,7 +152,8 @@ def _scenario_lines(scenario: dict[str, Any]) -> list[str]:
                    _num(r["sampling_and_decode_speedup"]), _num(r["peak_vram_ratio"])]
                   for name, r in scenario["ratios"].items() if r is not None]
     if ratio_rows:
-        lines += ["Speedup of wanrt over each baseline (baseline s / wanrt s):", ""]
+        caveat = f" ({SMOKE_CAVEAT})" if s["task"].startswith("tiny-") else ""
+        lines += [f"Speedup of wanrt over each baseline (baseline s / wanrt s){caveat}:", ""]
         lines += _table(["baseline", "sampling", "decode", "sampling + decode", "peak VRAM ratio"], ratio_rows)
     fidelity_rows = [[name, _num(run["fidelity"]["latents_rel_l2"]), _num(run["fidelity"]["latents_max_abs"]),
                       "identical" if run["fidelity"]["identical"] else _num(run["fidelity"]["video_psnr_db"], 4)]

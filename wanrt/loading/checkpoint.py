@@ -24,13 +24,14 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from wanrt.configs import DiTConfig, T5Config, TaskSpec, VAEConfig
+from wanrt.configs import TASK_NAMES, DiTConfig, T5Config, TaskSpec, VAEConfig, get_task
 from wanrt.errors import CheckpointError, ConfigError
-from wanrt.loading import diffusers_dit
+from wanrt.loading import diffusers_dit, single_file
 from wanrt.loading.files import (TensorInfo, iter_safetensors, load_pth, read_safetensors_header,
                                  require_file, safetensors_shards)
 from wanrt.loading.state import assign_tensors, check_state_keys
 from wanrt.models.dit import WanDiT
+from wanrt.progress import track
 
 
 class Layout(str, Enum):
@@ -61,6 +62,10 @@ class CheckpointFiles:
 def locate_checkpoint(root: Path, task: TaskSpec) -> CheckpointFiles:
     root = Path(root)
     if not root.is_dir():
+        if task.name.startswith("tiny-"):
+            raise CheckpointError(f"{root}: checkpoint folder not found; check --ckpt-dir: the random-weight "
+                                  f"{task.name} checkpoint is written by `wanrt demo --task {task.name}` (into "
+                                  f"the cache folder's demo/{task.name})")
         raise CheckpointError(f"{root}: checkpoint folder not found; check --ckpt-dir")
     if (root / "model_index.json").is_file():
         if task.is_moe:
@@ -98,8 +103,13 @@ def _renamed_headers(shards: list[Path], rename: Callable[[str], str]) -> dict[s
 
 
 def _renamed_chunks(shards: list[Path], rename: Callable[[str], str]) -> Iterator[dict[str, Tensor]]:
-    for shard in shards:
+    for shard in track(shards, f"loading {shard_owner(shards)}"):
         yield {rename(key): tensor for key, tensor in iter_safetensors(shard)}
+
+
+def shard_owner(shards: list[Path]) -> str:
+    """What a progress line calls a set of shards: their folder's name."""
+    return shards[0].parent.name if shards else "weights"
 
 
 _DIT_ARCH_FIELDS = ("model_type", "in_dim", "out_dim", "dim", "ffn_dim", "num_heads", "num_layers",
@@ -138,8 +148,10 @@ def _official_config(raw: dict[str, Any], config_path: Path) -> DiTConfig:
         raise CheckpointError(str(exc)) from None
 
 
-def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype | None = None) -> WanDiT:
-    """Load one DiT (expert) folder of either layout; `expect` is the task's architecture."""
+def read_dit_config(folder: Path, expect: DiTConfig | None = None
+                    ) -> tuple[DiTConfig, list[Path], Callable[[str], str], dict[str, TensorInfo]]:
+    """A DiT folder's architecture from its config.json and tensor headers (no weights
+    read), with its shards, its key rename to the official names, and the headers."""
     folder = Path(folder)
     config_path = folder / "config.json"
     raw = _read_json(config_path, "DiT config.json")
@@ -152,20 +164,62 @@ def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype |
         config = _official_config(raw, config_path)
     shards = safetensors_shards(folder, "diffusion_pytorch_model")
     infos = _renamed_headers(shards, rename)
-    config = complete_dit_config(config, infos, expect, str(folder))
+    return complete_dit_config(config, infos, expect, str(folder)), shards, rename, infos
+
+
+def load_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype | None = None) -> WanDiT:
+    """Load one DiT (expert) folder of either layout, or a single file of any format
+    `single_file` reads; `expect` is the task's architecture."""
+    folder = Path(folder)
+    if folder.is_file():
+        if expect is None:
+            raise CheckpointError(f"{folder}: a single-file DiT needs the task's architecture to check it")
+        return single_file.load_dit_file(folder, expect, dtype)
+    config, shards, rename, infos = read_dit_config(folder, expect)
     with torch.device("meta"):
         model = WanDiT(config)
     check_state_keys(model, infos, str(folder))
     return assign_tensors(model, _renamed_chunks(shards, rename), dtype)
 
 
-def _load_state(path: Path, stem: str, to_official: Callable[[dict[str, Tensor]], dict[str, Tensor]]
-                ) -> dict[str, Tensor]:
-    """All tensors of a component: a weights-only .pth file, or a diffusers folder renamed."""
-    if path.is_dir():
-        state = {}
-        for shard in safetensors_shards(path, stem):
-            state.update(iter_safetensors(shard))
+def _holds_task(root: Path, task: TaskSpec) -> bool:
+    """Whether `root` is a checkpoint of `task`, judged by its first DiT's architecture."""
+    folder = next(iter(locate_checkpoint(root, task).dit_dirs.values()))
+    if not (folder / "config.json").is_file():
+        return False
+    try:
+        read_dit_config(folder, task.dit)
+    except CheckpointError:
+        return False
+    return True
+
+
+def check_checkpoint_task(root: Path, task: TaskSpec) -> None:
+    """Before anything loads: a folder holding another known task's checkpoint is named,
+    instead of failing later on a list of mismatched tensor shapes. A folder that matches
+    no known task is left to the loaders, whose errors name the file at fault."""
+    if _holds_task(root, task):
+        return
+    for name in TASK_NAMES:
+        if name != task.name and _holds_task(root, get_task(name)):
+            raise CheckpointError(f"{root}: this folder holds a {name} checkpoint, not {task.name}; "
+                                  f"use --task {name} (or point --ckpt-dir at a {task.name} checkpoint)")
+
+
+def _load_state(path: Path, stem: str, to_official: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+                official_key: str, prefixes: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """All tensors of a component: a weights-only .pth file, a diffusers folder renamed, or a
+    single file (ComfyUI/Kijai repackages; official names when `official_key` is among them,
+    else the diffusers/transformers names renamed)."""
+    if path.is_dir() or single_file.is_single_file(path):
+        if path.is_dir():
+            state = {}
+            for shard in safetensors_shards(path, stem):
+                state.update(iter_safetensors(shard))
+        else:
+            state = single_file.read_state(path, prefixes)
+            if official_key in state:
+                return state
         try:
             return to_official(state)
         except CheckpointError as exc:
@@ -186,7 +240,8 @@ def load_vae(path: Path, expect: VAEConfig, dtype: torch.dtype | None = None):
             raise CheckpointError(
                 f"{path}: a Wan{config.version.value} VAE with {config.z_dim} latent channels, but the "
                 f"task needs Wan{expect.version.value} with {expect.z_dim}; use the task's VAE")
-    state = _load_state(path, "diffusion_pytorch_model", diffusers_vae.to_official)
+    state = _load_state(path, "diffusion_pytorch_model", diffusers_vae.to_official, "conv2.weight",
+                        single_file.VAE_PREFIXES)
     z_channels = state["conv2.weight"].shape[0] if "conv2.weight" in state else None
     if z_channels is not None and z_channels != expect.z_dim:
         raise CheckpointError(
@@ -209,7 +264,7 @@ def load_t5(path: Path, expect: T5Config, dtype: torch.dtype | None = None):
         config = dataclasses.replace(
             diffusers_t5.config_from_transformers(_read_json(path / "config.json", "text encoder config.json")),
             text_len=expect.text_len)
-    state = _load_state(path, "model", diffusers_t5.to_official)
+    state = _load_state(path, "model", diffusers_t5.to_official, "token_embedding.weight")
     with torch.device("meta"):
         model = UMT5Encoder(config)
     check_state_keys(model, state, str(path))

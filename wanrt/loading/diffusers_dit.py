@@ -79,7 +79,7 @@ def to_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 # Input/output channels identify the Wan2.2 variant (Wan2.2 i2v has no CLIP image branch).
-_MODEL_TYPE_BY_CHANNELS = {(16, 16): ModelType.T2V, (36, 16): ModelType.I2V, (48, 48): ModelType.TI2V}
+MODEL_TYPE_BY_CHANNELS = {(16, 16): ModelType.T2V, (36, 16): ModelType.I2V, (48, 48): ModelType.TI2V}
 
 
 def config_from_diffusers(raw: Mapping[str, Any], source: str, text_len: int = 512) -> DiTConfig:
@@ -96,10 +96,10 @@ def config_from_diffusers(raw: Mapping[str, Any], source: str, text_len: int = 5
     if unsupported:
         raise CheckpointError(f"{source}: not a Wan2.2 transformer (unsupported settings {unsupported})")
     channels = (field("in_channels"), field("out_channels"))
-    if channels not in _MODEL_TYPE_BY_CHANNELS:
+    if channels not in MODEL_TYPE_BY_CHANNELS:
         raise CheckpointError(f"{source}: in/out channels {channels} match no Wan2.2 model")
     return DiTConfig(
-        model_type=_MODEL_TYPE_BY_CHANNELS[channels],
+        model_type=MODEL_TYPE_BY_CHANNELS[channels],
         in_dim=channels[0], out_dim=channels[1],
         dim=field("num_attention_heads") * field("attention_head_dim"),
         ffn_dim=field("ffn_dim"), num_heads=field("num_attention_heads"),

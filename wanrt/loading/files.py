@@ -13,7 +13,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import torch
 from torch import Tensor
@@ -52,8 +52,31 @@ class TensorInfo:
     dtype: torch.dtype
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Key -> shape/dtype from the header, after checking the file holds all its data."""
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes lie in a safetensors file (absolute offsets)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    begin: int
+    end: int
+
+    @property
+    def info(self) -> TensorInfo:
+        return TensorInfo(self.shape, self.dtype)
+
+
+@dataclass(frozen=True)
+class SafetensorsLayout:
+    """A safetensors header: every tensor's place, and the `__metadata__` strings."""
+
+    tensors: dict[str, StoredTensor]
+    metadata: dict[str, str]
+
+
+def read_safetensors_layout(path: Path) -> SafetensorsLayout:
+    """The header, after checking the file holds all the data it announces."""
+    path = Path(path)
     require_file(path, "safetensors file")
     size = path.stat().st_size
     with open(path, "rb") as fh:
@@ -67,27 +90,65 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(fh.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: corrupt safetensors header; download it again") from None
-    header.pop("__metadata__", None)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header; download it again")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
     data_end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    if 8 + header_len + data_end > size:
+    if data_start + data_end > size:
         raise CheckpointError(
-            f"{path}: truncated safetensors file ({size} of {8 + header_len + data_end} bytes); "
+            f"{path}: truncated safetensors file ({size} of {data_start + data_end} bytes); "
             "download it again")
     try:
-        return {key: TensorInfo(tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]])
-                for key, entry in header.items()}
+        tensors = {key: StoredTensor(tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]],
+                                     data_start + entry["data_offsets"][0], data_start + entry["data_offsets"][1])
+                   for key, entry in header.items()}
     except KeyError as exc:
         raise CheckpointError(f"{path}: unsupported safetensors dtype {exc}") from None
+    return SafetensorsLayout(tensors, metadata)
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Key -> shape/dtype from the header, after checking the file holds all its data."""
+    return {key: stored.info for key, stored in read_safetensors_layout(path).tensors.items()}
+
+
+def read_into(fh: BinaryIO, begin: int, out: Tensor, source: Path) -> Tensor:
+    """Fill the contiguous CPU tensor `out` with the file's bytes at `begin`.
+
+    The bytes go straight from the kernel into `out`'s storage (no mmap, no staging copy),
+    so a file read this way occupies its own size in host memory once: memory-mapped
+    pages would stay resident (and count in RSS) until the whole shard had been copied.
+    """
+    nbytes = out.numel() * out.element_size()
+    if nbytes == 0:
+        return out
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    fh.seek(begin)
+    filled = 0
+    while filled < nbytes:
+        count = fh.readinto(view[filled:])
+        if not count:
+            raise CheckpointError(f"{source}: truncated file (ends inside a tensor); download it again")
+        filled += count
+    return out
+
+
+def read_stored(fh: BinaryIO, stored: StoredTensor, source: Path) -> Tensor:
+    """One tensor of a safetensors file, read into a fresh buffer of its own."""
+    out = torch.empty(stored.shape, dtype=stored.dtype)
+    if stored.end - stored.begin != out.numel() * out.element_size():
+        raise CheckpointError(f"{source}: corrupt safetensors header (a tensor's byte range does not "
+                              "match its shape); download it again")
+    return read_into(fh, stored.begin, out, source)
 
 
 def iter_safetensors(path: Path, keys: list[str] | None = None) -> Iterator[tuple[str, Tensor]]:
-    """Yield tensors one at a time from a memory-mapped file (no second copy in RAM)."""
-    from safetensors import safe_open
-
-    read_safetensors_header(path)
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        for key in keys if keys is not None else handle.keys():
-            yield key, handle.get_tensor(key)
+    """Yield tensors one at a time, each read into its own buffer (see `read_into`)."""
+    layout = read_safetensors_layout(path)
+    with open(path, "rb", buffering=0) as fh:
+        for key in keys if keys is not None else layout.tensors:
+            yield key, read_stored(fh, layout.tensors[key], path)
 
 
 def safetensors_shards(folder: Path, stem: str) -> list[Path]:

@@ -43,18 +43,19 @@ def check_state_keys(model: nn.Module, found: Mapping[str, TensorInfo | Tensor],
 
 
 def cast_for_model(key: str, tensor: Tensor, dtype: torch.dtype | None,
-                   keep_fp32: tuple[str, ...]) -> Tensor:
+                   keep_fp32: tuple[str, ...], owned: bool = False) -> Tensor:
     """Cast floating tensors to `dtype`, except those under a module named in `keep_fp32`.
 
     The result always owns fresh memory: tensors read from a file may be views of a
     memory map (invalid if the file changes under a running job) at odd alignments (which
-    changes CPU float32 rounding). The copy is made one tensor at a time.
+    changes CPU float32 rounding). The copy is made one tensor at a time. A tensor the
+    caller has just read into its own buffer (`owned`) is kept as it is when no cast is due.
     """
     if dtype is not None and tensor.is_floating_point():
         target = torch.float32 if any(part in keep_fp32 for part in key.split(".")) else dtype
         if tensor.dtype != target:
             return tensor.to(target)
-    return tensor.clone()
+    return tensor if owned else tensor.clone()
 
 
 def assign_tensors(model: nn.Module, chunks: Iterable[Mapping[str, Tensor]],
@@ -62,7 +63,13 @@ def assign_tensors(model: nn.Module, chunks: Iterable[Mapping[str, Tensor]],
     """Assign already-validated tensors chunk by chunk (one chunk per shard)."""
     keep_fp32 = tuple(getattr(model, "keep_in_fp32", ()))
     for chunk in chunks:
-        cast = {key: cast_for_model(key, t, dtype, keep_fp32) for key, t in chunk.items()}
+        # Each source tensor is dropped as soon as its cast/copy exists, so a shard is never
+        # held twice (the caller's chunk dict is its only other owner).
+        pending = dict(chunk)
+        del chunk
+        cast = {}
+        for key in list(pending):
+            cast[key] = cast_for_model(key, pending.pop(key), dtype, keep_fp32)
         model.load_state_dict(cast, strict=False, assign=True)
     still_meta = [name for name, t in model.state_dict().items() if t.is_meta]
     if still_meta:

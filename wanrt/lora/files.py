@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -31,6 +32,9 @@ class LoraError(CheckpointError):
 
 
 PEFT_CONFIG = "adapter_config.json"
+# diffusers' `save_lora_weights` / `save_lora_adapter` keep the LoraConfig here, in the
+# safetensors metadata, instead of `.alpha` tensors.
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
@@ -48,15 +52,17 @@ class PeftConfig:
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, path: Path) -> "PeftConfig":
+    def from_json(cls, text: str, source: str) -> "PeftConfig":
+        """A PEFT LoraConfig as JSON; diffusers' pipeline-level metadata prefixes each
+        field with the component (`transformer.lora_alpha`)."""
         try:
-            raw = json.loads(path.read_text())
+            raw = {key.removeprefix("transformer."): value for key, value in json.loads(text).items()}
             if raw.get("use_dora"):
-                raise LoraError(f"{path}: DoRA adapters are not supported; use a plain LoRA")
+                raise LoraError(f"{source}: DoRA adapters are not supported; use a plain LoRA")
             return cls(float(raw["lora_alpha"]), int(raw["r"]), bool(raw.get("use_rslora", False)),
                        dict(raw.get("alpha_pattern") or {}), dict(raw.get("rank_pattern") or {}))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise LoraError(f"{path}: not a PEFT adapter config ({type(exc).__name__}: {exc})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LoraError(f"{source}: not a PEFT LoRA config ({type(exc).__name__}: {exc})") from None
 
     def _lookup(self, patterns: Mapping[str, float], module: str, default: float) -> float:
         for pattern, value in patterns.items():
@@ -89,7 +95,7 @@ class LoraPlan:
 
 
 class LoraFile:
-    """One LoRA on disk; its tensors are read only when merged."""
+    """One LoRA on disk; its tensors are read only when merged (and not kept after)."""
 
     def __init__(self, path: Path) -> None:
         path = Path(path)
@@ -100,7 +106,7 @@ class LoraFile:
             if not (path / PEFT_CONFIG).is_file() or weights is None:
                 raise LoraError(f"{path}: a LoRA folder must be a PEFT adapter ({PEFT_CONFIG} and "
                                 f"{PEFT_WEIGHTS[0]})")
-            self.peft = PeftConfig.read(path / PEFT_CONFIG)
+            self.peft = PeftConfig.from_json((path / PEFT_CONFIG).read_text(), str(path / PEFT_CONFIG))
             path = weights
         if not path.is_file():
             raise LoraError(f"{path}: LoRA file not found")
@@ -108,6 +114,10 @@ class LoraFile:
         self._tensors: dict[str, Tensor] | None = None
         if path.suffix == ".safetensors":
             self.shapes = {key: info.shape for key, info in read_safetensors_header(path).items()}
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = (handle.metadata() or {}).get(DIFFUSERS_METADATA_KEY)
+            if metadata is not None and self.peft is None:
+                self.peft = PeftConfig.from_json(metadata, f"{path} ({DIFFUSERS_METADATA_KEY})")
         elif path.suffix in _PICKLE_SUFFIXES:
             # A pickle container: torch's weights-only unpickler refuses anything but tensors.
             # The official Animate relighting LoRA is `torch.save({'state_dict': peft_state})`.
@@ -117,10 +127,9 @@ class LoraFile:
             raise LoraError(f"{path}: unknown LoRA file type; use .safetensors (or a weights-only .pt/.ckpt)")
         self.format = detect_format(self.shapes)
 
-    def tensors(self) -> dict[str, Tensor]:
-        if self._tensors is None:
-            self._tensors = load_file(str(self.path))
-        return self._tensors
+    def read(self) -> dict[str, Tensor]:
+        """Every tensor of the file (a `.pt`/`.ckpt` was read whole when opened)."""
+        return self._tensors if self._tensors is not None else load_file(str(self.path))
 
     def plan(self, parameters: Mapping[str, tuple[int, ...]]) -> LoraPlan:
         """Map every key to a parameter of the model with `parameters` (name -> shape) and
@@ -180,9 +189,8 @@ class LoraFile:
             return f"{module}: rank {down[0]} but the adapter config says r={self.peft.alpha_and_rank(module)[1]}"
         return None
 
-    def scale(self, patch: LoraPatch, strength: float) -> float:
+    def scale(self, patch: LoraPatch, strength: float, tensors: Mapping[str, Tensor]) -> float:
         """strength x alpha / rank; without an alpha, strength alone."""
-        tensors = self.tensors()
         rank = tensors[patch.down].shape[0]
         if patch.alpha is not None:
             return strength * float(tensors[patch.alpha]) / rank
@@ -191,12 +199,13 @@ class LoraFile:
             return strength * alpha / (math.sqrt(rank) if self.peft.use_rslora else rank)
         return strength
 
-    def delta(self, patch: LoraPatch, strength: float, device: torch.device) -> Tensor:
-        """The float32 change of `patch.parameter` (flat [out, in...] for a pair)."""
-        tensors = self.tensors()
+    def delta(self, patch: LoraPatch, strength: float, tensors: Mapping[str, Tensor],
+              device: torch.device) -> Tensor:
+        """The float32 change of `patch.parameter` (flat [out, in...] for a pair), from the
+        file's `tensors`."""
         if patch.diff is not None:
             return strength * tensors[patch.diff].to(device, torch.float32)
         up = tensors[patch.up].to(device, torch.float32).flatten(1)
         down = tensors[patch.down].to(device, torch.float32).flatten(1)
-        return self.scale(patch, strength) * (up @ down)
+        return self.scale(patch, strength, tensors) * (up @ down)
 

@@ -61,7 +61,8 @@ _DIFFUSERS_MODULE = re.compile(r"(^|\.)(attn1|attn2|condition_embedder|proj_out|
 _HARMLESS = {
     LoraFormat.WAN: re.compile(r"blocks\.\d+\.cross_attn\.(k_img|v_img|norm_k_img)|img_emb\..+"),
     LoraFormat.MUSUBI: re.compile(r"lora_unet_(blocks_\d+_cross_attn_(k_img|v_img|norm_k_img)|img_emb_.+)"),
-    LoraFormat.DIFFUSERS: re.compile(r"blocks\.\d+\.attn2\.(add_k_proj|add_v_proj|norm_added_k)|condition_embedder\.image_embedder\..+"),
+    LoraFormat.DIFFUSERS: re.compile(r"blocks\.\d+\.attn2\.(add_k_proj|add_v_proj|norm_added_k)"
+                                     r"|condition_embedder\.image_embedder\..+"),
 }
 # A module path: dotted names, no empty segment, nothing that could read as a file path.
 _MODULE_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")

@@ -118,13 +118,14 @@ def merge_loras(model: nn.Module, loras: Sequence[LoadedLora]) -> int:
     for lora in loras:
         plan = lora.file.plan(shapes)  # the model may differ from the one checked up front
         if lora.spec.strength != 0:
+            tensors = lora.file.read()  # memory-mapped; released when the merge is done
             for patch in plan.patches:
-                by_parameter[patch.parameter].append((lora.file, patch, lora.spec.strength))
+                by_parameter[patch.parameter].append((lora.file, patch, lora.spec.strength, tensors))
     with torch.no_grad():
         for name, patches in by_parameter.items():
             parameter = parameters[name]
             merged = parameter.detach().to(torch.float32, copy=True)
-            for file, patch, strength in patches:
-                merged += file.delta(patch, strength, parameter.device).view(parameter.shape)
+            for file, patch, strength, tensors in patches:
+                merged += file.delta(patch, strength, tensors, parameter.device).view(parameter.shape)
             parameter.copy_(merged)
     return len(by_parameter)

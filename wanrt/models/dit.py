@@ -43,6 +43,22 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
+def rope_inverse_frequencies(head_dim: int, device: torch.device | None = None) -> list[Tensor]:
+    """Per axis (frame, height, width), the float64 inverse frequencies of its channel pairs."""
+    return [1.0 / ROPE_THETA ** (torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
+            for axis_dim in rope_axis_dims(head_dim)]
+
+
+def rope_angles(positions: Tensor, head_dim: int) -> Tensor:
+    """Rotary angles `[L, head_dim // 2]` float64 of tokens at `positions [L, 3]` (f, h, w).
+
+    Positions may be negative: the official S2V model multiplies by the conjugate of
+    `freqs[|p|]` there, which is the angle at -|p|."""
+    positions = positions.to(torch.float64)
+    return torch.cat([torch.outer(positions[:, axis], inv_freq) for axis, inv_freq in
+                      enumerate(rope_inverse_frequencies(head_dim, positions.device))], dim=-1)
+
+
 def rope_tables(grid: tuple[int, int, int], head_dim: int, seq_len: int,
                 device: torch.device | None = None) -> tuple[Tensor, Tensor]:
     """cos/sin of the 3-axis rotary angles, `[seq_len, 1, head_dim // 2]` float32.
@@ -52,10 +68,8 @@ def rope_tables(grid: tuple[int, int, int], head_dim: int, seq_len: int,
     """
     f, h, w = grid
     per_axis = []
-    for axis_len, axis_dim, shape in zip((f, h, w), rope_axis_dims(head_dim),
+    for axis_len, inv_freq, shape in zip((f, h, w), rope_inverse_frequencies(head_dim, device),
                                          ((f, 1, 1), (1, h, 1), (1, 1, w))):
-        inv_freq = 1.0 / ROPE_THETA ** (
-            torch.arange(0, axis_dim, 2, dtype=torch.float64, device=device) / axis_dim)
         angles = torch.outer(torch.arange(axis_len, dtype=torch.float64, device=device), inv_freq)
         per_axis.append(angles.view(*shape, -1).expand(f, h, w, -1))
     angles = torch.cat(per_axis, dim=-1).reshape(f * h * w, 1, head_dim // 2)
@@ -217,8 +231,8 @@ class WanDiT(nn.Module):
     # Hints read by runtime transforms (streaming, compilation); the model ignores them.
     repeated_blocks = "blocks"
     keep_in_fp32 = ("time_embedding", "time_projection", "head", "modulation")
-    # Variants (Animate) build their blocks from a subclass.
-    block_class = DiTBlock
+    # Variants (Animate, S2V) build their blocks from a subclass.
+    block_class: type[nn.Module] = DiTBlock
 
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()

@@ -37,6 +37,7 @@ from wanrt.lora import LoraSpec, parameter_shapes
 from wanrt.models.animate_dit import AnimateDiT, AnimateWidths
 from wanrt.pipelines.core import StepInfo, TextEmbeddings, run_steps
 from wanrt.pipelines.video import Pipeline
+from wanrt.runtime.planner import MemoryPlan, make_plan, require_fit
 from wanrt.schedulers import Solver, make_scheduler
 from wanrt.video_io import load_image_uint8, read_video_uint8
 
@@ -187,6 +188,11 @@ class AnimateRequest:
             prompt=self.prompt or task.extras["default_prompt"],
             negative_prompt=self.negative_prompt or task.sample.negative_prompt)
 
+    @property
+    def image(self) -> None:
+        """No separate image: the reference image is `src_ref.png` of the source folder."""
+        return None
+
     def settings(self) -> dict:
         return {"replace_flag": self.replace, "refert_num": self.refert_num, "frame_num": self.clip_len,
                 "steps": self.steps, "shift": self.shift, "guide_scale": self.guide_scale, "solver": self.solver,
@@ -251,6 +257,15 @@ class AnimatePipeline(Pipeline):
             return self._experts[Expert.ONLY].widths.face_size
         return read_animate_widths(self._require_files().dit_dirs[Expert.ONLY]).face_size
 
+    def plan_animation(self, request: AnimateRequest, height: int, width: int) -> MemoryPlan | None:
+        """Plan one segment's forward: the clip plus the reference latent frame."""
+        if self.memory is None or self.dit_dtype != torch.bfloat16:
+            return None
+        frames = request.clip_len + self.task.vae_stride[0]
+        return self.adopt_plan(require_fit(make_plan(self.task, f"{width}*{height}", frames, self.precision,
+                                                     self.memory.vram_gib, self.memory.ram_gib, image=True,
+                                                     t5_cpu=self.text_device.type == "cpu")))
+
     # ------------------------------------------------------------------ the run
 
     def check_source(self, source: AnimateSource, request: AnimateRequest) -> None:
@@ -280,9 +295,7 @@ class AnimatePipeline(Pipeline):
             raise InputError("--replace_flag needs src_bg.mp4 and src_mask.mp4 read for replacement")
         self.check_source(source, request)
         if self.plan is None:  # before the DiT loads: the plan decides what streams
-            height, width = source.pose.shape[1:3]
-            # One more latent frame than the clip: the reference frame 0.
-            self.plan_shape(f"{width}*{height}", request.clip_len + self.task.vae_stride[0], image=True)
+            self.plan_animation(request, *source.pose.shape[1:3])
         if embeddings is None:
             embeddings = self.encode_text(request.prompt, request.negative_prompt)
         clip_len, refert_num = request.clip_len, request.refert_num

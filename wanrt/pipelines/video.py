@@ -25,19 +25,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wanrt.configs import SIZES, ModelType, TaskSpec, get_task, parse_size
+from wanrt.configs import SIZES, ModelType, SampleDefaults, TaskSpec, get_task, parse_size
 from wanrt.errors import CheckpointError, InputError, parse_choice
-from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_dit_matches_vae, load_dit,
-                                      load_t5, load_vae, locate_checkpoint)
+from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_checkpoint_task, check_dit_matches_vae,
+                                      load_dit, load_t5, load_vae, locate_checkpoint)
+from wanrt.loading.component_files import ComponentFiles, apply_component_files, stored_precision
 from wanrt.lora import LoadedLora, LoraSpec, check_loras, merge_loras, parameter_shapes
 from wanrt.models.dit import WanDiT
-from wanrt.pipelines.core import (Guidance, MemoryBudget, StepInfo, StreamingConfig, TextEmbeddings,
-                                  noise_for, run_steps)
+from wanrt.pipelines.core import (Guidance, MemoryBudget, NonFiniteLatentsError, StepInfo, StreamingConfig,
+                                  TextEmbeddings, noise_for, run_steps)
+from wanrt.progress import track
 from wanrt.runtime.planner import MemoryPlan, Precision, make_plan, require_fit
 from wanrt.runtime.step_cache import EasyCache, StepCacheConfig
 from wanrt.runtime.streaming import BlockStreamer
 from wanrt.schedulers import FlowScheduler, Solver, make_scheduler
 from wanrt.schedulers.distill import DISTILL_SHIFT, DISTILL_STEPS
+
+
+def resolve_size(task: TaskSpec, size: str | None) -> str:
+    """`--size`, default the task's first; one line naming the supported ones otherwise."""
+    size = size or task.sample.sizes[0]
+    if size not in task.sample.sizes:
+        raise InputError(f"--size {size} is not supported by {task.name}; "
+                         f"choose one of {', '.join(task.sample.sizes)}")
+    return size
+
+
+def resolve_steps(defaults: SampleDefaults, steps: int | None) -> int:
+    """`--steps`, default the sampler's (the task's, or the distilled sampler's)."""
+    steps = defaults.steps if steps is None else steps
+    if steps < 1:
+        raise InputError(f"--steps {steps} must be at least 1")
+    return steps
 
 
 @dataclass(frozen=True)
@@ -70,16 +89,11 @@ class GenerationRequest:
                                            shift=DISTILL_SHIFT, guide_scale=(1.0, 1.0))
         elif self.denoising_steps is not None:
             raise InputError(f"--denoising-step-list applies to --sampler distill, not {solver.value}")
-        size = self.size or defaults.sizes[0]
-        if size not in defaults.sizes:
-            raise InputError(f"--size {size} is not supported by {task.name}; "
-                             f"choose one of {', '.join(defaults.sizes)}")
+        size = resolve_size(task, self.size)
         frame_num = defaults.frame_num if self.frame_num is None else self.frame_num
         if frame_num < 1 or (frame_num - 1) % task.vae_stride[0]:
             raise InputError(f"--frame-num {frame_num} must be 4n+1 (e.g. 81, 121)")
-        steps = defaults.steps if self.steps is None else self.steps
-        if steps < 1:
-            raise InputError(f"--steps {steps} must be at least 1")
+        steps = resolve_steps(defaults, self.steps)
         guide = defaults.guide_scale if self.guide_scale is None else self.guide_scale
         if isinstance(guide, (int, float)):
             guide = (float(guide), float(guide))
@@ -165,6 +179,30 @@ def _from_pil(img) -> Tensor:
     return array.permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
 
 
+def latent_grid(task: TaskSpec, request: ResolvedRequest) -> tuple[int, int, int]:
+    """(frames, h, w) of the latents `request` samples. The requested size sets the area;
+    an image-conditioned run takes the image's aspect ratio within it (i2v-A14B always,
+    ti2v-5B when given an image), so its video is not the requested size."""
+    width, height = SIZES.get(request.size) or parse_size(request.size)
+    stride_t, stride_h, stride_w = task.vae_stride
+    frames = (request.frame_num - 1) // stride_t + 1
+    model_type = task.dit.model_type
+    if model_type is ModelType.I2V:
+        return (frames, *i2v_latent_hw(tuple(request.image.shape[1:]), width * height, task))
+    if model_type is ModelType.TI2V and request.image is not None:
+        step_h, step_w = (task.vae_stride[i] * task.dit.patch_size[i] for i in (1, 2))
+        out_w, out_h = best_output_size(request.image.shape[2], request.image.shape[1], step_w, step_h,
+                                        width * height)
+        return frames, out_h // stride_h, out_w // stride_w
+    return frames, height // stride_h, width // stride_w
+
+
+def output_size(task: TaskSpec, request: ResolvedRequest) -> str:
+    """'WIDTH*HEIGHT' of the video `request` generates (see `latent_grid`)."""
+    _, lat_h, lat_w = latent_grid(task, request)
+    return f"{lat_w * task.vae_stride[2]}*{lat_h * task.vae_stride[1]}"
+
+
 @dataclass
 class _Conditioning:
     """Per-task inputs of the loop: first latents, DiT extras, and the per-step fix-up."""
@@ -222,7 +260,7 @@ class Pipeline:
         self.streaming = streaming
         # DiT weight precision: "bf16" keeps the loaded weights; "fp8"/"int8" quantize the
         # block Linears at load time with the default policy (wanrt.export.quantize).
-        self.precision = Precision(precision).value
+        self.precision = stored_precision(files, precision).value  # 8-bit DiT files run as stored
         self.quant_summaries: dict[str, str] = {}
         # Experts saved by `wanrt quantize` replace the checkpoint's DiT folders.
         self.quantized_files = None
@@ -276,7 +314,8 @@ class Pipeline:
                         dtype: torch.dtype | None = None, t5_cpu: bool = False,
                         vram_gib: float | None = None, ram_gib: float | None = None,
                         precision: str = "bf16", quantized_dir: str | Path | None = None,
-                        loras: Sequence[LoraSpec] = (), step_cache: StepCacheConfig | None = None) -> "Pipeline":
+                        loras: Sequence[LoraSpec] = (), step_cache: StepCacheConfig | None = None,
+                        components: ComponentFiles | None = None) -> "Pipeline":
         """On a GPU the run is planned within `vram_gib`/`ram_gib` (default: what the
         machine has), streaming DiT blocks when the experts do not fit. `loras` are merged
         into the experts they name as each loads; `step_cache` skips near-repeated steps."""
@@ -287,9 +326,11 @@ class Pipeline:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         text_device = torch.device("cpu") if t5_cpu else device
         memory = MemoryBudget.detect(device, vram_gib, ram_gib) if device.type == "cuda" else None
-        return cls(spec, locate_checkpoint(Path(ckpt_dir), spec), device, dtype, text_device,
-                   memory=memory, precision=precision, quantized_dir=quantized_dir, loras=loras,
-                   step_cache=step_cache)
+        if components is None or not (components.dit or components.dit_high or components.dit_low):
+            check_checkpoint_task(Path(ckpt_dir), spec)
+        return cls(spec, apply_component_files(locate_checkpoint(Path(ckpt_dir), spec), spec, components),
+                   device, dtype, text_device, memory=memory, precision=precision,
+                   quantized_dir=quantized_dir, loras=loras, step_cache=step_cache)
 
     @classmethod
     def from_models(cls, task: TaskSpec, experts: dict[Expert, WanDiT], vae=None,
@@ -342,10 +383,11 @@ class Pipeline:
             check_dit_matches_vae(model.config, self.task.vae, str(folder))
             # LoRAs first: quantization, pinning and streaming then see the merged weights.
             self._merge_loras(expert, model)
-            if self.precision != Precision.BF16.value:
+            if self.precision != Precision.BF16.value and not hasattr(model, "quant_report"):
                 from wanrt.export.quantize import quantize
 
                 quantize(model, self.precision)
+            if hasattr(model, "quant_report"):  # quantized here, or stored 8-bit in a single file
                 self.quant_summaries[expert.value] = model.quant_report.summary()
             self._experts[expert] = model
         if self.streaming is not None and expert not in self._streamed_experts:
@@ -361,7 +403,8 @@ class Pipeline:
         return self._experts[expert]
 
     def read_dit(self, folder: Path) -> WanDiT:
-        """One DiT folder as this task's model class (a task family may read another)."""
+        """One DiT folder in host memory, in the DiT dtype (a task family's own DiT class
+        overrides this)."""
         return load_dit(folder, expect=self.task.dit, dtype=self.dit_dtype)
 
     def _place(self, expert: Expert, device: torch.device | str) -> None:
@@ -437,24 +480,12 @@ class Pipeline:
         return TextEmbeddings(cond.float().cpu(), uncond.float().cpu())
 
     def latent_grid(self, request: ResolvedRequest) -> tuple[int, int, int]:
-        width, height = SIZES.get(request.size) or parse_size(request.size)
-        stride_t, stride_h, stride_w = self.task.vae_stride
-        return (request.frame_num - 1) // stride_t + 1, height // stride_h, width // stride_w
+        return latent_grid(self.task, request)
 
     def _condition(self, request: ResolvedRequest, noise: Tensor | None) -> _Conditioning:
-        task, z_dim = self.task, self.task.vae.z_dim
         frames, lat_h, lat_w = self.latent_grid(request)
-        model_type = task.dit.model_type
-        if model_type is ModelType.I2V:
-            width, height = SIZES.get(request.size) or parse_size(request.size)
-            lat_h, lat_w = i2v_latent_hw(tuple(request.image.shape[1:]), width * height, task)
-        elif model_type is ModelType.TI2V and request.image is not None:
-            width, height = SIZES.get(request.size) or parse_size(request.size)
-            step_h, step_w = (task.vae_stride[i] * task.dit.patch_size[i] for i in (1, 2))
-            out_w, out_h = best_output_size(request.image.shape[2], request.image.shape[1],
-                                            step_w, step_h, width * height)
-            lat_h, lat_w = out_h // task.vae_stride[1], out_w // task.vae_stride[2]
-        shape = (1, z_dim, frames, lat_h, lat_w)
+        model_type = self.task.dit.model_type
+        shape = (1, self.task.vae.z_dim, frames, lat_h, lat_w)
         latents = noise_for(shape[1:], request.seed)[None] if noise is None else noise.reshape(shape).float()
         latents = latents.to(self.device)
         if model_type is ModelType.I2V:
@@ -527,10 +558,13 @@ class Pipeline:
         expert follows the timestep boundary, or the step index for a sampler that fixes
         the split (the distilled one: LightX2V's `boundary_step_index`)."""
         timesteps = state.scheduler.timesteps.tolist()
-        boundary_step = state.scheduler.boundary_step_index
-        return [(timesteps[i], self.expert_for(timesteps[i]) if boundary_step is None or not self.task.is_moe
-                 else Expert.HIGH_NOISE if i < boundary_step else Expert.LOW_NOISE)
-                for i in range(len(timesteps))[state.step:stop]]
+        boundary_step = state.scheduler.boundary_step_index if self.task.is_moe else None
+
+        def expert_at(index: int) -> Expert:
+            if boundary_step is None:
+                return self.expert_for(timesteps[index])
+            return Expert.HIGH_NOISE if index < boundary_step else Expert.LOW_NOISE
+        return [(timesteps[i], expert_at(i)) for i in range(len(timesteps))[state.step:stop]]
 
     def denoise(self, state: SamplingState, embeddings: TextEmbeddings, stop: int | None = None,
                 on_step: Callable[[StepInfo], None] | None = None) -> SamplingState:
@@ -596,7 +630,9 @@ class Pipeline:
             raise NonFiniteLatentsError("the latents contain NaN/Inf; refusing to decode")
         self.offload_dit()
         with torch.no_grad():
-            chunks = [frames.float().cpu() for frames in self.vae.iter_decode(latents[None].to(self.device).float())]
+            steps = track(self.vae.iter_decode(latents[None].to(self.device).float()), "VAE decode",
+                          total=latents.shape[1])
+            chunks = [frames.float().cpu() for frames in steps]
         return torch.cat(chunks, dim=2)[0]
 
     def plan_run(self, request: GenerationRequest | ResolvedRequest) -> MemoryPlan | None:
@@ -605,16 +641,16 @@ class Pipeline:
         (CPU runs) or the DiT runs in float32 (the planner counts bf16/fp8/int8 weights)."""
         if isinstance(request, GenerationRequest):
             request = request.resolved(self.task)
-        return self.plan_shape(request.size, request.frame_num, image=request.image is not None)
-
-    def plan_shape(self, size: str, frame_num: int, image: bool) -> MemoryPlan | None:
-        """`plan_run` for a video of `size` ('W*H') and `frame_num` frames per DiT run."""
         if self.memory is None or self.dit_dtype != torch.bfloat16:
             return None
-        self.plan = require_fit(make_plan(
-            self.task, size, frame_num, self.precision, self.memory.vram_gib,
-            self.memory.ram_gib, image=image, t5_cpu=self.text_device.type == "cpu"))
-        if self.plan.streaming and self.streaming is None:
-            self.streaming = StreamingConfig(self.plan.resident_blocks, self.plan.prefetch_depth,
-                                             self.plan.pinned_bytes)
-        return self.plan
+        return self.adopt_plan(require_fit(make_plan(
+            self.task, request.size, request.frame_num, self.precision, self.memory.vram_gib,
+            self.memory.ram_gib, image=request.image is not None,
+            t5_cpu=self.text_device.type == "cpu")))
+
+    def adopt_plan(self, plan: MemoryPlan) -> MemoryPlan:
+        """Run by `plan`: stream the DiT blocks it streams (unless streaming was set explicitly)."""
+        self.plan = plan
+        if plan.streaming and self.streaming is None:
+            self.streaming = StreamingConfig(plan.resident_blocks, plan.prefetch_depth, plan.pinned_bytes)
+        return plan

@@ -19,10 +19,11 @@ from enum import Enum
 
 import torch
 
-from wanrt.configs import SIZES, DiTConfig, ModelType, TaskSpec, VAEVersion, parse_size
+from wanrt.configs import SIZES, DiTConfig, ModelType, S2VConfig, TaskSpec, VAEVersion, parse_size
 from wanrt.errors import InputError
 from wanrt.models.animate_dit import AnimateDiT
 from wanrt.models.dit import WanDiT
+from wanrt.models.s2v_dit import WanS2VDiT
 
 # DiT variants whose parameters differ from `WanDiT`'s (Animate: CLIP rows, face branch).
 DIT_CLASSES: dict[ModelType, type[WanDiT]] = {ModelType.ANIMATE: AnimateDiT}
@@ -56,9 +57,18 @@ MAX_PINNED_FRACTION = 0.6
 
 
 class Precision(str, Enum):
-    BF16 = "bf16"
+    BF16 = "bf16"   # not quantized: the weights keep the compute dtype (float32 on CPUs)
     FP8 = "fp8"
     INT8 = "int8"
+
+
+_SHORT_DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+
+
+def short_dtype_name(dtype: str | torch.dtype) -> str:
+    """'bf16', 'fp32', 'fp16' as the CLI spells them (other dtypes by torch's name)."""
+    name = str(dtype).removeprefix("torch.")
+    return _SHORT_DTYPE_NAMES.get(name, name)
 
 
 # Bytes per Linear weight element, and whether a float32 scale per output channel is added.
@@ -78,13 +88,15 @@ class ModelBytes:
         return self.block * self.num_blocks + self.other
 
 
-def dit_bytes(config: DiTConfig, precision: Precision) -> ModelBytes:
+def dit_bytes(config: DiTConfig, precision: Precision, s2v: S2VConfig | None = None) -> ModelBytes:
     """Exact weight bytes from the model built on `meta`: Linear weights in the blocks at
     `precision` (plus per-channel float32 scales when quantized); biases, norms and the
     modulation tables float32/bf16 as loaded; everything outside the blocks bf16, except
     the float32 time MLPs and head."""
     with torch.device("meta"):
-        model = DIT_CLASSES.get(config.model_type, WanDiT)(config)
+        # S2V adds its audio encoder and injectors (~1.9B parameters on 14B) outside the blocks.
+        model = (WanS2VDiT(config, s2v) if s2v is not None
+                 else DIT_CLASSES.get(config.model_type, WanDiT)(config))
 
     def size(name: str, param: torch.Tensor, in_block: bool) -> int:
         parts = name.split(".")
@@ -183,11 +195,11 @@ def make_plan(task: TaskSpec, size: str, frames: int, precision: Precision | str
     """Plan a run; raises InputError naming the remedy when it cannot fit."""
     precision = Precision(precision)
     vram, ram = int(vram_gib * GIB), int(ram_gib * GIB)
-    weights = dit_bytes(task.dit, precision)
+    weights = dit_bytes(task.dit, precision, task.s2v)
     # Quantized runs keep the first and the last block in bf16 (the default precision
     # policy of wanrt.export.quantize): the first is resident, the last may stream, so the
     # slots are bf16-block sized.
-    bf16_block = dit_bytes(task.dit, Precision.BF16).block
+    bf16_block = dit_bytes(task.dit, Precision.BF16, task.s2v).block
     extra_high = 0 if precision is Precision.BF16 else bf16_block - weights.block
     grid = token_grid(task, size, frames)
     tokens = math.prod(grid)

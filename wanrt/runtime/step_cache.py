@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable
 
 from torch import Tensor
 
@@ -64,6 +65,11 @@ class StepCacheConfig:
 
     def record(self, total_steps: int) -> dict:
         return {"kind": self.kind.value, "threshold": self.threshold, "warmup_steps": self.warmup_for(total_steps)}
+
+
+# One step's model output, as `wanrt.pipelines.core.Predict`: (t, expert, latents) ->
+# (velocity, guide scale used).
+StepPredict = Callable[[float, Expert, Tensor], tuple[Tensor, float]]
 
 
 def _mean_abs(tensor: Tensor) -> float:
@@ -113,11 +119,11 @@ class EasyCache:
         self.skipped.append(index)
         return latents + (self.computed_output - self.computed_input), self.scale
 
-    def wrap(self, predict, first_index: int):
-        """`predict` (see `wanrt.pipelines.core.Predict`) with this cache in front."""
+    def wrap(self, predict: StepPredict, first_index: int) -> StepPredict:
+        """`predict` with this cache in front; the run continues at step `first_index`."""
         indices = iter(range(first_index, self.total_steps))
 
-        def cached(t, expert: Expert, latents: Tensor) -> tuple[Tensor, float]:
+        def cached(t: float, expert: Expert, latents: Tensor) -> tuple[Tensor, float]:
             index = next(indices)
             if not self.should_compute(index, expert, latents):
                 return self.reused(index, latents)

@@ -37,6 +37,8 @@ class DistillScheduler(FlowScheduler):
     def __init__(self, steps: int, shift: float, num_train_timesteps: int = 1000,
                  device: torch.device | str | None = None,
                  denoising_steps: Sequence[int] | None = None) -> None:
+        if steps < 1:
+            raise InputError(f"the number of sampling steps must be at least 1, got {steps}")
         if shift <= 0:
             raise InputError(f"the sampling shift must be positive, got {shift}")
         denoising_steps = tuple(denoising_steps or default_denoising_steps(steps, num_train_timesteps))
