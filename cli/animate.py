@@ -11,31 +11,22 @@ import typer
 
 from wanrt.cli.display import RunDisplay
 from wanrt.cli.generate import (COMPUTE_DTYPES, parse_guide_scale, parse_lora_options, parse_official_bool,
-                                print_result)
+                                print_result, refuse_options)
 from wanrt.configs import TaskSpec
 from wanrt.engines.base import EngineKind
 from wanrt.errors import InputError
 from wanrt.generate import EmbeddingCache, GenerationRecord, check_output_path, parse_device
 from wanrt.pipelines.animate import AnimatePipeline, AnimateRequest
 
-# Options of `wanrt generate` the Animate segment loop does not run with: refused, not ignored.
-_SINGLE_GPU_ONLY = {"gpus": 1, "ulysses": None, "cfg_parallel": False, "dit_fsdp": False, "t5_fsdp": False,
-                    "expert_per_gpu": False}
+# Options of `wanrt generate` the Animate segment loop does not take: refused, not ignored.
 _NOT_FOR_ANIMATE = ("image", "size", "cache", "quantized", "denoising_step_list", "dit_file", "dit_high", "dit_low",
                     "vae_file", "t5_file", "use_prompt_extend")
 
 
 def generate_animate(ctx: typer.Context, spec: TaskSpec, animate: Mapping[str, Any]) -> None:
     options = ctx.params
-    for name, default in _SINGLE_GPU_ONLY.items():
-        if options.get(name, default) != default:
-            raise InputError(f"--{name.replace('_', '-')} is not supported for {spec.name}: it runs on one GPU")
-    for name in _NOT_FOR_ANIMATE:
-        if options.get(name):
-            raise InputError(f"--{name.removesuffix('_file').replace('_', '-')} does not apply to {spec.name}; "
-                             "its size and length come from --src_root_path")
-    if options["engine"] is not EngineKind.EAGER:
-        raise InputError(f"--engine {options['engine'].value} is not supported for {spec.name}; leave it out")
+    refuse_options(options, spec.name, "it runs on one GPU", _NOT_FOR_ANIMATE,
+                   "does not apply to {task}; its size and length come from --src_root_path")
     if options["ckpt_dir"] is None:
         raise InputError("--ckpt-dir is required: the folder of the downloaded Wan2.2-Animate-14B checkpoint")
     if animate["--src_root_path"] is None:

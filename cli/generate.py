@@ -12,7 +12,7 @@ import dataclasses
 import functools
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Mapping, Sequence
 
 import torch
 import typer
@@ -84,6 +84,25 @@ def parse_official_bool(text: str, flag: str) -> bool:
     if text.lower() in _FALSE_WORDS:
         return False
     raise InputError(f"{flag} {text!r} must be True or False")
+
+
+# Multi-GPU options of `wanrt generate` and their defaults: the s2v and animate loops run on one GPU.
+SINGLE_GPU_DEFAULTS = {"gpus": 1, "ulysses": None, "cfg_parallel": False, "dit_fsdp": False, "t5_fsdp": False,
+                       "expert_per_gpu": False}
+
+
+def refuse_options(options: Mapping[str, Any], task: str, single_gpu_reason: str, not_taken: Sequence[str],
+                   not_taken_reason: str, single_gpu: Mapping[str, Any] = SINGLE_GPU_DEFAULTS) -> None:
+    """One line for the first option a task family does not run with: a multi-GPU option
+    set, an option of `not_taken` given, or an engine other than eager."""
+    for name, default in single_gpu.items():
+        if options.get(name, default) != default:
+            raise InputError(f"--{name.replace('_', '-')} is not supported for {task}: {single_gpu_reason}")
+    for name in not_taken:
+        if options.get(name):
+            raise InputError(f"--{name.removesuffix('_file').replace('_', '-')} {not_taken_reason.format(task=task)}")
+    if options["engine"] is not EngineKind.EAGER:
+        raise InputError(f"--engine {options['engine'].value} is not supported for {task}; leave it out")
 
 
 def load_image_option(path: Path | None) -> torch.Tensor | None:

@@ -9,7 +9,8 @@ from typing import Any, Mapping
 import typer
 
 from wanrt.cli.display import RunDisplay
-from wanrt.cli.generate import COMPUTE_DTYPES, load_image_option, parse_guide_scale, parse_official_bool, print_result
+from wanrt.cli.generate import (COMPUTE_DTYPES, SINGLE_GPU_DEFAULTS, load_image_option, parse_guide_scale,
+                                parse_official_bool, print_result, refuse_options)
 from wanrt.configs import TaskSpec
 from wanrt.engines.base import EngineKind
 from wanrt.errors import InputError
@@ -22,8 +23,7 @@ TTS_REFUSAL = ("--enable_tts needs CosyVoice2, which no PyPI package provides (P
                "lacks cosyvoice.cli); synthesize the speech with CosyVoice2 "
                "(github.com/FunAudioLLM/CosyVoice, model CosyVoice2-0.5B) and pass the wav as --audio")
 # Options of `wanrt generate` that the s2v clip loop does not run with.
-_SINGLE_GPU_ONLY = {"gpus": 1, "ulysses": None, "cfg_parallel": False, "dit_fsdp": False, "t5_fsdp": False,
-                    "expert_per_gpu": False, "frame_num": None}
+_SINGLE_GPU_ONLY = {**SINGLE_GPU_DEFAULTS, "frame_num": None}
 # Options of `wanrt generate` the s2v path does not take yet: refused rather than ignored.
 _NOT_FOR_S2V = ("lora", "lora_high", "lora_low", "cache", "denoising_step_list", "dit_file", "dit_high", "dit_low",
                 "vae_file", "t5_file", "use_prompt_extend")
@@ -33,17 +33,8 @@ def generate_s2v(ctx: typer.Context, spec: TaskSpec, speech: Mapping[str, Any]) 
     options = ctx.params
     if speech["--enable_tts"]:
         raise InputError(TTS_REFUSAL)
-    for name, default in _SINGLE_GPU_ONLY.items():
-        if options[name] != default:
-            flag = "--" + name.replace("_", "-")
-            raise InputError(f"{flag} is not supported for {spec.name}: it runs on one GPU, its clip length "
-                             "is --infer_frames")
-    for name in _NOT_FOR_S2V:
-        if options.get(name):
-            raise InputError(f"--{name.removesuffix('_file').replace('_', '-')} is not supported for {spec.name} yet; "
-                             "leave it out")
-    if options["engine"] is not EngineKind.EAGER:
-        raise InputError(f"--engine {options['engine'].value} is not supported for {spec.name}; leave it out")
+    refuse_options(options, spec.name, "it runs on one GPU, its clip length is --infer_frames", _NOT_FOR_S2V,
+                   "is not supported for {task} yet; leave it out", single_gpu=_SINGLE_GPU_ONLY)
     if not options["prompt"]:
         raise InputError("--prompt is required")
     if options["ckpt_dir"] is None:
