@@ -13,7 +13,7 @@ import functools
 import math
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Mapping, Sequence
 
 import torch
 import typer
@@ -100,6 +100,30 @@ def parse_official_bool(text: str, flag: str) -> bool:
     if text.lower() in _FALSE_WORDS:
         return False
     raise InputError(f"{flag} {text!r} must be True or False")
+
+
+# Multi-GPU options of `wanrt generate` and their defaults: the s2v and animate loops run on one GPU.
+SINGLE_GPU_DEFAULTS = {"gpus": 1, "ulysses": None, "cfg_parallel": False, "dit_fsdp": False, "t5_fsdp": False,
+                       "expert_per_gpu": False}
+
+
+def refuse_options(options: Mapping[str, Any], task: str, single_gpu_reason: str, not_taken: Sequence[str],
+                   not_taken_reason: str, single_gpu: Mapping[str, Any] = SINGLE_GPU_DEFAULTS) -> None:
+    """One line for the first option a task family does not run with: a multi-GPU option
+    set, an option of `not_taken` given, another VAE, 8-bit attention, or an engine other
+    than eager."""
+    for name, default in single_gpu.items():
+        if options.get(name, default) != default:
+            raise InputError(f"--{name.replace('_', '-')} is not supported for {task}: {single_gpu_reason}")
+    for name in not_taken:
+        if options.get(name):
+            raise InputError(f"--{name.removesuffix('_file').replace('_', '-')} {not_taken_reason.format(task=task)}")
+    if options["vae"] != VAEKind.FULL.value or options["tiny_vae"] is not None:
+        raise InputError(f"--vae {options['vae']} is not supported for {task} yet; leave it out")
+    if options["attention"] is not AttentionBackend.SDPA:
+        raise InputError(f"--attention {options['attention'].value} is not supported for {task} yet; leave it out")
+    if options["engine"] is not EngineKind.EAGER:
+        raise InputError(f"--engine {options['engine'].value} is not supported for {task}; leave it out")
 
 
 def load_image_option(path: Path | None) -> torch.Tensor | None:
@@ -338,8 +362,21 @@ def generate_command(
         "--vae", help="full (the model's VAE), tiny (the TAEHV preview decoder, much faster; see --tiny-vae), "
         "or a single-file VAE (.safetensors or .pth) in place of the checkpoint's.")] = VAEKind.FULL.value,
     tiny_vae: TinyVAEOption = None,
+    src_root_path: Annotated[Path | None, typer.Option(
+        "--src_root_path", "--src-root-path", help="animate: the preprocessed folder (src_pose.mp4, src_face.mp4, "
+        "src_ref.png; with --replace_flag also src_bg.mp4, src_mask.mp4).")] = None,
+    refert_num: Annotated[int | None, typer.Option(
+        "--refert_num", "--refert-num", help="animate: frames carried into the next segment, 1 or 5 (default 1).")]
+    = None,
+    replace_flag: Annotated[bool, typer.Option(
+        "--replace_flag", "--replace-flag", help="animate: replace the person in the video instead of "
+        "animating the reference image.")] = False,
+    use_relighting_lora: Annotated[bool, typer.Option(
+        "--use_relighting_lora", "--use-relighting-lora",
+        help="animate replacement: merge the checkpoint's relighting_lora.ckpt.")] = False,
 ) -> None:
-    """Generate a video from a prompt (an image for i2v/ti2v; an image and speech for s2v)."""
+    """Generate a video from a prompt (an image for i2v/ti2v; an image and speech for s2v;
+    a preprocessed folder for animate)."""
     if not (math.isfinite(checkpoint_minutes) and checkpoint_minutes > 0):
         raise InputError(f"--checkpoint-minutes {checkpoint_minutes} must be a positive number")
     saved = resumed_run(resume, ctx) if resume is not None else None
@@ -354,9 +391,19 @@ def generate_command(
         from wanrt.cli.s2v import generate_s2v
 
         return generate_s2v(ctx, spec, speech)
-    given = [flag for flag, value in speech.items() if value is not None]
-    if given:
-        raise InputError(f"{', '.join(given)} only apply to s2v tasks, not {task}")
+    animate = {"--src_root_path": src_root_path, "--refert_num": refert_num,
+               "--replace_flag": replace_flag or None, "--use_relighting_lora": use_relighting_lora or None}
+    if spec.dit.model_type is ModelType.ANIMATE:
+        from wanrt.cli.animate import generate_animate
+
+        given = [flag for flag, value in speech.items() if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply to s2v tasks, not {task}")
+        return generate_animate(ctx, spec, {**animate, "--refert_num": refert_num or 1})
+    for flags, family in ((speech, "s2v"), (animate, "animate")):
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} only apply to {family} tasks, not {task}")
     if prompt is None or not (prompt or (use_prompt_extend and image)):
         raise InputError("--prompt is required (it may be empty only with --use_prompt_extend and --image, "
                          "which write it from the image)")

@@ -9,13 +9,13 @@ from typing import Any, Mapping
 import typer
 
 from wanrt.cli.display import RunDisplay
-from wanrt.cli.generate import COMPUTE_DTYPES, load_image_option, parse_guide_scale, parse_official_bool, print_result
+from wanrt.cli.generate import (COMPUTE_DTYPES, SINGLE_GPU_DEFAULTS, load_image_option, parse_guide_scale,
+                                parse_official_bool, print_result, refuse_options)
 from wanrt.configs import TaskSpec
 from wanrt.engines.base import EngineKind
 from wanrt.errors import InputError
 from wanrt.generate import EmbeddingCache, check_output_path, default_output_path, parse_device
 from wanrt.pipelines.s2v import S2VPipeline, S2VRequest
-from wanrt.runtime.attention import AttentionBackend
 
 # The official --enable_tts runs CosyVoice2 from a git clone; PyPI's `cosyvoice` (0.0.8, a
 # third-party fork) ships only an API wrapper without `cosyvoice.cli`, so it cannot serve it.
@@ -23,32 +23,18 @@ TTS_REFUSAL = ("--enable_tts needs CosyVoice2, which no PyPI package provides (P
                "lacks cosyvoice.cli); synthesize the speech with CosyVoice2 "
                "(github.com/FunAudioLLM/CosyVoice, model CosyVoice2-0.5B) and pass the wav as --audio")
 # Options of `wanrt generate` that the s2v clip loop does not run with.
-_SINGLE_GPU_ONLY = {"gpus": 1, "ulysses": None, "cfg_parallel": False, "dit_fsdp": False, "t5_fsdp": False,
-                    "expert_per_gpu": False, "frame_num": None}
+_SINGLE_GPU_ONLY = {**SINGLE_GPU_DEFAULTS, "frame_num": None}
 # Options of `wanrt generate` the s2v path does not take yet: refused rather than ignored.
 _NOT_FOR_S2V = ("lora", "lora_high", "lora_low", "cache", "denoising_step_list", "dit_file", "dit_high", "dit_low",
-                "tiny_vae", "t5_file", "use_prompt_extend", "resume")
+                "t5_file", "use_prompt_extend", "resume")
 
 
 def generate_s2v(ctx: typer.Context, spec: TaskSpec, speech: Mapping[str, Any]) -> None:
     options = ctx.params
     if speech["--enable_tts"]:
         raise InputError(TTS_REFUSAL)
-    for name, default in _SINGLE_GPU_ONLY.items():
-        if options[name] != default:
-            flag = "--" + name.replace("_", "-")
-            raise InputError(f"{flag} is not supported for {spec.name}: it runs on one GPU, its clip length "
-                             "is --infer_frames")
-    for name in _NOT_FOR_S2V:
-        if options.get(name):
-            raise InputError(f"--{name.removesuffix('_file').replace('_', '-')} is not supported for {spec.name} yet; "
-                             "leave it out")
-    if options["vae"] != "full":
-        raise InputError(f"--vae {options['vae']} is not supported for {spec.name} yet; leave it out")
-    if options["attention"] is not AttentionBackend.SDPA:
-        raise InputError(f"--attention {options['attention'].value} is not supported for {spec.name} yet; leave it out")
-    if options["engine"] is not EngineKind.EAGER:
-        raise InputError(f"--engine {options['engine'].value} is not supported for {spec.name}; leave it out")
+    refuse_options(options, spec.name, "it runs on one GPU, its clip length is --infer_frames", _NOT_FOR_S2V,
+                   "is not supported for {task} yet; leave it out", single_gpu=_SINGLE_GPU_ONLY)
     if not options["prompt"]:
         raise InputError("--prompt is required")
     if options["ckpt_dir"] is None:

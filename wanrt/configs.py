@@ -359,7 +359,7 @@ _register(TaskSpec(
                           sizes=("1280*720", "720*1280"),
                           negative_prompt=OFFICIAL_NEGATIVE_PROMPT),
     extras=dict(clip_checkpoint="models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth",
-                clip_tokenizer="xlm-roberta-large", lora_checkpoint="relighting_lora.ckpt",
+                clip_tokenizer="xlm-roberta-large", clip_heads=16, lora_checkpoint="relighting_lora.ckpt",
                 use_face_encoder=True, motion_encoder_dim=512,
                 default_prompt="视频中的人在做动作"),
 ))
@@ -392,6 +392,11 @@ _register(dataclasses.replace(
     _shrunk("tiny-s2v", "s2v-14B", TINY_WAN21_VAE, ("64*64", "128*64")),
     s2v=S2VConfig(audio_dim=16, audio_inject_layers=(0, 1)),
     extras={**_TASKS["s2v-14B"].extras, "infer_frames": 8, "motion_frames": 9}))
+# Animate puts a face adapter after every 5th block, so its tiny DiT has 5 layers; the tiny
+# CLIP tower has 2 heads (its size comes from the pose video, so `sizes` is informative).
+_TINY_ANIMATE = _shrunk("tiny-animate", "animate-14B", TINY_WAN21_VAE, ("64*64",))
+_register(dataclasses.replace(_TINY_ANIMATE, dit=dataclasses.replace(_TINY_ANIMATE.dit, num_layers=5),
+                              extras={**_TINY_ANIMATE.extras, "clip_heads": 2}))
 
 TASK_NAMES: tuple[str, ...] = tuple(_TASKS)
 

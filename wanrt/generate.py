@@ -58,7 +58,7 @@ _EMBEDDING_KEY = "embedding"
 _MAX_SEED = sys.maxsize
 # Model types `wanrt generate` samples (animate is not implemented yet); s2v runs through
 # `wanrt.s2v_generate`.
-_GENERATION_MODEL_TYPES = (ModelType.T2V, ModelType.I2V, ModelType.TI2V, ModelType.S2V)
+_GENERATION_MODEL_TYPES = (ModelType.T2V, ModelType.I2V, ModelType.TI2V, ModelType.S2V, ModelType.ANIMATE)
 
 
 class DecodeFailedError(WanrtError):

@@ -125,7 +125,15 @@ def write_video(frames: Tensor, path: Path, fps: int, *, crf: int = 18, audio: A
 
 
 def read_video(path: Path, max_frames: int = MAX_FRAMES) -> tuple[Tensor, float]:
-    """Decode every frame of a video file to `[3, T, H, W]` float in [-1, 1], plus its frame rate.
+    """Decode every frame of a video file to `[3, T, H, W]` float in [-1, 1], plus its frame rate
+    (the limits as `read_video_uint8`)."""
+    frames, rate = read_video_uint8(path, max_frames)
+    return _uint8_to_signed_unit(frames.permute(3, 0, 1, 2)), rate  # [T, H, W, 3] -> [3, T, H, W]
+
+
+def read_video_uint8(path: Path, max_frames: int = MAX_FRAMES) -> tuple[Tensor, float]:
+    """Decode every frame of a video file to RGB uint8 `[T, H, W, 3]` (as decord's
+    `get_batch().asnumpy()`), plus its frame rate.
 
     Refuses a video beyond `max_frames` frames or the limits of wanrt.limits: from the
     container's header first, then while decoding (a header may omit or understate them).
@@ -150,8 +158,7 @@ def read_video(path: Path, max_frames: int = MAX_FRAMES) -> tuple[Tensor, float]
         raise InputError(f"video {path} contains no decodable frames; re-export it as mp4")
     if not rate:
         raise InputError(f"video {path} declares no frame rate; re-export it with a fixed fps")
-    pixels = torch.from_numpy(np.stack(images)).permute(3, 0, 1, 2)  # [T, H, W, 3] -> [3, T, H, W]
-    return _uint8_to_signed_unit(pixels), float(rate)
+    return torch.from_numpy(np.stack(images)), float(rate)
 
 
 def _check_video_header(path: Path, container: av.container.InputContainer, stream: av.video.VideoStream,
@@ -189,6 +196,11 @@ def load_image(path: Path) -> Tensor:
     applied: a phone photo stored rotated is used as stored, for parity. Alpha is dropped,
     not composited, for the same reason.
     """
+    return _uint8_to_signed_unit(load_image_uint8(path).permute(2, 0, 1).contiguous())
+
+
+def load_image_uint8(path: Path) -> Tensor:
+    """An image file as RGB uint8 `[H, W, 3]` (EXIF orientation and alpha as `load_image`)."""
     _require_file(path, "image")
     try:
         with Image.open(path) as image:
@@ -202,8 +214,7 @@ def load_image(path: Path) -> Tensor:
     except _PIL_DECODE_ERRORS as error:
         raise InputError(f"cannot decode image {path} ({_reason(error)}); the file is corrupt, truncated or "
                          f"not an image, re-save it as PNG or JPEG") from None
-    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-    return _uint8_to_signed_unit(pixels)
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())
 
 
 def write_image(frame: Tensor, path: Path) -> None:

@@ -147,6 +147,13 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
+def _official_config(raw: dict[str, Any], config_path: Path) -> DiTConfig:
+    try:
+        return DiTConfig.from_official_json(raw, str(config_path))
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 def read_dit_config(folder: Path, expect: DiTConfig | None = None
                     ) -> tuple[DiTConfig, list[Path], Callable[[str], str], dict[str, TensorInfo]]:
     """A DiT folder's architecture from its config.json and tensor headers (no weights
@@ -160,10 +167,7 @@ def read_dit_config(folder: Path, expect: DiTConfig | None = None
         config = diffusers_dit.config_from_diffusers(raw, str(config_path), text_len=text_len)
     else:
         rename = str
-        try:
-            config = DiTConfig.from_official_json(raw, str(config_path))
-        except ConfigError as exc:
-            raise CheckpointError(str(exc)) from None
+        config = _official_config(raw, config_path)
     shards = safetensors_shards(folder, "diffusion_pytorch_model")
     infos = shard_headers(shards, rename)
     return complete_dit_config(config, infos, expect, str(folder)), shards, rename, infos
@@ -341,3 +345,88 @@ def check_checkpoint(files: CheckpointFiles, task: TaskSpec, check_dits: bool = 
         read_safetensors_header(Path(files.t5))
     else:
         check_pth_archive(Path(files.t5))
+
+
+# Keys of the official Animate config.json beyond the `WanModel` ones, with the only values
+# wanrt runs (sliding windows and the CLIP-less variant were never released).
+_ANIMATE_JSON_FIXED = {"window_size": [-1, -1], "use_img_emb": True}
+# Runtime options of the official class, not architecture.
+_ANIMATE_JSON_RUNTIME = ("use_context_parallel", "motion_encoder_dim")
+
+
+def load_animate_dit(folder: Path, expect: DiTConfig | None = None, dtype: torch.dtype | None = None):
+    """Load a Wan2.2-Animate DiT folder (official layout: `WanAnimateModel` config.json and
+    safetensors shards). The face-branch widths are read from the tensor shapes."""
+    from wanrt.models.animate_dit import AnimateDiT
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    raw = dict(_read_json(config_path, "DiT config.json"))
+    if raw.get("_class_name") != "WanAnimateModel":
+        raise CheckpointError(f"{config_path}: a {raw.get('_class_name')!r} config, not WanAnimateModel; "
+                              "point --ckpt-dir at the Wan2.2-Animate-14B folder")
+    for key, value in _ANIMATE_JSON_FIXED.items():
+        if key in raw and raw.pop(key) != value:
+            raise CheckpointError(f"{config_path}: {key} must be {value}")
+    for key in _ANIMATE_JSON_RUNTIME:
+        raw.pop(key, None)
+    raw["model_type"] = "animate"
+    config = _official_config(raw, config_path)
+    shards = safetensors_shards(folder, "diffusion_pytorch_model")
+    infos = shard_headers(shards)
+    config = complete_dit_config(config, infos, expect, str(folder))
+    try:
+        with torch.device("meta"):
+            model = AnimateDiT(config, _animate_widths(infos, folder))
+    except ConfigError as exc:
+        raise CheckpointError(f"{folder}: {exc}") from None
+    check_state_keys(model, infos, str(folder))
+    return assign_tensors(model, _renamed_chunks(shards, str), dtype)
+
+
+def _animate_widths(infos: Mapping[str, TensorInfo], folder: Path):
+    from wanrt.models.animate_dit import AnimateWidths
+
+    try:
+        return AnimateWidths.from_shapes({key: info.shape for key, info in infos.items()})
+    except ConfigError as exc:
+        raise CheckpointError(f"{folder}: {exc}") from None
+
+
+def read_animate_widths(folder: Path):
+    """The Animate sub-network widths from the safetensors headers alone (no weight read),
+    so inputs can be checked against them before the DiT loads."""
+    return _animate_widths(shard_headers(safetensors_shards(Path(folder), "diffusion_pytorch_model")),
+                           Path(folder))
+
+
+def load_clip_vision(path: Path, num_heads: int, dtype: torch.dtype | None = None):
+    """The image tower of the official open-clip XLM-R ViT-H/14 `.pth` (weights-only load).
+
+    Key map: `visual.<name>` -> `<name>`. Dropped on purpose, and only these: the text
+    tower (`textual.*`, `log_scale`) and what `use_31_block` never runs (the last
+    transformer block, `visual.post_norm`, `visual.head`). The widths come from the shapes;
+    the head count cannot, so the task gives it."""
+    from wanrt.models.clip import ClipVision, ClipVisionConfig
+
+    path = Path(path)
+    state = load_pth(path)
+    blocks = {int(key.split(".")[2]) for key in state if key.startswith("visual.transformer.")}
+    if not blocks or "visual.patch_embedding.weight" not in state or "visual.pos_embedding" not in state:
+        raise CheckpointError(f"{path}: not an open-clip XLM-R ViT-H/14 checkpoint (no visual tower)")
+    last = max(blocks)
+    unused = (f"visual.transformer.{last}.", "visual.post_norm.", "textual.")
+    renamed = {key.removeprefix("visual."): tensor for key, tensor in state.items()
+               if key.startswith("visual.") and not key.startswith(unused) and key != "visual.head"}
+    patch = state["visual.patch_embedding.weight"]
+    dim, patch_size = patch.shape[0], patch.shape[-1]
+    grid = round((state["visual.pos_embedding"].shape[1] - 1) ** 0.5)
+    hidden = state["visual.transformer.0.mlp.0.weight"].shape[0] if "visual.transformer.0.mlp.0.weight" in state else dim
+    config = ClipVisionConfig(image_size=grid * patch_size, patch_size=patch_size, dim=dim,
+                              mlp_ratio=hidden // dim, num_heads=num_heads, num_layers=last)
+    if dim % num_heads:
+        raise CheckpointError(f"{path}: CLIP width {dim} is not divisible by {num_heads} heads")
+    with torch.device("meta"):
+        model = ClipVision(config)
+    check_state_keys(model, renamed, str(path))
+    return assign_tensors(model, [renamed], dtype)

@@ -253,8 +253,10 @@ def check_pth_archive(path: Path) -> bool:
     return is_zip_archive
 
 
-def load_pth(path: Path) -> dict[str, Tensor]:
-    """A `.pth` state dict through the weights-only unpickler, memory-mapped.
+def load_pth(path: Path, wrapper_key: str | None = None) -> dict[str, Tensor]:
+    """A `.pth` state dict through the weights-only unpickler, memory-mapped. With
+    `wrapper_key`, a file saved as `{wrapper_key: state_dict}` (training checkpoints such
+    as the Animate relighting LoRA) gives the inner state dict.
 
     Full pickle can run arbitrary code on load; weights_only refuses any global that is not
     a tensor type, so a malicious `__reduce__` is rejected before it runs.
@@ -270,6 +272,8 @@ def load_pth(path: Path) -> dict[str, Tensor]:
     except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError) as exc:
         raise CheckpointError(
             f"{path}: truncated or corrupt checkpoint ({type(exc).__name__}); download it again") from None
+    if wrapper_key is not None and isinstance(state, dict) and set(state) == {wrapper_key}:
+        state = state[wrapper_key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
     return state

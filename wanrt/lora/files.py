@@ -120,7 +120,8 @@ class LoraFile:
                 self.peft = PeftConfig.from_json(metadata, f"{path} ({DIFFUSERS_METADATA_KEY})")
         elif path.suffix in _PICKLE_SUFFIXES:
             # A pickle container: torch's weights-only unpickler refuses anything but tensors.
-            self._tensors = load_pth(path)
+            # The official Animate relighting LoRA is `torch.save({'state_dict': peft_state})`.
+            self._tensors = load_pth(path, wrapper_key="state_dict")
             self.shapes = {key: tuple(t.shape) for key, t in self._tensors.items()}
         else:
             raise LoraError(f"{path}: unknown LoRA file type; use .safetensors (or a weights-only .pt/.ckpt)")

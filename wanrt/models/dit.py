@@ -173,6 +173,9 @@ class CrossAttention(SelfAttention):
 class DiTBlock(nn.Module):
     """One transformer block. `time_mod [B, L|1, 6, dim]` is the float32 time projection."""
 
+    # A variant with image conditioning (Animate's CLIP rows) swaps this class.
+    cross_attention = CrossAttention
+
     def __init__(self, config: DiTConfig) -> None:
         super().__init__()
         dim, eps = config.dim, config.eps
@@ -181,7 +184,7 @@ class DiTBlock(nn.Module):
         # Official naming: norm3 (affine) precedes cross-attention, norm2 precedes the FFN.
         self.norm3 = (FP32LayerNorm(dim, eps, elementwise_affine=True)
                       if config.cross_attn_norm else nn.Identity())
-        self.cross_attn = CrossAttention(dim, config.num_heads, eps, config.qk_norm)
+        self.cross_attn = self.cross_attention(dim, config.num_heads, eps, config.qk_norm)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(config.ffn_dim, dim))
@@ -233,6 +236,7 @@ class WanDiT(nn.Module):
     # Hints read by runtime transforms (streaming, compilation); the model ignores them.
     repeated_blocks = "blocks"
     keep_in_fp32 = ("time_embedding", "time_projection", "head", "modulation")
+    # Variants (Animate, S2V) build their blocks from a subclass.
     block_class: type[nn.Module] = DiTBlock
 
     def __init__(self, config: DiTConfig) -> None:

@@ -33,10 +33,14 @@ import torch
 
 from wanrt.configs import SIZES, DiTConfig, ModelType, S2VConfig, TaskSpec, VAEConfig, VAEVersion, parse_size
 from wanrt.errors import InputError
+from wanrt.models.animate_dit import AnimateDiT
 from wanrt.models.dit import WanDiT
 from wanrt.models.s2v_dit import WanS2VDiT
 from wanrt.request_checks import check_gib
 from wanrt.runtime.vae_tiling import VAETiling
+
+# DiT variants whose parameters differ from `WanDiT`'s (Animate: CLIP rows, face branch).
+DIT_CLASSES: dict[ModelType, type[WanDiT]] = {ModelType.ANIMATE: AnimateDiT}
 
 GIB = 2**30
 
@@ -122,7 +126,8 @@ def dit_bytes(config: DiTConfig, precision: Precision, s2v: S2VConfig | None = N
     the float32 time MLPs and head."""
     with torch.device("meta"):
         # S2V adds its audio encoder and injectors (~1.9B parameters on 14B) outside the blocks.
-        model = WanDiT(config) if s2v is None else WanS2VDiT(config, s2v)
+        model = (WanS2VDiT(config, s2v) if s2v is not None
+                 else DIT_CLASSES.get(config.model_type, WanDiT)(config))
 
     def size(name: str, param: torch.Tensor, in_block: bool) -> int:
         parts = name.split(".")
