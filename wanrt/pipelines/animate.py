@@ -38,6 +38,7 @@ from wanrt.lora import LoraSpec, parameter_shapes
 from wanrt.models.animate_dit import AnimateDiT, AnimateWidths
 from wanrt.pipelines.core import StepInfo, TextEmbeddings, run_steps
 from wanrt.pipelines.video import Pipeline
+from wanrt.request_checks import check_guide_scale, check_shift, check_text
 from wanrt.runtime.planner import MemoryPlan, make_plan, require_fit
 from wanrt.schedulers import Solver, make_scheduler
 from wanrt.video_io import load_image_uint8, read_video_uint8
@@ -180,14 +181,14 @@ class AnimateRequest:
         steps = task.sample.steps if self.steps is None else self.steps
         if steps < 1:
             raise InputError(f"--sample_steps {steps} must be at least 1")
+        guide_scale = task.sample.guide_scale[0] if self.guide_scale is None else float(self.guide_scale)
         return AnimateRequest(
             replace=self.replace, refert_num=self.refert_num, clip_len=clip_len, steps=steps,
-            shift=task.sample.shift if self.shift is None else self.shift,
-            guide_scale=task.sample.guide_scale[0] if self.guide_scale is None else self.guide_scale,
-            solver=self.solver, seed=self.seed,
+            shift=check_shift(task.sample.shift if self.shift is None else self.shift),
+            guide_scale=check_guide_scale((guide_scale, guide_scale))[0], solver=self.solver, seed=self.seed,
             # The official generate.py never passes a prompt to Animate: the config's is used.
-            prompt=self.prompt or task.extras["default_prompt"],
-            negative_prompt=self.negative_prompt or task.sample.negative_prompt)
+            prompt=check_text(self.prompt or task.extras["default_prompt"], "--prompt"),
+            negative_prompt=check_text(self.negative_prompt or task.sample.negative_prompt, "--negative-prompt"))
 
     @property
     def image(self) -> None:

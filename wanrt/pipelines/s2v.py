@@ -39,6 +39,7 @@ from wanrt.loading.s2v import load_s2v_dit
 from wanrt.models.s2v_dit import WanS2VDiT
 from wanrt.pipelines.core import StepInfo, TextEmbeddings, noise_for, run_steps
 from wanrt.pipelines.video import Pipeline, resolve_size, resolve_steps
+from wanrt.request_checks import check_guide_scale, check_shift, check_text
 from wanrt.runtime.planner import MemoryPlan, make_plan, require_fit
 from wanrt.schedulers import Solver
 
@@ -88,12 +89,17 @@ class S2VRequest:
             if guide[0] != guide[1]:
                 raise InputError(f"--guide-scale {guide} gives two experts' scales; {task.name} takes one number")
             guide = guide[0]
+        solver = parse_choice(Solver, self.solver, "--solver")
+        if solver is Solver.DISTILL:
+            raise InputError(f"--sampler distill needs a distilled model; none exists for {task.name}, "
+                             "use unipc or dpm++")
         return S2VResolved(
-            prompt=self.prompt, image=self.image, audio=Path(self.audio), pose_video=self.pose_video,
-            num_clip=self.num_clip, infer_frames=infer_frames, size=size, steps=steps,
-            shift=defaults.shift if self.shift is None else self.shift, guide_scale=float(guide),
-            solver=parse_choice(Solver, self.solver, "--solver"), seed=self.seed,
-            negative_prompt=self.negative_prompt or defaults.negative_prompt, start_from_ref=self.start_from_ref)
+            prompt=check_text(self.prompt, "--prompt"), image=self.image, audio=Path(self.audio),
+            pose_video=self.pose_video, num_clip=self.num_clip, infer_frames=infer_frames, size=size, steps=steps,
+            shift=check_shift(defaults.shift if self.shift is None else self.shift),
+            guide_scale=check_guide_scale((float(guide), float(guide)))[0], solver=solver, seed=self.seed,
+            negative_prompt=check_text(self.negative_prompt or defaults.negative_prompt, "--negative-prompt"),
+            start_from_ref=self.start_from_ref)
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,7 @@ class S2VResolved:
     seed: int
     negative_prompt: str
     start_from_ref: bool
+    denoising_steps: None = None  # no distilled S2V model exists: the full-step samplers only
 
     def resolved(self, task: TaskSpec) -> "S2VResolved":
         return self
