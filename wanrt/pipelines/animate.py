@@ -245,7 +245,10 @@ class AnimatePipeline(Pipeline):
             loras.append(LoraSpec(path))
         return super().from_pretrained(ckpt_dir, task, *args, loras=loras, **kwargs)
 
-    def read_dit(self, folder: Path) -> AnimateDiT:
+    def read_dit(self, folder: Path, leave_in_file: Callable[[str], bool] | None = None) -> AnimateDiT:
+        if leave_in_file is not None:
+            raise InputError(f"{self.task.name}: RAM mode stream-file is not supported for the Animate DiT yet; "
+                             "give more --ram or --precision fp8")
         return load_animate_dit(folder, expect=self.task.dit, dtype=self.dit_dtype)
 
     @property
