@@ -90,3 +90,11 @@ def test_plan_and_generate_refuse_bad_values_in_one_line(checkpoints, tmp_path, 
     for command in (["plan"], ["generate", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"],
                                "--prompt", PROMPT, "--output", tmp_path / "x.mp4"]):
         assert_one_line_error(wanrt(*command, "--precision", "fp4"), "--precision")
+
+
+def test_preview_takes_auto(checkpoints, tmp_path):
+    result = wanrt("preview", "--task", "tiny-t2v", "--ckpt-dir", checkpoints["tiny-t2v"], "--prompt", PROMPT,
+                   "--count", 1, "--steps", 2, "--frame-num", 5, "--device", "cpu", "--precision", "auto",
+                   "--no-embedding-cache", "--out", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("precision auto: bf16 (cpu)") == 1
