@@ -10,8 +10,8 @@ from typing import Any, Mapping
 import typer
 
 from wanrt.cli.display import RunDisplay
-from wanrt.cli.generate import (COMPUTE_DTYPES, parse_guide_scale, parse_lora_options, parse_official_bool,
-                                print_result, refuse_options)
+from wanrt.cli.generate import (COMPUTE_DTYPES, echo_auto_precision, parse_guide_scale, parse_lora_options,
+                                parse_official_bool, print_result, refuse_options)
 from wanrt.configs import TaskSpec
 from wanrt.engines.base import EngineKind
 from wanrt.errors import InputError
@@ -49,6 +49,7 @@ def generate_animate(ctx: typer.Context, spec: TaskSpec, animate: Mapping[str, A
         ram_gib=options["ram"], precision=options["precision"].value,
         loras=parse_lora_options(options["lora"], options["lora_high"], options["lora_low"]),
         use_relighting_lora=bool(animate["--use_relighting_lora"]))
+    echo_auto_precision(pipeline)
     official_offload = options["offload_model_official"]
     run_options = {
         "offload_model": (parse_official_bool(official_offload, "--offload_model") if official_offload is not None

@@ -34,7 +34,7 @@ from wanrt.prompt_extend import (PromptExtendMethod, PromptExtendOptions, Prompt
                                  TargetLanguage, extend_prompt)
 from wanrt.resume import DEFAULT_INTERVAL_S, SavedSampling, read_sampling_state
 from wanrt.runtime.attention import AttentionBackend, AttentionReport, attach_attention, check_backend
-from wanrt.runtime.planner import Precision as WeightPrecision
+from wanrt.runtime.planner import PrecisionChoice
 from wanrt.runtime.step_cache import StepCacheConfig
 from wanrt.video_io import load_image
 
@@ -100,6 +100,12 @@ def parse_official_bool(text: str, flag: str) -> bool:
     if text.lower() in _FALSE_WORDS:
         return False
     raise InputError(f"{flag} {text!r} must be True or False")
+
+
+def echo_auto_precision(pipeline: Pipeline) -> None:
+    """For `--precision auto`, one stderr line: the precision it resolved to, and what decided it."""
+    if pipeline.requested_precision is PrecisionChoice.AUTO:
+        typer.echo(f"precision auto: {pipeline.precision} ({pipeline.precision_source})", err=True)
 
 
 # Multi-GPU options of `wanrt generate` and their defaults: the s2v and animate loops run on one GPU.
@@ -272,9 +278,10 @@ def generate_command(
     = None,
     dtype: Annotated[ComputeDtype | None, typer.Option(
         "--dtype", help="DiT compute dtype (default: bf16 on GPU, fp32 on CPU).")] = None,
-    precision: Annotated[WeightPrecision, typer.Option(
-        "--precision", help="DiT weight precision: bf16, or fp8/int8 quantized at load time.")]
-    = WeightPrecision.BF16,
+    precision: Annotated[PrecisionChoice, typer.Option(
+        "--precision", help="DiT weight precision: bf16, fp8/int8 quantized at load time, or auto (per GPU "
+        "architecture: fp8 on SM90+, int8 on SM80-89, bf16 on the CPU).")]
+    = PrecisionChoice.BF16,
     quantized: Annotated[Path | None, typer.Option(
         "--quantized", help="Folder written by `wanrt quantize`: its experts replace the checkpoint's.")] = None,
     dit_file: Annotated[Path | None, typer.Option(
@@ -454,8 +461,10 @@ def generate_command(
             pipeline.use_tiny_vae(tiny_vae)
         # Refuses a run that cannot fit, before loading; FSDP shards are not what it sizes.
         plan = None if parallel.dit_fsdp else pipeline.plan_run(resolved)
-        if plan is not None and show_plan and is_rank_zero():
-            typer.echo("memory plan: " + "; ".join(plan.lines()[2:-1]), err=True)
+        if show_plan and is_rank_zero():
+            echo_auto_precision(pipeline)
+            if plan is not None:
+                typer.echo("memory plan: " + "; ".join(plan.lines()[2:-1]), err=True)
         return pipeline
     if gpus > 1 and world_size == 1:
         # The checkpoint and the plan are checked here, before launching; rank 0 shows the plan.

@@ -9,8 +9,11 @@ import torch
 import typer
 
 from wanrt.configs import ModelType, get_task
+from wanrt.errors import InputError
+from wanrt.export.manifest import device_arch
+from wanrt.export.quantize import resolve_precision
 from wanrt.pipelines import GenerationRequest
-from wanrt.runtime.planner import Precision, RamMode, make_plan, require_fit
+from wanrt.runtime.planner import PrecisionChoice, RamMode, make_plan, require_fit
 
 
 def plan_command(
@@ -19,7 +22,11 @@ def plan_command(
         "--size", help="WIDTH*HEIGHT (default: the task's; t2v takes any multiple of the latent patch).")] = None,
     frames: Annotated[int | None, typer.Option("--frames", "--frame-num", "--frame_num",
                                                help="4n+1 frames (default: the task's).")] = None,
-    precision: Annotated[Precision, typer.Option("--precision", help="DiT weight precision.")] = Precision.BF16,
+    precision: Annotated[PrecisionChoice, typer.Option(
+        "--precision", help="DiT weight precision (auto: the one --arch runs best).")] = PrecisionChoice.BF16,
+    arch: Annotated[str | None, typer.Option(
+        "--arch", help="GPU architecture --precision auto plans for, e.g. sm_89 (default: this machine's GPU).")]
+    = None,
     vram: Annotated[float, typer.Option("--vram", help="GPU memory budget, GiB.")] = 24.0,
     ram: Annotated[float, typer.Option("--ram", help="Host RAM budget, GiB.")] = 64.0,
     image: Annotated[bool, typer.Option("--image/--no-image", help="Plan an image-conditioned run.")] = False,
@@ -34,12 +41,18 @@ def plan_command(
 ) -> None:
     """Show the resident/streamed split, buffers, predicted peaks and whether it fits."""
     spec = get_task(task)
+    if arch is not None and precision is not PrecisionChoice.AUTO:
+        raise InputError("--arch only picks the precision of --precision auto; drop it, or use --precision auto")
+    arch = arch or (device_arch("cuda") if torch.cuda.is_available() else None)
+    weights = resolve_precision(precision, arch)
+    if precision is PrecisionChoice.AUTO:
+        typer.echo(f"precision auto: {weights.value} ({arch})", err=True)
     # The same validation as `generate` (the task's sizes, 4n+1 frames); i2v requires an
     # image there, so a placeholder stands in for it.
     placeholder = torch.zeros(3, 16, 16) if spec.dit.model_type is ModelType.I2V else None
     resolved = GenerationRequest(prompt="", size=size, frame_num=frames, steps=steps,
                                  image=placeholder).resolved(spec)
-    plan = make_plan(spec, resolved.size, resolved.frame_num, precision, vram, ram, image=image,
+    plan = make_plan(spec, resolved.size, resolved.frame_num, weights, vram, ram, image=image,
                      t5_cpu=t5_cpu, ram_mode=ram_mode, quantize_at_load=quantize_at_load, steps=resolved.steps)
     typer.echo(json.dumps(plan.to_dict(), indent=2) if as_json else "\n".join(plan.lines()))
     require_fit(plan)

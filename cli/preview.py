@@ -10,16 +10,16 @@ from typing import Annotated
 
 import typer
 
-from wanrt.cli.generate import (COMPUTE_DTYPES, ComputeDtype, TinyVAEOption, VAEOption, load_image_option,
-                                parse_guide_scale)
+from wanrt.cli.generate import (COMPUTE_DTYPES, ComputeDtype, TinyVAEOption, VAEOption, echo_auto_precision,
+                                load_image_option, parse_guide_scale)
 from wanrt.configs import TaskSpec
 from wanrt.errors import InputError
 from wanrt.loading.tiny_vae import VAEKind
 from wanrt.generate import EmbeddingCache, generation_task, parse_device
 from wanrt.pipelines import GenerationRequest, Pipeline
-from wanrt.distributed.launch import launched_world_size, run_rank
+from wanrt.distributed.launch import is_rank_zero, launched_world_size, run_rank
 from wanrt.preview import INDEX_NAME, Ranks, check_preview_folder, preview_request, run_preview
-from wanrt.runtime.planner import Precision as WeightPrecision
+from wanrt.runtime.planner import PrecisionChoice
 
 # Options shared with `wanrt refine`, spelled as `wanrt generate` spells them.
 PromptOption = Annotated[str | None, typer.Option("--prompt", help="What the video shows.")]
@@ -37,8 +37,9 @@ GuideScaleOption = Annotated[str | None, typer.Option(
 DeviceOption = Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: cuda if present).")]
 DtypeOption = Annotated[ComputeDtype | None, typer.Option(
     "--dtype", help="DiT compute dtype (default: bf16 on GPU, fp32 on CPU).")]
-PrecisionOption = Annotated[WeightPrecision, typer.Option(
-    "--precision", help="DiT weight precision: bf16, or fp8/int8 quantized at load time.")]
+PrecisionOption = Annotated[PrecisionChoice, typer.Option(
+    "--precision", help="DiT weight precision: bf16, fp8/int8 quantized at load time, or auto (per GPU "
+    "architecture: fp8 on SM90+, int8 on SM80-89, bf16 on the CPU).")]
 T5CpuOption = Annotated[bool, typer.Option("--t5-cpu", "--t5_cpu", help="Run the text encoder on the CPU.")]
 VramOption = Annotated[float | None, typer.Option("--vram", help="GPU memory budget in GiB for the planner.")]
 RamOption = Annotated[float | None, typer.Option("--ram", help="Host RAM budget in GiB for the planner.")]
@@ -56,7 +57,7 @@ class RuntimeOptions:
     t5_cpu: bool
     vram: float | None
     ram: float | None
-    precision: WeightPrecision
+    precision: PrecisionChoice
     vae: VAEKind = VAEKind.FULL
     tiny_vae: Path | None = None
 
@@ -69,6 +70,8 @@ class RuntimeOptions:
                                             precision=self.precision.value)
         if self.vae is VAEKind.TINY:
             pipeline.use_tiny_vae(self.tiny_vae)
+        if is_rank_zero():
+            echo_auto_precision(pipeline)
         return pipeline
 
 
@@ -115,7 +118,7 @@ def preview_command(
     = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
-    precision: PrecisionOption = WeightPrecision.BF16,
+    precision: PrecisionOption = PrecisionChoice.BF16,
     t5_cpu: T5CpuOption = False,
     vram: VramOption = None,
     ram: RamOption = None,

@@ -21,7 +21,7 @@ from wanrt.distributed.launch import launched_world_size
 from wanrt.generate import check_output_path, generation_task
 from wanrt.refine import (DEFAULT_STRENGTH, check_strength, read_preview_pick, read_source, refine_request,
                           refine_schedule, refine_video)
-from wanrt.runtime.planner import Precision as WeightPrecision
+from wanrt.runtime.planner import PrecisionChoice
 
 
 def refine_command(
@@ -53,7 +53,7 @@ def refine_command(
     = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
-    precision: PrecisionOption = WeightPrecision.BF16,
+    precision: PrecisionOption = PrecisionChoice.BF16,
     t5_cpu: T5CpuOption = False,
     vram: VramOption = None,
     ram: RamOption = None,

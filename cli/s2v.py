@@ -9,8 +9,8 @@ from typing import Any, Mapping
 import typer
 
 from wanrt.cli.display import RunDisplay
-from wanrt.cli.generate import (COMPUTE_DTYPES, SINGLE_GPU_DEFAULTS, load_image_option, parse_guide_scale,
-                                parse_official_bool, print_result, refuse_options)
+from wanrt.cli.generate import (COMPUTE_DTYPES, SINGLE_GPU_DEFAULTS, echo_auto_precision, load_image_option,
+                                parse_guide_scale, parse_official_bool, print_result, refuse_options)
 from wanrt.configs import TaskSpec
 from wanrt.engines.base import EngineKind
 from wanrt.errors import InputError
@@ -57,6 +57,7 @@ def generate_s2v(ctx: typer.Context, spec: TaskSpec, speech: Mapping[str, Any]) 
         options["ckpt_dir"], spec.name, device=parse_device(options["device"]),
         dtype=COMPUTE_DTYPES[dtype] if dtype else None, t5_cpu=options["t5_cpu"], vram_gib=options["vram"],
         ram_gib=options["ram"], precision=options["precision"].value, quantized_dir=options["quantized"])
+    echo_auto_precision(pipeline)
     plan = pipeline.plan_run(resolved)
     if plan is not None:
         typer.echo("memory plan: " + "; ".join(plan.lines()[2:-1]), err=True)

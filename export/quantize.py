@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wanrt.errors import ConfigError, parse_choice
+from wanrt.errors import ConfigError, InputError, parse_choice
 from wanrt.kernels import triton_available
-from wanrt.runtime.planner import short_dtype_name
+from wanrt.runtime.planner import Precision, PrecisionChoice, short_dtype_name
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -112,6 +112,30 @@ def auto_scheme(capability: tuple[int, int] | None) -> Scheme:
     if capability >= (9, 0):
         return Scheme.FP8
     return Scheme.INT8
+
+
+def arch_capability(arch: str) -> tuple[int, int] | None:
+    """"sm_89" -> (8, 9), "sm_100" -> (10, 0), "cpu" -> None: an architecture as
+    `wanrt.export.manifest.device_arch` and `--arch` spell it, as a compute capability."""
+    if arch == "cpu":
+        return None
+    digits = arch.removeprefix("sm_")
+    if not (arch.startswith("sm_") and digits.isdigit() and len(digits) >= 2):
+        raise InputError(f"--arch {arch!r} is not a GPU architecture; use sm_ and the compute capability's "
+                         "digits, e.g. sm_89 (RTX 40, L40) or sm_90 (H100)")
+    return int(digits[:-1]), int(digits[-1])
+
+
+def resolve_precision(requested: PrecisionChoice | str, arch: str | None) -> Precision:
+    """The precision a run on `arch` ("sm_90", "cpu"; None: not known) uses for `--precision
+    requested`: a named one as is, auto per `auto_scheme` (bf16 on the CPU)."""
+    requested = parse_choice(PrecisionChoice, requested, "--precision")
+    if requested is not PrecisionChoice.AUTO:
+        return Precision(requested.value)
+    if arch is None:
+        raise InputError("--precision auto picks by GPU architecture and there is no GPU here; "
+                         "give --arch (e.g. sm_89, sm_90) or name a precision")
+    return Precision(auto_scheme(arch_capability(arch)).value)
 
 
 class QuantizedLinear(nn.Module):

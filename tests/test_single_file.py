@@ -295,6 +295,10 @@ def test_precision_follows_the_stored_weights(checkpoints, tmp_path):
     assert stored_precision(replaced, "bf16").value == "bf16"  # the low-noise expert is a bf16 folder
     both = apply_component_files(files, task, ComponentFiles(dit_high=high, dit_low=high))
     assert stored_precision(both, "bf16").value == stored_precision(both, "fp8").value == "fp8"
+    # auto takes what the files store over what the architecture would pick (int8 on sm_89).
+    assert stored_precision(both, "auto", "sm_89").value == "fp8"
+    assert stored_precision(replaced, "auto", "sm_90").value == "bf16"
+    assert stored_precision(files, "auto", "sm_89").value == "int8"  # folders: the architecture's pick
     with pytest.raises(InputError, match="--precision int8: the DiT files already hold fp8 weights"):
         stored_precision(both, "int8")
     with pytest.raises(InputError, match="--dit: tiny-t2v has two experts"):

@@ -385,7 +385,9 @@ def run_sidecar(pipeline: Pipeline, resolved, seed_was_random: bool, fps: int, c
         "fps": fps,
         "runtime": {"device": str(pipeline.device), "dit_dtype": str(pipeline.dit_dtype).removeprefix("torch."),
                     "text_device": str(pipeline.text_device), "embedding_cache": cache_state,
-                    "precision": weight_precision(pipeline), "quantization": dict(pipeline.quant_summaries),
+                    "precision": weight_precision(pipeline),
+                    "precision_requested": pipeline.requested_precision.value,
+                    "quantization": dict(pipeline.quant_summaries),
                     "memory_plan": pipeline.plan.to_dict() if pipeline.plan else None,
                     "streamed_bytes": pipeline.streamed_bytes, "dit_forwards": pipeline.dit_forwards,
                     "step_cache": None if pipeline.step_cache is None else

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wanrt.configs import TaskSpec
-from wanrt.errors import InputError
+from wanrt.errors import InputError, parse_choice
+from wanrt.export.quantize import resolve_precision
 from wanrt.loading.checkpoint import CheckpointFiles, Expert
 from wanrt.loading.single_file import dit_file_config, file_format, open_dit_file
 from wanrt.loading.stored_linears import SCHEMES
-from wanrt.runtime.planner import Precision
+from wanrt.runtime.planner import Precision, PrecisionChoice
 
 
 @dataclass(frozen=True)
@@ -63,18 +64,20 @@ def apply_component_files(files: CheckpointFiles, task: TaskSpec, components: Co
                                t5=Path(components.t5 or files.t5))
 
 
-def stored_precision(files: CheckpointFiles | None, requested: Precision | str) -> Precision:
-    """The precision the DiT weights will run at: `requested` (bf16, or fp8/int8 quantized
-    at load), unless the DiT files already store 8-bit Linears, which run as stored."""
-    requested = Precision(requested)
+def stored_precision(files: CheckpointFiles | None, requested: PrecisionChoice | str, arch: str = "cpu") -> Precision:
+    """The precision the DiT weights will run at on `arch` ("sm_90", "cpu"): `requested`
+    (bf16, fp8/int8 quantized at load, or auto: `resolve_precision`), unless the DiT files
+    already store 8-bit Linears, which run as stored."""
+    requested = parse_choice(PrecisionChoice, requested, "--precision")
     stored = set()
     for path in files.dit_dirs.values() if files is not None else ():
         kinds = set(open_dit_file(Path(path)).quantized.values()) if Path(path).is_file() else set()
         stored |= {Precision(SCHEMES[kind].value) for kind in kinds} or {Precision.BF16}
     quantized = stored - {Precision.BF16}
     if not quantized:
-        return requested
-    if requested is not Precision.BF16 and quantized != {requested}:
+        return resolve_precision(requested, arch)
+    named = requested not in (PrecisionChoice.BF16, PrecisionChoice.AUTO)
+    if named and quantized != {Precision(requested.value)}:
         raise InputError(f"--precision {requested.value}: the DiT files already hold "
                          f"{'/'.join(sorted(p.value for p in quantized))} weights, which run as stored; "
                          "leave --precision out")

@@ -26,6 +26,8 @@ from torch import Tensor
 
 from wanrt.configs import SIZES, ModelType, SampleDefaults, TaskSpec, get_task, parse_size
 from wanrt.errors import CheckpointError, ConfigError, InputError, parse_choice
+from wanrt.export.manifest import device_arch
+from wanrt.export.quantize import resolve_precision
 from wanrt.loading.checkpoint import (CheckpointFiles, Expert, check_checkpoint, check_checkpoint_task,
                                       check_dit_matches_vae, dit_tensor_infos, load_dit, load_t5, load_vae,
                                       locate_checkpoint)
@@ -37,7 +39,7 @@ from wanrt.pipelines.core import (Guidance, MemoryBudget, NonFiniteLatentsError,
 from wanrt.progress import track
 from wanrt.request_checks import (check_frame_num, check_guide_scale, check_gib, check_shift,
                                   check_text)
-from wanrt.runtime.planner import MemoryPlan, Precision, RamMode, make_plan, require_fit
+from wanrt.runtime.planner import MemoryPlan, Precision, PrecisionChoice, RamMode, make_plan, require_fit
 from wanrt.runtime.step_cache import EasyCache, StepCacheConfig
 from wanrt.runtime.streaming import BlockStreamer
 from wanrt.runtime.vae_tiling import TiledVAE, VAETiling
@@ -278,8 +280,15 @@ class Pipeline:
         self.memory = memory
         self.streaming = streaming
         # DiT weight precision: "bf16" keeps the loaded weights; "fp8"/"int8" quantize the
-        # block Linears at load time with the default policy (wanrt.export.quantize).
-        self.precision = stored_precision(files, precision).value  # 8-bit DiT files run as stored
+        # block Linears at load time with the default policy (wanrt.export.quantize); "auto"
+        # is the one of those the device's architecture runs best. `requested_precision` is
+        # what was asked, `precision` the concrete one this run uses.
+        self.requested_precision = parse_choice(PrecisionChoice, precision, "--precision")
+        arch = device_arch(device)
+        self.precision = stored_precision(files, precision, arch).value  # 8-bit DiT files run as stored
+        # What decided auto: the architecture, unless the DiT files' own 8-bit format overrode it.
+        self.precision_source = (arch if self.precision == resolve_precision(precision, arch).value
+                                 else "as the DiT files store it")
         self.quant_summaries: dict[str, str] = {}
         # Experts saved by `wanrt quantize` replace the checkpoint's DiT folders.
         self.quantized_files = None
@@ -288,11 +297,12 @@ class Pipeline:
                 raise CheckpointError(f"{quantized_dir}: --quantized folder not found; write it with "
                                       "`wanrt quantize --out`")
             self.quantized_files = locate_checkpoint(Path(quantized_dir), task)
-            if self.precision != Precision.BF16.value:
+            if self.requested_precision not in (PrecisionChoice.BF16, PrecisionChoice.AUTO):
                 raise InputError("--precision quantizes at load time; it cannot be combined with --quantized")
             from wanrt.export.quant_io import quantized_scheme
 
             self.precision = Precision(quantized_scheme(next(iter(self.quantized_files.dit_dirs.values())))).value
+            self.precision_source = "as the --quantized folder stores it"
         if loras and self.quantized_files is not None:
             raise InputError("--lora merges into the bf16 weights before quantizing; use --precision fp8/int8 "
                              "with the checkpoint instead of --quantized")

@@ -92,6 +92,16 @@ class Precision(str, Enum):
     INT8 = "int8"
 
 
+class PrecisionChoice(str, Enum):
+    """What `--precision` takes: a `Precision`, or auto, which `resolve_precision`
+    (wanrt.export.quantize) turns into the one the run's GPU architecture runs best."""
+
+    BF16 = "bf16"
+    FP8 = "fp8"
+    INT8 = "int8"
+    AUTO = "auto"
+
+
 _SHORT_DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
 
 
