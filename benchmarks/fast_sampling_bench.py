@@ -30,13 +30,14 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_stream_bench import capped_budget, random_vae  # noqa: E402
+from e2e_stream_bench import random_vae  # noqa: E402
 from stream_bench import build_expert  # noqa: E402
 
+from wanrt.bench.harness import vram_cap  # noqa: E402
 from wanrt.configs import get_task  # noqa: E402
 from wanrt.loading.checkpoint import Expert  # noqa: E402
 from wanrt.lora import LoraExpert, LoraSpec  # noqa: E402
-from wanrt.pipelines import GenerationRequest, Pipeline, TextEmbeddings  # noqa: E402
+from wanrt.pipelines import GenerationRequest, MemoryBudget, Pipeline, TextEmbeddings  # noqa: E402
 from wanrt.random_weights import randomize_  # noqa: E402
 from wanrt.runtime.step_cache import StepCacheConfig  # noqa: E402
 
@@ -119,37 +120,39 @@ def e2e_distill_lora(folder: Path, task_name: str, size: str, frame_num: int | N
         write_block_lora(experts[expert], path, seed)
         loras.append(LoraSpec(path, 1.0, lora_expert))
     vae = random_vae(task.vae)
-    memory = capped_budget(device, vram_gib, ram_gib)
-    start = time.perf_counter()
-    pipeline = Pipeline.from_models(task, experts, vae=vae, device=device, dtype=torch.bfloat16,
-                                    memory=memory, loras=loras)
-    merge_seconds = time.perf_counter() - start
-    request = GenerationRequest(prompt="", size=size, frame_num=frame_num, solver="distill", seed=0)
-    embeddings = embeddings_for(task.dit.text_dim)
-    # The first use plans the run and pins the streamed blocks (one-time); a one-step run
-    # does that, then the timed run is a fresh 4-step video.
-    start = time.perf_counter()
-    pipeline.denoise(pipeline.start(request), embeddings, stop=1)
-    sync()
-    first_use_seconds = time.perf_counter() - start
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    step_ends, step_experts = [], []
-
-    def step_finished(info) -> None:
+    # The cap covers the run, not the building of the experts (each bigger than the cap), and ends with it.
+    with vram_cap(device, vram_gib):
+        memory = MemoryBudget(vram_gib, ram_gib) if cuda else None
+        start = time.perf_counter()
+        pipeline = Pipeline.from_models(task, experts, vae=vae, device=device, dtype=torch.bfloat16,
+                                        memory=memory, loras=loras)
+        merge_seconds = time.perf_counter() - start
+        request = GenerationRequest(prompt="", size=size, frame_num=frame_num, solver="distill", seed=0)
+        embeddings = embeddings_for(task.dit.text_dim)
+        # The first use plans the run and pins the streamed blocks (one-time); a one-step run
+        # does that, then the timed run is a fresh 4-step video.
+        start = time.perf_counter()
+        pipeline.denoise(pipeline.start(request), embeddings, stop=1)
         sync()
-        step_ends.append(time.perf_counter())
-        step_experts.append(info.expert.value)
+        first_use_seconds = time.perf_counter() - start
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        step_ends, step_experts = [], []
 
-    sampling_start = time.perf_counter()
-    state = pipeline.denoise(pipeline.start(request), embeddings, on_step=step_finished)
-    latents = state.latents[0].float().cpu()
-    sync()
-    sampling = time.perf_counter() - sampling_start
-    sampling_peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    start = time.perf_counter()
-    video = pipeline.decode(latents)
-    decode = time.perf_counter() - start
+        def step_finished(info) -> None:
+            sync()
+            step_ends.append(time.perf_counter())
+            step_experts.append(info.expert.value)
+
+        sampling_start = time.perf_counter()
+        state = pipeline.denoise(pipeline.start(request), embeddings, on_step=step_finished)
+        latents = state.latents[0].float().cpu()
+        sync()
+        sampling = time.perf_counter() - sampling_start
+        sampling_peak = torch.cuda.max_memory_allocated(device) if cuda else None
+        start = time.perf_counter()
+        video = pipeline.decode(latents)
+        decode = time.perf_counter() - start
     return {"device": torch.cuda.get_device_name(device) if cuda else "CPU (tiny config; checks the script only)",
             "task": task.name, "size": size, "frames": request.resolved(task).frame_num, "sampler": "distill",
             "steps": len(step_ends), "vram_cap_gib": vram_gib if cuda else None,
