@@ -643,14 +643,14 @@ SECTIONS: tuple[Section, ...] = (
             "(fp8/int8 W8A8 GEMMs, weight-only int8/int4), rel L2 error vs bf16", 50, 4, blocks),
     Section("attention-8bit-480p", "A14B self-attention and block at 480P: bf16 SDPA vs 8-bit attention (int8 "
             "QK^T, fp8 P·V on SM89+, fp16 otherwise), the block also with fp8/int8 GEMMs: speedup and rel L2 vs "
-            "bf16 SDPA", 60, 6, eight_bit_attention("480P")),
+            "bf16 SDPA", 60, 4, eight_bit_attention("480P")),
     Section("attention-a14b", "A14B bf16 block at 480P and 720P with each SDPA kernel forced (flash, memory-"
             "efficient, cuDNN) against the default dispatch: time and rel L2 error", 30, 3, attention_backends),
     Section("e2e-t2v-a14b-480p", "T2V-A14B 480P 81 frames end to end under a 24 GiB cap, planned and streamed: "
             "per-step times, peaks, the 40-step run extrapolated", 150, 4, end_to_end(t2v_scenario)),
     Section("e2e-distill-lora-t2v-a14b-480p", "T2V-A14B 480P 81 frames, 4-step distill sampler with a random "
             "rank-64 LoRA per expert merged at load, under a 24 GiB cap: per-step times, total (one-time pinning "
-            "apart), peaks, DiT forwards", 150, 4, distill_lora_t2v),
+            "apart), peaks, DiT forwards", 150, 3, distill_lora_t2v),
     Section("expert-a14b-480p", "A14B expert forward (40 blocks) at 480P: bf16 resident vs streamed under 24 GiB, "
             "fp8 and int8 resident, rel L2 error vs bf16", 110, 3, expert("480P", ("fp8", "int8"), streamed=True)),
     Section("engines-bf16-480p", "A14B block at 480P, bf16: eager vs torch.compile vs AOTInductor package, "
@@ -661,7 +661,7 @@ SECTIONS: tuple[Section, ...] = (
             "time and peak", 70, 3, vae_decode),
     Section("vae-decode-tiled-720p", "A14B VAE (Wan2.1) decode of 81 frames at 720P under a 24 GiB cap, tiled as "
             "the planner picks: time, peak and the planner's predicted peak", 60, 3, tiled_vae_decode),
-    Section("attention-8bit-720p", "the attention-8bit-480p measurement at 720P", 75, 6, eight_bit_attention("720P")),
+    Section("attention-8bit-720p", "the attention-8bit-480p measurement at 720P", 75, 4, eight_bit_attention("720P")),
     Section("engines-fp8-480p", "A14B block at 480P, fp8 W8A8: eager vs torch.compile vs AOTInductor package",
             90, 100, engines("fp8", "480P")),
     Section("expert-a14b-720p", "A14B expert forward at 720P: bf16 resident vs streamed under 24 GiB",
