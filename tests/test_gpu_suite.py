@@ -213,6 +213,18 @@ def test_a_section_runs_only_if_its_estimate_fits_what_is_left_of_the_budget():
     assert record["status"] == "ok" and record["rows"][0]["case"] == "a case" and record["details"] == {"detail": 1}
 
 
+def test_the_headline_claims_fit_the_default_budget_first():
+    # The sections the default budget reaches by their H100 estimates, in priority order:
+    # 8-bit attention (>= 2x SDPA, 8-bit block >= 1.6x bf16) and the 4-step LoRA run (<= 30 s).
+    left, reached = gpu_suite.DEFAULT_BUDGET_S, []
+    for section in gpu_suite.SECTIONS:
+        if section.estimate_s <= left:
+            reached.append(section.name)
+            left -= section.estimate_s
+    assert reached[:5] == ["blocks", "attention-8bit-480p", "attention-a14b", "e2e-t2v-a14b-480p",
+                           "e2e-distill-lora-t2v-a14b-480p"]
+
+
 @pytest.mark.parametrize("error,status,note", [
     (SectionSkipped("diffusers is not installed"), Status.SKIPPED, "diffusers is not installed"),
     (RuntimeError("out of\n memory"), Status.FAILED, "RuntimeError: out of memory"),
