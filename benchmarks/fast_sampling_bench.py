@@ -30,17 +30,19 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from e2e_stream_bench import capped_budget, random_vae  # noqa: E402
+from e2e_stream_bench import random_vae  # noqa: E402
 from stream_bench import build_expert  # noqa: E402
 
+from wanrt.bench.harness import vram_cap  # noqa: E402
 from wanrt.configs import get_task  # noqa: E402
 from wanrt.loading.checkpoint import Expert  # noqa: E402
 from wanrt.lora import LoraExpert, LoraSpec  # noqa: E402
-from wanrt.pipelines import GenerationRequest, Pipeline, TextEmbeddings  # noqa: E402
+from wanrt.pipelines import GenerationRequest, MemoryBudget, Pipeline, TextEmbeddings  # noqa: E402
 from wanrt.random_weights import randomize_  # noqa: E402
 from wanrt.runtime.step_cache import StepCacheConfig  # noqa: E402
 
 LORA_RANK = 64
+DEFAULT_RAM_GIB = 120.0  # the host RAM budget planned within (the GPU machines have 128 GiB)
 
 
 def write_block_lora(model: torch.nn.Module, path: Path, seed: int) -> None:
@@ -100,13 +102,15 @@ def forwards_per_mode(folder: Path, cache_threshold: float) -> list[dict]:
     return results
 
 
-def e2e_distill_lora(folder: Path, size: str, vram_gib: float, ram_gib: float) -> dict:
-    """T2V-A14B on a GPU; on the CPU the tiny t2v model, which checks the script only."""
-    cuda = torch.cuda.is_available()
-    task = get_task("t2v-A14B" if cuda else "tiny-t2v")
-    device = torch.device("cuda" if cuda else "cpu")
-    size = size if cuda else task.sample.sizes[0]
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+def e2e_distill_lora(folder: Path, task_name: str, size: str, frame_num: int | None, device: torch.device,
+                     vram_gib: float, ram_gib: float) -> dict:
+    """`task_name` (T2V-A14B on a GPU; the tiny t2v model checks the script on the CPU) with
+    the 4-step distill sampler and a LoRA per expert merged at load, planned within
+    `vram_gib` (on a GPU): the one-time work apart, then the timed 4 steps one by one and
+    the decode."""
+    cuda = device.type == "cuda"
+    task = get_task(task_name)
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     experts = {expert: build_expert(task.dit, device, seed=seed).cpu()
                for seed, expert in enumerate((Expert.HIGH_NOISE, Expert.LOW_NOISE))}
     loras = []
@@ -116,38 +120,50 @@ def e2e_distill_lora(folder: Path, size: str, vram_gib: float, ram_gib: float) -
         write_block_lora(experts[expert], path, seed)
         loras.append(LoraSpec(path, 1.0, lora_expert))
     vae = random_vae(task.vae)
-    memory = capped_budget(device, vram_gib, ram_gib)
-    start = time.perf_counter()
-    pipeline = Pipeline.from_models(task, experts, vae=vae, device=device, dtype=torch.bfloat16,
-                                    memory=memory, loras=loras)
-    merge_seconds = time.perf_counter() - start
-    request = GenerationRequest(prompt="", size=size, solver="distill", seed=0)
-    embeddings = embeddings_for(task.dit.text_dim)
-    # The first use plans the run and pins the streamed blocks (one-time); a one-step run
-    # does that, then the timed run is a fresh 4-step video.
-    start = time.perf_counter()
-    pipeline.denoise(pipeline.start(request), embeddings, stop=1)
-    sync()
-    first_use_seconds = time.perf_counter() - start
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    latents = pipeline.sample(request, embeddings=embeddings)
-    sync()
-    sampling = time.perf_counter() - start
-    start = time.perf_counter()
-    video = pipeline.decode(latents)
-    decode = time.perf_counter() - start
-    return {"device": torch.cuda.get_device_name() if cuda else "CPU (tiny config; checks the script only)",
-            "task": task.name, "size": size,
-            "frames": task.sample.frame_num, "sampler": "distill", "steps": 4,
-            "vram_cap_gib": vram_gib if cuda else None,
+    # The cap covers the run, not the building of the experts (each bigger than the cap), and ends with it.
+    with vram_cap(device, vram_gib):
+        memory = MemoryBudget(vram_gib, ram_gib) if cuda else None
+        start = time.perf_counter()
+        pipeline = Pipeline.from_models(task, experts, vae=vae, device=device, dtype=torch.bfloat16,
+                                        memory=memory, loras=loras)
+        merge_seconds = time.perf_counter() - start
+        request = GenerationRequest(prompt="", size=size, frame_num=frame_num, solver="distill", seed=0)
+        embeddings = embeddings_for(task.dit.text_dim)
+        # The first use plans the run and pins the streamed blocks (one-time); a one-step run
+        # does that, then the timed run is a fresh 4-step video.
+        start = time.perf_counter()
+        pipeline.denoise(pipeline.start(request), embeddings, stop=1)
+        sync()
+        first_use_seconds = time.perf_counter() - start
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        step_ends, step_experts = [], []
+
+        def step_finished(info) -> None:
+            sync()
+            step_ends.append(time.perf_counter())
+            step_experts.append(info.expert.value)
+
+        sampling_start = time.perf_counter()
+        state = pipeline.denoise(pipeline.start(request), embeddings, on_step=step_finished)
+        latents = state.latents[0].float().cpu()
+        sync()
+        sampling = time.perf_counter() - sampling_start
+        sampling_peak = torch.cuda.max_memory_allocated(device) if cuda else None
+        start = time.perf_counter()
+        video = pipeline.decode(latents)
+        decode = time.perf_counter() - start
+    return {"device": torch.cuda.get_device_name(device) if cuda else "CPU (tiny config; checks the script only)",
+            "task": task.name, "size": size, "frames": request.resolved(task).frame_num, "sampler": "distill",
+            "steps": len(step_ends), "vram_cap_gib": vram_gib if cuda else None,
             "lora_rank": LORA_RANK, "lora_merge_seconds": merge_seconds, "first_use_seconds": first_use_seconds,
+            "step_seconds": [end - begin for begin, end in zip([sampling_start, *step_ends[:-1]], step_ends)],
+            "step_experts": step_experts,
             "sampling_seconds": sampling, "decode_seconds": decode, "e2e_seconds": sampling + decode,
-            "dit_forwards": pipeline.dit_forwards,
-            "peak_vram_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "dit_forwards": pipeline.dit_forwards, "sampling_peak_vram_bytes": sampling_peak,
+            "peak_vram_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
             "plan": pipeline.plan.to_dict() if pipeline.plan else None,
-            "video_finite": bool(torch.isfinite(video).all())}
+            "video_finite": bool(torch.isfinite(video).all()), "video_shape": list(video.shape)}
 
 
 def main() -> None:
@@ -155,7 +171,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--size", default="832*480")
     parser.add_argument("--vram-gib", type=float, default=24.0)
-    parser.add_argument("--ram-gib", type=float, default=120.0)
+    parser.add_argument("--ram-gib", type=float, default=DEFAULT_RAM_GIB)
     parser.add_argument("--cache-threshold", type=float, default=0.5,
                         help="EasyCache threshold for the tiny run (its random experts need more than 0.05)")
     args = parser.parse_args()
@@ -163,7 +179,11 @@ def main() -> None:
     report = {"benchmark": "fast_sampling_bench", "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as folder:
         report["forwards_per_video_tiny"] = forwards_per_mode(Path(folder), args.cache_threshold)
-        report["e2e_distill_lora"] = e2e_distill_lora(Path(folder), args.size, args.vram_gib, args.ram_gib)
+        cuda = torch.cuda.is_available()
+        task, size = ("t2v-A14B", args.size) if cuda else ("tiny-t2v", get_task("tiny-t2v").sample.sizes[0])
+        report["e2e_distill_lora"] = e2e_distill_lora(Path(folder), task, size, None,
+                                                      torch.device("cuda" if cuda else "cpu"), args.vram_gib,
+                                                      args.ram_gib)
         print(json.dumps({k: v for k, v in report["e2e_distill_lora"].items() if k != "plan"}), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

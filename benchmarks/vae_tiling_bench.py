@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from wanrt.configs import TINY_WAN21_VAE, TINY_WAN22_VAE, WAN21_VAE, WAN22_VAE
+from wanrt.bench.harness import vram_cap
+from wanrt.configs import TINY_WAN21_VAE, TINY_WAN22_VAE, WAN21_VAE, WAN22_VAE, VAEConfig
 from wanrt.loading.checkpoint import load_vae
 from wanrt.models.tiny_vae import TinyVAE, TinyVAEConfig
 from wanrt.models.vae import WanVAE
@@ -77,31 +78,37 @@ def cpu_scenarios() -> list[dict]:
     return results
 
 
+def capped_tiled_decode(config: VAEConfig, width: int, height: int, frames: int, vram_gib: float,
+                        device: torch.device) -> dict:
+    """One decode of random latents by a random-weight `config` VAE, tiled as
+    `choose_vae_tiling` picks for `vram_gib` and run under that cap (on a GPU): time, peak
+    allocated bytes (GPU) and the planner's predicted peak."""
+    with torch.device("meta"):
+        vae = WanVAE(config)
+    vae = randomize_(vae, seed=0, device=device).eval()
+    stride = config.stride[1]
+    latent_hw = (height // stride, width // stride)
+    tiling, predicted = choose_vae_tiling(config, latent_hw, int(vram_gib * GIB))
+    latent = torch.randn(1, config.z_dim, (frames - 1) // 4 + 1, *latent_hw, device=device)
+    decoder = TiledVAE(vae, tiling, output_device="cpu") if tiling else vae
+    cuda = device.type == "cuda"
+    with vram_cap(device, vram_gib), torch.no_grad():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        out, seconds = _timed(lambda: decoder.decode(latent), device)
+        peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    return {"scenario": f"Wan{config.version.value} VAE fp32 {width}x{height} {frames} frames decode",
+            "vram_cap_gib": vram_gib, "tiling": tiling.__dict__ if tiling else None,
+            "tiles": tiling.count(*latent_hw) if tiling else 1, "seconds": seconds,
+            "peak_allocated_bytes": peak, "predicted_peak_bytes": predicted, "output_shape": list(out.shape),
+            "output_finite": bool(torch.isfinite(out).all()), "output_abs_max": out.abs().max().item()}
+
+
 def gpu_scenarios(vram_gib: float) -> list[dict]:
-    device = torch.device("cuda")
-    torch.cuda.set_per_process_memory_fraction(min(1.0, vram_gib * GIB / torch.cuda.get_device_properties(0).total_memory))
     results = []
     for config, (width, height, frames) in ((WAN21_VAE, (1280, 720, 81)), (WAN22_VAE, (1280, 704, 121))):
-        with torch.device("meta"):
-            vae = WanVAE(config)
-        vae = randomize_(vae, seed=0, device="cuda").eval()
-        stride = config.stride[1]
-        latent_hw = (height // stride, width // stride)
-        tiling, predicted = choose_vae_tiling(config, latent_hw, int(vram_gib * GIB))
-        latent = torch.randn(1, config.z_dim, (frames - 1) // 4 + 1, *latent_hw, device=device)
-        decoder = TiledVAE(vae, tiling, output_device="cpu") if tiling else vae
-        torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            out, seconds = _timed(lambda: decoder.decode(latent), device)
-        result = {"scenario": f"Wan{config.version.value} VAE fp32 {width}x{height} {frames} frames decode",
-                  "vram_cap_gib": vram_gib, "tiling": tiling.__dict__ if tiling else None,
-                  "tiles": tiling.count(*latent_hw) if tiling else 1, "seconds": seconds,
-                  "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-                  "predicted_peak_bytes": predicted, "output_shape": list(out.shape),
-                  "output_finite": bool(torch.isfinite(out).all())}
-        print(json.dumps(result), flush=True)
-        results.append(result)
-        del vae, out
+        results.append(capped_tiled_decode(config, width, height, frames, vram_gib, torch.device("cuda")))
+        print(json.dumps(results[-1]), flush=True)
         torch.cuda.empty_cache()
     return results
 

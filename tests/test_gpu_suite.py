@@ -25,6 +25,7 @@ from gpu_suite import (SECTION_NAMES, TINY, DegenerateOutput, Row, Section, Sect
 from wanrt.bench.harness import request_for  # noqa: E402
 from wanrt.loading.checkpoint import Expert  # noqa: E402
 from wanrt.pipelines import Pipeline  # noqa: E402
+from wanrt.runtime.planner import GIB, choose_vae_tiling  # noqa: E402
 
 # Python packages the GPU image does not have (see the device notes): the suite must run without them.
 DEVICE_LACKS = ("av", "ftfy", "gguf", "diffusers", "optimum", "bitsandbytes", "tensorrt")
@@ -137,9 +138,55 @@ def test_end_to_end_rows_measure_steps_and_extrapolate_the_default_schedule(tiny
     assert [row["extra"]["video_shape"] for row in vae_rows.values()] == [[3, 1, 64, 64], [3, 1, 64, 96]]
 
 
+@pytest.mark.parametrize("size", ["480P", "720P"])
+def test_eight_bit_attention_and_blocks_are_timed_against_bf16_sdpa(tiny_report, size):
+    section = sections_of(tiny_report[0])[f"attention-8bit-{size.lower()}"]
+    rows = rows_of(section)
+    # On the CPU the Triton kernel runs in the interpreter, with fp16 P·V (fp8 needs SM89+).
+    assert set(rows) == {f"{size} attention sdpa-bf16", f"{size} attention sage-int8qk-fp16pv",
+                         *(f"{size} block {linears} linears, {attention}" for linears, attention in
+                           (("bf16", "sdpa-bf16"), ("bf16", "sage-int8qk-fp16pv"), ("fp8", "sage-int8qk-fp16pv"),
+                            ("int8", "sage-int8qk-fp16pv")))}
+    assert rows[f"{size} attention sdpa-bf16"]["error"] == 0.0
+    assert rows[f"{size} attention sdpa-bf16"]["extra"]["speedup_vs_bf16_sdpa"] == 1.0
+    assert 1e-4 < rows[f"{size} attention sage-int8qk-fp16pv"]["error"] < 0.05  # 8-bit: a real, small error
+    for case, row in rows.items():
+        assert row["runs"] == TINY.block_iters and row["extra"]["speedup_vs_bf16_sdpa"] > 0, case
+        assert row["error_metric"] == "rel_l2_vs_bf16" and row["error"] < 0.05, case
+    assert rows[f"{size} block fp8 linears, sage-int8qk-fp16pv"]["extra"]["linear_kernels"]
+    assert section["details"]["grid_fhw"] == list(Suite(torch.device("cpu"), TINY, 1.0).grid(size))
+
+
+def test_the_four_step_lora_run_times_each_step_apart_from_the_one_time_work(tiny_report):
+    section = sections_of(tiny_report[0])["e2e-distill-lora-t2v-a14b-480p"]
+    run, rows = section["details"]["result"], rows_of(section)
+    assert (run["task"], run["size"], run["sampler"], run["lora_rank"]) == ("tiny-t2v", "64*64", "distill", 64)
+    assert run["dit_forwards"] == 4 and run["video_finite"] and run["video_shape"] == [3, 1, 64, 64]
+    # 4 distill steps cross the expert boundary once, with one forward each (no CFG).
+    steps = [rows[f"step {index} ({expert})"]["seconds"]
+             for index, expert in enumerate(["high_noise"] * 2 + ["low_noise"] * 2)]
+    assert steps == run["step_seconds"] and sum(steps) <= run["sampling_seconds"]
+    total = rows["4 steps + decode (one-time pinning excluded)"]
+    assert math.isclose(total["seconds"], run["sampling_seconds"] + run["decode_seconds"])
+    assert total["extra"]["dit_forwards"] == 4
+    assert rows["one-time: planning and pinning (a 1-step run)"]["seconds"] == run["first_use_seconds"]
+
+
+def test_the_tiled_decode_goes_through_the_planners_tiling(tiny_report):
+    section = sections_of(tiny_report[0])["vae-decode-tiled-720p"]
+    (row,) = section["rows"]
+    assert section["details"]["tiles"] == 2 and section["details"]["tiling"] is not None
+    assert row["case"] == "128*128 Wan2.1 VAE decode, 1 frames, 2 tiles (2.1 GiB cap)"
+    assert row["extra"]["video_shape"] == [1, 3, 1, 128, 128] and row["extra"]["predicted_peak_bytes"] > 0
+
+
 def test_the_full_size_workload_is_valid_before_a_gpu_sees_it():
     suite = Suite(torch.device("cpu"), gpu_suite.FULL, budget_s=540.0)
     assert (suite.grid("480P"), suite.grid("720P")) == ((21, 30, 52), (21, 45, 80))
+    # The 720P A14B decode does not fit 24 GiB whole: the planner tiles it.
+    size, cap_gib = gpu_suite.FULL.tiled_decode
+    assert choose_vae_tiling(suite.moe.vae, (720 // 8, 1280 // 8), int(cap_gib * GIB))[0] is not None
+    assert size == "1280*720"
     t2v, ti2v = gpu_suite.t2v_scenario(suite), gpu_suite.ti2v_scenario(suite)
     assert (t2v.task, t2v.size, t2v.frames, t2v.steps, t2v.vram_gib) == ("t2v-A14B", "832*480", 81, 4, 24.0)
     assert (ti2v.task, ti2v.size, ti2v.frames, ti2v.vram_gib) == ("ti2v-5B", "1280*704", 121, None)
@@ -164,6 +211,18 @@ def test_a_section_runs_only_if_its_estimate_fits_what_is_left_of_the_budget():
 
     record = run_section(Section("small", "fits", 1, 1, fits), suite, 1.0)
     assert record["status"] == "ok" and record["rows"][0]["case"] == "a case" and record["details"] == {"detail": 1}
+
+
+def test_the_headline_claims_fit_the_default_budget_first():
+    # The sections the default budget reaches by their H100 estimates, in priority order:
+    # 8-bit attention (>= 2x SDPA, 8-bit block >= 1.6x bf16) and the 4-step LoRA run (<= 30 s).
+    left, reached = gpu_suite.DEFAULT_BUDGET_S, []
+    for section in gpu_suite.SECTIONS:
+        if section.estimate_s <= left:
+            reached.append(section.name)
+            left -= section.estimate_s
+    assert reached[:5] == ["blocks", "attention-8bit-480p", "attention-a14b", "e2e-t2v-a14b-480p",
+                           "e2e-distill-lora-t2v-a14b-480p"]
 
 
 @pytest.mark.parametrize("error,status,note", [
