@@ -48,7 +48,10 @@ class TerminalProgress:
         return handle
 
     def update(self, handle: TaskID, completed: int, note: str = "", total: int | None = None) -> None:
+        changed = note != self._progress.tasks[self._progress.task_ids.index(handle)].fields["note"]
         self._progress.update(handle, completed=completed, note=note, **({} if total is None else {"total": total}))
+        if changed:  # a new phase (the other expert): drawn now, however fast the steps run
+            self._progress.refresh()
 
     def finish(self, handle: TaskID) -> None:
         if handle not in self._open:

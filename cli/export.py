@@ -15,7 +15,7 @@ from wanrt.errors import InputError
 from wanrt.export.build import Backend, ExportTarget, export_all, export_targets, require_backend
 from wanrt.export.manifest import ArtifactStore, Manifest
 from wanrt.export.specs import Component, latent_grids
-from wanrt.generate import generation_task, parse_device
+from wanrt.generate import VIDEO_MODEL_TYPES, generation_task, parse_device
 from wanrt.pipelines import Pipeline
 from wanrt.runtime.planner import Precision
 
@@ -111,7 +111,7 @@ def export_command(
 ) -> None:
     """Compile the DiT experts and the VAE into artifacts with manifests (one profile covering
     the given sizes and frame counts)."""
-    spec = generation_task(task)
+    spec = generation_task(task, VIDEO_MODEL_TYPES, "wanrt export")
     target_device = parse_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     require_backend(backend, target_device)  # a missing TensorRT is reported before any loading
     wanted = parse_components(components) if components is not None else default_components(spec)

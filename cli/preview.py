@@ -15,7 +15,7 @@ from wanrt.cli.generate import (COMPUTE_DTYPES, ComputeDtype, TinyVAEOption, VAE
 from wanrt.configs import TaskSpec
 from wanrt.errors import InputError
 from wanrt.loading.tiny_vae import VAEKind
-from wanrt.generate import EmbeddingCache, generation_task, parse_device
+from wanrt.generate import VIDEO_MODEL_TYPES, EmbeddingCache, generation_task, parse_device
 from wanrt.pipelines import GenerationRequest, Pipeline
 from wanrt.distributed.launch import is_rank_zero, launched_world_size, run_rank
 from wanrt.preview import INDEX_NAME, Ranks, check_preview_folder, preview_request, run_preview
@@ -131,7 +131,7 @@ def preview_command(
     tiny_vae: TinyVAEOption = None,
 ) -> None:
     """Preview N candidates of one prompt cheaply (low size and steps), to refine the best."""
-    spec = generation_task(task)
+    spec = generation_task(task, VIDEO_MODEL_TYPES, "wanrt preview")
     request = sampling_request(spec, prompt, ckpt_dir, size=size, frame_num=frame_num, steps=steps, shift=shift,
                                guide_scale=guide_scale, solver=solver, seed=seed,
                                negative_prompt=negative_prompt, image=image)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from wanrt.cli.generate import load_image_option
-from wanrt.generate import generation_task, parse_device
+from wanrt.generate import VIDEO_MODEL_TYPES, generation_task, parse_device
 from wanrt.pipelines import Pipeline
 from wanrt.quantize_checkpoint import quantize_checkpoint
 from wanrt.runtime.planner import Precision
@@ -35,7 +35,7 @@ def quantize_command(
     """Quantize the DiT experts with the fidelity guard; use the result with `generate --quantized`."""
     if scheme is Precision.BF16:
         raise typer.BadParameter("--scheme must be fp8 or int8")
-    spec = generation_task(task)
+    spec = generation_task(task, VIDEO_MODEL_TYPES, "wanrt quantize")
     pipeline = Pipeline.from_pretrained(ckpt_dir, spec.name, device=parse_device(device))
     for result in quantize_checkpoint(pipeline, out, scheme.value, prompt, size=size, frame_num=frame_num,
                                       timesteps_per_expert=steps, threshold=threshold,

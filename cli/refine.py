@@ -18,7 +18,7 @@ from wanrt.cli.preview import (CkptDirOption, DeviceOption, DtypeOption, Embeddi
                                sampling_request)
 from wanrt.errors import InputError
 from wanrt.distributed.launch import launched_world_size
-from wanrt.generate import check_output_path, generation_task
+from wanrt.generate import VIDEO_MODEL_TYPES, check_output_path, generation_task
 from wanrt.refine import (DEFAULT_STRENGTH, check_strength, read_preview_pick, read_source, refine_request,
                           refine_schedule, refine_video)
 from wanrt.runtime.planner import PrecisionChoice
@@ -85,7 +85,7 @@ def refine_command(
         default_output = Path(f"{init_video.stem}_refined_{strength:g}.mp4")
     if fps is not None and fps < 1:
         raise InputError(f"--fps {fps} must be at least 1")
-    spec = generation_task(task or "t2v-A14B")
+    spec = generation_task(task or "t2v-A14B", VIDEO_MODEL_TYPES, "wanrt refine")
     request = sampling_request(spec, prompt, ckpt_dir, size=size, frame_num=frame_num, steps=steps, shift=shift,
                                guide_scale=guide_scale, solver=solver, seed=-1 if seed is None else seed,
                                negative_prompt=negative_prompt, image=image)

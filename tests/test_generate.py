@@ -16,6 +16,7 @@ from wanrt.pipelines import video as pipeline_module
 from wanrt.configs import get_task
 from wanrt.errors import InputError
 from wanrt.generate import (
+    VIDEO_MODEL_TYPES,
     DecodeFailedError,
     EmbeddingCache,
     GenerationRecord,
@@ -153,5 +154,7 @@ def test_file_sha256_is_memoised_by_path_size_and_mtime(tmp_path, cache_dir):
 def test_library_validation_names_the_flag(tmp_path):
     with pytest.raises(InputError, match="--output"):
         check_output_path(tmp_path / "video.avi")
-    with pytest.raises(InputError, match="--task 'animate-14B'.*tiny-t2v"):
-        generation_task("animate-14B")
+    with pytest.raises(InputError, match="--task 't2v-XL' is not available.*tiny-t2v"):
+        generation_task("t2v-XL")
+    with pytest.raises(InputError, match="--task s2v-14B: wanrt preview runs t2v-A14B.*use wanrt generate"):
+        generation_task("s2v-14B", VIDEO_MODEL_TYPES, "wanrt preview")

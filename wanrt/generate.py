@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -58,7 +58,8 @@ _EMBEDDING_KEY = "embedding"
 _MAX_SEED = sys.maxsize
 # Model types `wanrt generate` samples (animate is not implemented yet); s2v runs through
 # `wanrt.s2v_generate`.
-_GENERATION_MODEL_TYPES = (ModelType.T2V, ModelType.I2V, ModelType.TI2V, ModelType.S2V, ModelType.ANIMATE)
+# The text/image-to-video family: what preview, refine, quantize and export run.
+VIDEO_MODEL_TYPES = (ModelType.T2V, ModelType.I2V, ModelType.TI2V)
 
 
 class DecodeFailedError(WanrtError):
@@ -79,15 +80,18 @@ class GenerationRecord:
 # ---------------------------------------------------------------------- validation
 
 
-def generation_tasks() -> tuple[str, ...]:
-    return tuple(name for name in TASK_NAMES if get_task(name).dit.model_type in _GENERATION_MODEL_TYPES)
-
-
-def generation_task(name: str) -> TaskSpec:
-    """The task for `--task`, refusing names that do not exist or cannot be sampled yet."""
-    if name not in generation_tasks():
-        raise InputError(f"--task {name!r} is not available; choose one of {', '.join(generation_tasks())}")
-    return get_task(name)
+def generation_task(name: str, model_types: Collection[ModelType] = tuple(ModelType),
+                    command: str = "wanrt generate") -> TaskSpec:
+    """The task for `--task`: one line for a name that does not exist, or for a task of a
+    family `command` does not run (preview, refine, quantize and export serve
+    `VIDEO_MODEL_TYPES`)."""
+    if name not in TASK_NAMES:
+        raise InputError(f"--task {name!r} is not available; choose one of {', '.join(TASK_NAMES)}")
+    spec = get_task(name)
+    if spec.dit.model_type not in model_types:
+        runs = ", ".join(task for task in TASK_NAMES if get_task(task).dit.model_type in model_types)
+        raise InputError(f"--task {name}: {command} runs {runs}; use wanrt generate for {name}")
+    return spec
 
 
 def parse_device(name: str | None) -> torch.device | None:
