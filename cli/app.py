@@ -19,6 +19,7 @@ from wanrt.cli.display import TerminalProgress
 from wanrt.cli import bench
 from wanrt.cli import k8s, preview, refine
 from wanrt.cli import export
+from wanrt.cli import animate_prep
 from wanrt.errors import WanrtError
 from wanrt.interrupts import Interrupted, signals_as_interrupts
 from wanrt.progress import reporting
@@ -81,6 +82,7 @@ app.command("export", no_args_is_help=True)(export.export_command)
 app.command("bench")(bench.bench_command)
 app.command("preview", no_args_is_help=True)(preview.preview_command)
 app.command("refine", no_args_is_help=True)(refine.refine_command)
+app.command("animate-prep", no_args_is_help=True)(animate_prep.animate_prep_command)
 app.add_typer(k8s.k8s_app, name="k8s")
 
 

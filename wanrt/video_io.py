@@ -86,7 +86,15 @@ def write_video(frames: Tensor, path: Path, fps: int, *, crf: int = 18, audio: A
     the container is always mp4, whatever the suffix of `path`.
     """
     _require_channels_first(frames, ndim=4, what="video frames [3, T, H, W]")
-    _, num_frames, height, width = frames.shape
+    _require_finite(frames, path)
+    pixels = frames_to_uint8(frames).permute(1, 2, 3, 0).contiguous().numpy()  # [T, H, W, 3]
+    return write_video_uint8(pixels, path, fps, crf=crf, audio=audio)
+
+
+def write_video_uint8(pixels: np.ndarray, path: Path, fps: float, *, crf: int = 18,
+                      audio: AudioTrack | None = None) -> VideoInfo:
+    """Encode RGB uint8 `[T, H, W, 3]` frames as `write_video` does (atomically, verified)."""
+    num_frames, height, width = pixels.shape[:3]
     if num_frames == 0:
         raise InputError(f"cannot write {path}: the video has no frames")
     if height % 2 or width % 2:
@@ -96,18 +104,17 @@ def write_video(frames: Tensor, path: Path, fps: int, *, crf: int = 18, audio: A
         raise InputError(f"cannot write {path}: fps must be positive, got {fps}")
     if not 0 <= crf <= _MAX_CRF:
         raise InputError(f"cannot write {path}: crf must be in [0, {_MAX_CRF}] (lower is better quality), got {crf}")
-    _require_finite(frames, path)
-    pixels = frames_to_uint8(frames).permute(1, 2, 3, 0).contiguous().numpy()  # [T, H, W, 3]
-
+    # A source video's own rate may be fractional (NTSC 30000/1001).
+    rate = Fraction(fps).limit_denominator(1001)
     with _atomic_output(path) as temporary:
         with av.open(str(temporary), mode="w", format="mp4") as container:
-            stream = container.add_stream(_ENCODER, rate=fps, options={"crf": str(crf)})
+            stream = container.add_stream(_ENCODER, rate=rate, options={"crf": str(crf)})
             stream.width, stream.height, stream.pix_fmt = width, height, _PIXEL_FORMAT
             # Every stream exists before the first packet: the mp4 header is written then.
             audio_stream = _add_audio_stream(container, audio) if audio is not None else None
             for index, image in enumerate(pixels):
                 frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-                frame.pts, frame.time_base = index, Fraction(1, fps)
+                frame.pts, frame.time_base = index, 1 / rate
                 container.mux(stream.encode(frame))
             container.mux(stream.encode(None))  # flush the frames the encoder holds back
             if audio_stream is not None:
