@@ -68,22 +68,22 @@ END_TO_END_ROWS = np.array([
 ])
 
 
-def colour_weights(rows: np.ndarray, rng: np.random.Generator, box_columns, score_columns, class_columns):
-    """Weights [3, rows*cols] and bias moving boxes by up to ~30 px with the colour; every score
-    falls by 1 as the green mean goes from 0.5 to 0 (a dark-green frame has nobody in it)."""
+def colour_weights(rows: np.ndarray, rng: np.random.Generator, score_columns) -> tuple[np.ndarray, np.ndarray]:
+    """Weights [3, rows*cols] and bias (``rows``) moving the boxes (columns 0-3) by up to ~30 px
+    with the colour; every score falls by 1 as the green mean goes from 0.5 to 0 (a dark-green
+    frame has nobody in it). Class columns do not move."""
     weights = np.zeros((3,) + rows.shape)
     bias = rows.astype(np.float64).copy()
-    weights[(slice(None), slice(None), box_columns)] = rng.uniform(-30, 30, (3, rows.shape[0], len(box_columns)))
+    weights[:, :, :4] = rng.uniform(-30, 30, (3, rows.shape[0], 4))
     weights[1][:, score_columns] = 2.0
     weights[0][:, score_columns] = rng.uniform(-0.05, 0.05, (rows.shape[0], len(score_columns)))
     bias[:, score_columns] -= 1.0
-    assert not weights[:, :, class_columns].any()
     return weights.reshape(3, -1), bias
 
 
 def end_to_end_detector(size: int = 640) -> bytes:
     rng = np.random.default_rng(1)
-    weights, bias = colour_weights(END_TO_END_ROWS, rng, [0, 1, 2, 3], [4], [5])
+    weights, bias = colour_weights(END_TO_END_ROWS, rng, [4])
     return colour_linear_model(weights, bias, [1, len(END_TO_END_ROWS), 6], size)
 
 
@@ -99,7 +99,7 @@ def yolov8_detector() -> bytes:
             (320, 320, 640, 640, 56, 0.97), (120, 400, 200, 420, 0, 0.55)], start=7):
         anchors[anchor, :4] = [cx, cy, w, h]
         anchors[anchor, 4 + cls] = score
-    weights, bias = colour_weights(anchors, rng, [0, 1, 2, 3], list(range(4, 84)), [])
+    weights, bias = colour_weights(anchors, rng, list(range(4, 84)))
     # Only the chosen anchors' scores move with the colour; the rest stay below the threshold.
     weights = weights.reshape(3, 84, 84)
     bias = bias.copy()
@@ -231,6 +231,15 @@ def test_person_selection():
     np.testing.assert_array_equal(select_person(np.zeros((0, 6)), width, height), [0, 0, 200, 100, -1])
 
 
+def test_person_selection_follows_scan_order():
+    """Each chosen box's longer side becomes the reference for the next, as in the official
+    loop: thin A, then squarer C, then D (side 35 >= 0.4 * 50) wins; in the reverse order
+    D is passed over (35 < 0.4 * 100) and C wins."""
+    thin_a, c, d = [0, 0, 100, 2, 0.9, 0], [0, 0, 50, 5, 0.8, 0], [0, 0, 35, 35, 0.7, 0]
+    np.testing.assert_array_equal(select_person(np.array([thin_a, c, d], float), 200, 100), d[:5])
+    np.testing.assert_array_equal(select_person(np.array([d, c, thin_a], float), 200, 100), c[:5])
+
+
 def test_detections_are_scaled_truncated_and_suppressed():
     output = np.array([
         [100.7, 64.2, 300.9, 600.0, 0.9, 0],
@@ -242,6 +251,10 @@ def test_detections_are_scaled_truncated_and_suppressed():
     # x, y, width and height are truncated separately, as the official code does.
     np.testing.assert_array_equal(detections[:, :4], [[50, 16, 150, 149], [200, 2, 250, 24]])
     np.testing.assert_allclose(detections[:, 4:], [[0.9, 0], [0.7, 3]], rtol=1e-6)
+    # Scaled in float64 and rounded once to float32, as the official code does: 395.87628 * 97 / 640
+    # lands on 60.0 (a float32 product would give 59.999996, truncated to 59).
+    row = np.array([[395.87628, 100, 413.63953, 300, 0.9, 0]], np.float32)
+    np.testing.assert_array_equal(detections_from_output(row, width=97, height=200)[0, :4], [60, 31, 62, 93])
     assert detections_from_output(output[3:], 320, 160).shape == (0, 6)
     with pytest.raises(CheckpointError, match="output has shape"):
         detections_from_output(np.zeros((5, 7), np.float32), 320, 160)
