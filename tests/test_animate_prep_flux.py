@@ -158,4 +158,4 @@ def test_missing_diffusers_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "diffusers"
                         else find_spec(name, *args))
     message = one_line_error(lambda: PoseEditor.load(tmp_path, "cpu"))
-    assert "pip install 'wanrt[animate-prep]' diffusers" in message
+    assert "pip install 'wanrt[flux]'" in message

@@ -95,11 +95,11 @@ class PoseEditor:
         """
         if importlib.util.find_spec("diffusers") is None:
             raise InputError("--use_flux needs the `diffusers` package; install it with: "
-                             "pip install 'wanrt[animate-prep]' diffusers")
+                             "pip install 'wanrt[flux]'")
         folder = Path(folder)
         _check_folder(folder)
         if cpu_offload and importlib.util.find_spec("accelerate") is None:
-            raise InputError("FLUX CPU offload needs the `accelerate` package; install it with: pip install accelerate")
+            raise InputError("FLUX CPU offload needs the `accelerate` package; install it with: pip install 'wanrt[flux]'")
         from diffusers import FluxKontextPipeline
 
         try:

@@ -32,7 +32,7 @@ from wanrt.errors import InputError
 from wanrt.limits import MAX_FRAMES, MAX_IMAGE_PIXELS, MAX_VIDEO_TOTAL_PIXELS
 from wanrt.pipelines.animate import SOURCE_FILES
 from wanrt.progress import phase
-from wanrt.video_io import write_video_uint8
+from wanrt.video_io import OutputWriteError, write_video_uint8
 
 # The files of the official preprocessor's checkpoint folder (Wan2.2-Animate-14B/process_checkpoint).
 POSE_MODEL = Path("pose2d/vitpose_h_wholebody.onnx")
@@ -111,10 +111,8 @@ def load_models(files: dict[str, Path], device: str) -> PrepModels:
     require_module("onnxruntime", "the pose models", "animate-prep")
     if "sam2" in files:
         require_module("sam2", "--replace_flag (SAM2 masks)", "sam2")
-    if "flux" in files:
-        require_module("diffusers", "--use_flux (FLUX.1-Kontext)", "flux")
 
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+    providers = None if device.startswith("cuda") else ["CPUExecutionProvider"]
     with phase("loading the pose models"):
         pose = PoseEstimator(files["pose"], files["detector"], providers=providers)
     sam2 = editor = None
@@ -156,6 +154,16 @@ def prepare(video_path: Path, refer_path: Path, save_path: Path, load_models: Ca
     check_animate_limits(len(frames), *pose_size, fps)
     models = load_models()
 
+    try:
+        return _write_folder(video_path, refer_path, save_path, frames, fps, reference, pose_size, models, options)
+    except OSError as error:
+        raise OutputWriteError(f"could not write --save_path {save_path} ({error.strerror or error}); nothing "
+                               "was changed there, check free disk space and write permission") from error
+
+
+def _write_folder(video_path, refer_path, save_path: Path, frames, fps, reference, pose_size, models: PrepModels,
+                  options: PrepOptions) -> dict:
+    area = options.resolution_area[0] * options.resolution_area[1]
     with tempfile.TemporaryDirectory(prefix=f".{save_path.name}.", dir=_parent(save_path)) as staging:
         staging = Path(staging)
         shutil.copyfile(refer_path, staging / SOURCE_FILES["ref"])  # the reference file itself, as official
@@ -204,7 +212,7 @@ def _animation(frames: list[np.ndarray], reference: np.ndarray, models: PrepMode
     faces = [face_crop(frame, pose["keypoints_face"]) for frame, pose in zip(frames, template_poses)]
     if options.retarget:
         edited = _edited_poses(frames, reference, template_poses, reference_pose, models, staging) \
-            if options.use_flux else (None, None)
+            if options.use_flux else ()
         # The official code estimates the first frame's pose in a call of its own: the
         # retargeting reads that copy and the sequence separately.
         poses = retarget_poses(_copy_pose(template_poses[0]), reference_pose, template_poses, *edited)
