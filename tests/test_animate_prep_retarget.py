@@ -1,7 +1,8 @@
-"""Pose retargeting parity with the official ``get_retarget_pose`` (no FLUX edit poses).
+"""Pose retargeting parity with the official ``get_retarget_pose``.
 
 The poses are drawn here from a stick figure, so the goldens' inputs are this file's code:
-``retarget_golden.npz`` holds what the official function returned for ``SCENARIOS``.
+``retarget_golden.npz`` holds what the official function returned for ``SCENARIOS`` (no
+FLUX-edited poses), ``retarget_edit_golden.npz`` for ``EDIT_SCENARIOS`` (with them).
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import pytest
 from conftest import FIXTURES
 
 from wanrt.animate_prep.pose_meta import pose_metas_from_keypoints
-from wanrt.animate_prep.retarget import Framing, _framing, _Pose, retarget_poses
+from wanrt.animate_prep.retarget import Framing, _framing, _person_heights, _Pose, retarget_poses
 
 GOLDEN = FIXTURES / "animate_prep/retarget_golden.npz"
+EDIT_GOLDEN = FIXTURES / "animate_prep/retarget_edit_golden.npz"
 FRAMES = 6
 
 
-def stick_figure(width, height, *, neck, unit, build, phase, score=0.9):
+def stick_figure(width, height, *, neck, unit, build, phase, score=0.9, arm_spread=0.5):
     """[133, 3] COCO-WholeBody keypoints (float32, pixels) of a person facing the camera.
 
-    ``build`` holds bone lengths in ``unit``s; ``phase`` swings the arms and legs.
+    ``build`` holds bone lengths in ``unit``s; ``phase`` swings the arms and legs;
+    ``arm_spread`` (radians) holds the upper arms away from the body.
     """
     kps = np.zeros((133, 3), np.float64)
     kps[:, 2] = score
@@ -41,7 +44,7 @@ def stick_figure(width, height, *, neck, unit, build, phase, score=0.9):
         "right": (6, 8, 10, 12, 14, 16, (20, 21, 22), -1.0),
     }.items():
         kps[sho, :2] = shoulders[sho]
-        arm_angle = sign * (0.5 + swing * sign)
+        arm_angle = sign * (arm_spread + swing * sign)
         kps[elb, :2] = limb(kps[sho, :2], arm_angle, build["upper_arm"])
         kps[wri, :2] = limb(kps[elb, :2], arm_angle + sign * 0.7, build["forearm"])
         kps[hip, :2] = hips[hip]
@@ -138,6 +141,50 @@ EXPECTED_FRAMING = {"full_body": Framing.FULL_BODY, "upper_body": Framing.HALF_B
                     "upper_body_distinct_first": Framing.HALF_BODY}
 
 
+def edited_template_first(template_name):
+    """The driving video's first frame as FLUX-Kontext redraws it: in the standard pose
+    (standing straight, arms down) and, as FLUX does, a little zoomed out and shifted."""
+    width, height = 96, 64
+    if template_name == "three_quarter":
+        # The ankles stay unsure: the edits' heights are measured to the hips.
+        kps = stick_figure(width, height, neck=(47, 13), unit=8.4, build=STOCKY, phase=0.0, arm_spread=0.15)
+        kps[[15, 16, 17, 18, 19, 20, 21, 22], 2] = 0.3
+    else:
+        kps = stick_figure(width, height, neck=(46, 15), unit=5.1, build=STOCKY, phase=0.0, arm_spread=0.15)
+    return kps, (width, height)
+
+
+def edited_reference(reference_name):
+    """The character image as FLUX-Kontext redraws it in the standard pose."""
+    width, height = 64, 112
+    if reference_name == "upper_body":
+        # Still cut at the waist: no height in the edits, the scale falls back to image sizes.
+        kps = stick_figure(width, height, neck=(31, 52), unit=20.5, build=TALL, phase=0.0, arm_spread=0.15)
+        kps[11:23, 2] = 0.3
+    else:
+        kps = stick_figure(width, height, neck=(31, 24), unit=6.2, build=TALL, phase=0.0, arm_spread=0.15)
+    return kps, (width, height)
+
+
+# name -> SCENARIOS entry whose inputs it takes, edited poses added. The edits' height goes
+# nose to ankles, nose to hips, or falls back to the image sizes (with the FLUX zoom measured).
+EDIT_SCENARIOS = {
+    "edit_full_body": "full_body",
+    "edit_three_quarter": "three_quarter",
+    "edit_upper_body": "upper_body_distinct_first",
+}
+EDIT_HEIGHT_POINTS = {"edit_full_body": "ankles", "edit_three_quarter": "hips", "edit_upper_body": None}
+
+
+def edit_scenario_inputs(name):
+    """(template_first, reference, template, template_edit, reference_edit)."""
+    scenario = EDIT_SCENARIOS[name]
+    reference_name, template_name, _ = SCENARIOS[scenario]
+    edits = [edited_template_first(template_name), edited_reference(reference_name)]
+    return (*scenario_inputs(scenario),
+            *(pose_metas_from_keypoints(kps[None], width, height)[0] for kps, (width, height) in edits))
+
+
 def scenario_inputs(name):
     """(template_first, reference, template) as the pipeline's pose stage hands them over."""
     reference_name, template_name, first_phase = SCENARIOS[name]
@@ -150,11 +197,38 @@ def scenario_inputs(name):
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_retarget_matches_official(name):
-    golden = np.load(GOLDEN)
     template_first, reference, template = scenario_inputs(name)
     framing = min(_framing(_Pose(template_first)), _framing(_Pose(reference)))
     assert framing == EXPECTED_FRAMING[name]
-    poses = retarget_poses(template_first, reference, template)
+    assert_matches_golden(retarget_poses(template_first, reference, template), np.load(GOLDEN), name)
+
+
+@pytest.mark.parametrize("name", EDIT_SCENARIOS)
+def test_retarget_with_flux_edits_matches_official(name):
+    inputs = edit_scenario_inputs(name)
+    template_edit, reference_edit = _Pose(inputs[3]), _Pose(inputs[4])
+    heights = _person_heights(template_edit, reference_edit)
+    if EDIT_HEIGHT_POINTS[name] is None:
+        assert heights is None
+    else:
+        # Nose to ankles when those are confident in both edits, else nose to hips.
+        ankles = all(pose.body_scores[point] > 0.5 for pose in (template_edit, reference_edit) for point in (10, 13))
+        assert heights is not None and ankles == (EDIT_HEIGHT_POINTS[name] == "ankles")
+    poses = retarget_poses(*inputs)
+    assert_matches_golden(poses, np.load(EDIT_GOLDEN), name)
+    # The edits do change the result (the bone ratios come from them).
+    assert not np.allclose(poses[1].kps_body, retarget_poses(*inputs[:3])[1].kps_body)
+
+
+def test_retarget_wants_both_edits_or_none():
+    template_first, reference, template, template_edit, reference_edit = edit_scenario_inputs("edit_full_body")
+    with pytest.raises(ValueError):
+        retarget_poses(template_first, reference, template, template_edit=template_edit)
+    with pytest.raises(ValueError):
+        retarget_poses(template_first, reference, template, reference_edit=reference_edit)
+
+
+def assert_matches_golden(poses, golden, name):
     assert len(poses) == FRAMES
     for index, pose in enumerate(poses):
         assert (pose.width, pose.height) == tuple(golden[f"{name}/size"][index])
@@ -175,11 +249,13 @@ def test_retarget_covers_dropped_and_swapped_hands():
 
 
 def test_retarget_leaves_inputs_alone():
-    template_first, reference, template = scenario_inputs("full_body")
-    before = copy.deepcopy((template_first, reference, template))
+    template_first, reference, template, template_edit, reference_edit = edit_scenario_inputs("edit_upper_body")
+    before = copy.deepcopy((template_first, reference, template, template_edit, reference_edit))
     retarget_poses(template_first, reference, template)
+    retarget_poses(template_first, reference, template, template_edit, reference_edit)
     for got, expected in zip(
-        [template_first, reference, *template], [before[0], before[1], *before[2]]
+        [template_first, reference, *template, template_edit, reference_edit],
+        [before[0], before[1], *before[2], before[3], before[4]],
     ):
         assert got.keys() == expected.keys()
         for key, value in expected.items():

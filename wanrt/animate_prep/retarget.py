@@ -6,11 +6,15 @@ the reference person's bone length (keeping its angle), the skeleton is moved so
 feet (or, when legs are not in view, its neck) land where the reference person's are, and
 the hands are scaled and carried along with their wrists.
 
-This is the official ``get_retarget_pose`` without the FLUX-edited poses (``--use_flux``
-off), and its numerics are kept operation for operation, including its quirks: the output
-hands are those of the driving video's opposite side (``kps_lhand`` holds the right hand,
-placed at the right wrist), the first frame alone gets a ground correction, and hand
-points are truncated to whole pixels.
+With ``--use_flux`` the bone length ratios come instead from FLUX-Kontext redrawings of
+the driving video's first frame and of the character image in one standard pose (arms
+down, facing the camera), where bones are foreshortened alike; everything else (scale,
+framing, anchor) still comes from the poses as detected.
+
+This is the official ``get_retarget_pose``, and its numerics are kept operation for
+operation, including its quirks: the output hands are those of the driving video's
+opposite side (``kps_lhand`` holds the right hand, placed at the right wrist), the first
+frame alone gets a ground correction, and hand points are truncated to whole pixels.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from wanrt.animate_prep.pose_meta import PoseMeta
 
 # Body points used by name (OpenPose order, see pose_meta).
 NOSE, NECK = 0, 1
+RIGHT_SHOULDER, LEFT_SHOULDER = 2, 5
 RIGHT_WRIST, LEFT_WRIST = 4, 7
 RIGHT_HIP, RIGHT_ANKLE = 8, 10
 LEFT_HIP, LEFT_ANKLE = 11, 13
 LEFT_TOE, RIGHT_TOE = 18, 19
+HEAD_POINTS = (NOSE, 14, 15, 16, 17)  # nose, eyes, ears
 
 # The skeleton as (parent, child) bones in the order it is rebuilt from the neck outwards:
 # a child is placed only after its parent has been.
@@ -66,15 +72,25 @@ class Framing(IntEnum):
     FULL_BODY = 2          # hips and ankles: the ground under the feet anchors it
 
 
-def retarget_poses(template_first: dict, reference: dict, template: list[dict]) -> list[PoseMeta]:
+def retarget_poses(
+    template_first: dict,
+    reference: dict,
+    template: list[dict],
+    template_edit: dict | None = None,
+    reference_edit: dict | None = None,
+) -> list[PoseMeta]:
     """The ``template`` frames' motion on the ``reference`` person's body, in its image.
 
     ``template_first`` is the driving video's first frame (its bones set the length ratios
-    and the anchor), ``reference`` the character image's pose; all are normalized pose
-    dicts as ``pose_metas_from_keypoints`` returns them. The inputs are not modified. The
-    output hands have NaN coordinates and zero confidence where a point was dropped (the
-    official code leaves None there).
+    and the anchor), ``reference`` the character image's pose. ``template_edit`` and
+    ``reference_edit``, given together or not at all, are the poses of the FLUX-edited
+    first frame and character image; they then set the bone length ratios. All are
+    normalized pose dicts as ``pose_metas_from_keypoints`` returns them. The inputs are not
+    modified. The output hands have NaN coordinates and zero confidence where a point was
+    dropped (the official code leaves None there).
     """
+    if (template_edit is None) != (reference_edit is None):
+        raise ValueError("template_edit and reference_edit must be given together")
     first = _Pose(template_first)
     target = _Pose(reference)
 
@@ -84,7 +100,10 @@ def retarget_poses(template_first: dict, reference: dict, template: list[dict]) 
     target_pixels = target.normalized * (target_width, target_height)
 
     framing = min(_framing(target), _framing(first))
-    ratios = _bone_ratios(first.pixels, target_pixels)
+    if template_edit is None:
+        ratios = _bone_ratios(first.pixels, target_pixels)
+    else:
+        ratios = _edited_bone_ratios(first, target, _Pose(template_edit), _Pose(reference_edit))
     # The anchor comes from the first frame regrown without the foot cap (as officially).
     first_retargeted = _rebuild_skeleton(first.pixels, _bone_lengths_and_angles(first.pixels, ratios))
 
@@ -145,17 +164,26 @@ def _person_height_ratio(template: _Pose, reference: _Pose) -> float:
     Nose to ankles when both show them confidently, else nose to hips, else the ratio of
     the square roots of the image areas.
     """
+    heights = _person_heights(template, reference)
+    if heights is None:
+        return np.sqrt(template.height * template.width) / np.sqrt(reference.height * reference.width)
+    template_height, reference_height = heights
+    return 1.0 * template_height / reference_height
+
+
+def _person_heights(template: _Pose, reference: _Pose) -> tuple | None:
+    """Both persons' heights in pixels, nose to ankles or else nose to hips, from the
+    first pair of points both poses show confidently; None when neither is."""
     for lower in ((RIGHT_ANKLE, LEFT_ANKLE), (RIGHT_HIP, LEFT_HIP)):
         points = (NOSE, *lower)
         poses = (template, reference)
         if all(pose.body_scores[point] > HEIGHT_POINT_SCORE for pose in poses for point in points):
-            template_height, reference_height = (
+            return tuple(
                 pose.height * abs((pose.normalized[lower[0], 1] + pose.normalized[lower[1], 1]) / 2
                                   - pose.normalized[NOSE, 1])
                 for pose in poses
             )
-            return 1.0 * template_height / reference_height
-    return np.sqrt(template.height * template.width) / np.sqrt(reference.height * reference.width)
+    return None
 
 
 def _framing(pose: _Pose) -> Framing:
@@ -177,16 +205,56 @@ def _bone_length(points: np.ndarray, start: int, end: int):
     return ((points[start, 0] - points[end, 0]) ** 2 + (points[start, 1] - points[end, 1]) ** 2) ** 0.5
 
 
-def _bone_ratios(template_pixels: np.ndarray, reference_pixels: np.ndarray) -> list:
-    """Reference-to-template length ratio of every bone, made left/right symmetric."""
+def _bone_ratios(template_pixels: np.ndarray, reference_pixels: np.ndarray,
+                 template_zoom=1, reference_zoom=1) -> list:
+    """Reference-to-template length ratio of every bone, made left/right symmetric.
+
+    Each length is first multiplied by its pose's zoom (an edited pose's length brought back
+    to the detected person's size; the default 1 leaves it exact).
+    """
     with np.errstate(divide="ignore", invalid="ignore"):  # a zero-length bone gives inf/nan, as officially
-        ratios = [1.0 * _bone_length(reference_pixels, *bone) / _bone_length(template_pixels, *bone)
+        ratios = [1.0 * _bone_length(reference_pixels, *bone) * reference_zoom
+                  / _bone_length(template_pixels, *bone) / template_zoom
                   for bone in BONES]
     for one, other in MIRRORED_BONES:
         ratios[one] = ratios[other] = max(ratios[one], ratios[other])
     for one, other in AVERAGED_BONES:
         ratios[one] = ratios[other] = (ratios[one] + ratios[other]) / 2
     return ratios
+
+
+def _edited_bone_ratios(first: _Pose, target: _Pose, first_edit: _Pose, target_edit: _Pose) -> list:
+    """The bone ratios measured on the FLUX-edited poses instead of the detected ones.
+
+    The edited reference is brought to the edited template's scale as the detected one is
+    to the template's. When that scale falls back to the image sizes (no height measured
+    in the edits), FLUX's own zoom of each image is undone as well, estimated from head
+    width and shoulder breadth against the detected pose. (The official code's repairs of
+    missing points never act here: pose dicts from ``pose_metas_from_keypoints`` have
+    every point.)
+    """
+    edit_scale = _person_height_ratio(first_edit, target_edit)
+    if _person_heights(first_edit, target_edit) is None:
+        first_zoom, target_zoom = _edit_zoom(first, first_edit), _edit_zoom(target, target_edit)
+    else:
+        first_zoom = target_zoom = 1
+    # Dimensions truncate, as for the detected reference.
+    target_edit_size = (int(target_edit.width * edit_scale), int(target_edit.height * edit_scale))
+    return _bone_ratios(first_edit.pixels, target_edit.normalized * target_edit_size,
+                        template_zoom=first_zoom, reference_zoom=target_zoom)
+
+
+def _edit_zoom(pose: _Pose, edited: _Pose):
+    """How much larger the person is in ``pose`` than in its FLUX edit: the larger of the
+    head width (normalized, across nose, eyes and ears) and shoulder breadth (pixels)
+    ratios."""
+    def head_width(points):
+        return points[HEAD_POINTS, 0].max() - points[HEAD_POINTS, 0].min()
+
+    head_ratio = head_width(pose.normalized) / head_width(edited.normalized)
+    shoulder_ratio = (_bone_length(pose.pixels, LEFT_SHOULDER, RIGHT_SHOULDER)
+                      / _bone_length(edited.pixels, LEFT_SHOULDER, RIGHT_SHOULDER))
+    return max(head_ratio, shoulder_ratio)
 
 
 def _bone_lengths_and_angles(pixels: np.ndarray, ratios: list) -> list[tuple]:
