@@ -24,19 +24,30 @@ runner = CliRunner()
 AREA = (64, 48)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("process_checkpoint")
+def write_checkpoint(root):
+    """The official process_checkpoint layout with tiny random pose models."""
     for relative, model in ((prep.DETECTOR, end_to_end_detector()), (prep.POSE_MODEL, pose_model())):
         (root / relative).parent.mkdir(parents=True)
         (root / relative).write_bytes(model)
     return root
 
 
+def write_inputs(root):
+    """A checkpoint folder, a 5-frame 25 fps template of 120x160 and a 90x70 reference PNG."""
+    return write_checkpoint(root / "process_checkpoint"), write_template(root)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("process_checkpoint"))
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """A 5-frame 25 fps template of 120x160 and a 90x70 reference PNG."""
-    root = tmp_path_factory.mktemp("inputs")
+    return write_template(tmp_path_factory.mktemp("inputs"))
+
+
+def write_template(root):
     video = root / "template.mp4"
     write_video_uint8(np.stack(frames(10, 5, 120, 160, [(90, 80, 40), (150, 60, 10), (80, 70, 60),
                                                          (100, 50, 30), (70, 90, 50)])), video, 25)

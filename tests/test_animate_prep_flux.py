@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -159,3 +160,31 @@ def test_missing_diffusers_says_what_to_install(tmp_path, monkeypatch):
                         else find_spec(name, *args))
     message = one_line_error(lambda: PoseEditor.load(tmp_path, "cpu"))
     assert "pip install 'wanrt[flux]'" in message
+
+
+class _TwoStepEditor(PoseEditor):
+    """The real editor at 2 steps (28 on the tiny pipeline would only cost time)."""
+
+    def edit(self, image, prompt):
+        return super().edit(image, prompt, seed=0, num_inference_steps=2)
+
+
+def test_use_flux_retargets_through_the_edited_poses(tiny_flux_folder, tmp_path):
+    from test_animate_prep import AREA, pose_models, write_inputs
+
+    from wanrt.animate_prep import prepare as prep
+    from wanrt.animate_prep.frames import area_size
+    from wanrt.video_io import read_video_uint8
+
+    ckpt, (video, reference) = write_inputs(tmp_path)
+    editor = _TwoStepEditor(PoseEditor.load(tiny_flux_folder, "cpu", dtype=torch.float32).pipeline)
+    models = prep.PrepModels(pose_models(ckpt).pose, editor=editor)
+    save = tmp_path / "out"
+    prep.prepare(video, reference, save, lambda: models,
+                 prep.PrepOptions(resolution_area=AREA, retarget=True, use_flux=True))
+    size = area_size(90, 70, AREA[0] * AREA[1])
+    # The edited images are kept as the official code keeps them, at the sizes they were drawn at.
+    assert cv2.imread(str(save / "refer_edit.png")).shape[:2] == size
+    assert cv2.imread(str(save / "tpl_edit.png")).shape[:2] == (120, 160)
+    pose, _ = read_video_uint8(save / "src_pose.mp4")
+    assert pose.shape[1:3] == size and pose.float().mean() > 1
