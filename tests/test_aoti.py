@@ -228,13 +228,10 @@ def test_an_fp8_block_package_matches_the_eager_quantized_block(models, tmp_path
 
 
 
-@pytest.mark.parametrize("component, per_token", [
-    (Component.DIT_PRE, True), (Component.DIT_BLOCK, True), (Component.DIT_POST, True),
-    (Component.VAE_ENCODER_FIRST_STEP, False),
-])
+@pytest.mark.parametrize("component, per_token", [(Component.VAE_ENCODER_FIRST_STEP, False)])
 def test_ti2v_image_packages_match_eager_at_both_ends_of_their_profile(component, per_token, tmp_path):
-    """What ti2v with an image runs: the DiT graphs with per-token timesteps, and the
-    one-frame encode of the image."""
+    """What ti2v with an image adds: the one-frame encode of the image, over its whole profile.
+    (The DiT graphs with per-token timesteps are checked end to end by the test below.)"""
     task = get_task("tiny-ti2v")
     model = randomize_(WanVAE(task.vae) if component in VAE_STEPS else WanDiT(task.dit), seed=5).eval()
     spec = make_spec(component, model, task, ["128*64", "128*128"], [5, 9], per_token_timesteps=per_token)
