@@ -147,10 +147,14 @@ def prepare(video_path: Path, refer_path: Path, save_path: Path, load_models: Ca
     with phase("reading the template video"):
         frames, fps = read_template(Path(video_path), options.fps)
     area = options.resolution_area[0] * options.resolution_area[1]
+    # Poses are drawn at the template's size for replacement, at the reference's for animation;
+    # only the resized image is used after this (replacement reads the reference's file only).
     if options.replace:
         frames = [resize_to_area(frame, area) for frame in frames]
-    height, width = frames[0].shape[:2]
-    pose_size = (height, width) if options.replace else resize_to_area(reference, area).shape[:2]
+        pose_size = frames[0].shape[:2]
+    else:
+        reference = resize_to_area(reference, area)
+        pose_size = reference.shape[:2]
     check_animate_limits(len(frames), *pose_size, fps)
     models = load_models()
 
@@ -163,14 +167,13 @@ def prepare(video_path: Path, refer_path: Path, save_path: Path, load_models: Ca
 
 def _write_folder(video_path, refer_path, save_path: Path, frames, fps, reference, pose_size, models: PrepModels,
                   options: PrepOptions) -> dict:
-    area = options.resolution_area[0] * options.resolution_area[1]
     with tempfile.TemporaryDirectory(prefix=f".{save_path.name}.", dir=_parent(save_path)) as staging:
         staging = Path(staging)
         shutil.copyfile(refer_path, staging / SOURCE_FILES["ref"])  # the reference file itself, as official
         if options.replace:
-            videos = _replacement(frames, reference, models, options)
+            videos = _replacement(frames, models, options)
         else:
-            videos = _animation(frames, resize_to_area(reference, area), models, options, staging)
+            videos = _animation(frames, reference, models, options, staging)
         for name, video in videos.items():
             with phase(f"writing {SOURCE_FILES[name]}"):
                 write_video_uint8(np.stack(video), staging / SOURCE_FILES[name], fps)
@@ -240,14 +243,14 @@ def _edited_poses(frames, reference, template_poses, reference_pose, models: Pre
     return models.pose([template_edit])[0], models.pose([reference_edit])[0]
 
 
-def _replacement(frames: list[np.ndarray], reference: np.ndarray, models: PrepModels,
-                 options: PrepOptions) -> dict[str, list[np.ndarray]]:
+def _replacement(frames: list[np.ndarray], models: PrepModels, options: PrepOptions) -> dict[str, list[np.ndarray]]:
     height, width = frames[0].shape[:2]
     with phase(f"pose estimation ({len(frames)} images)"):
         template_poses = models.pose(frames)
     faces = [face_crop(frame, pose["keypoints_face"]) for frame, pose in zip(frames, template_poses)]
-    canvas = np.zeros_like(letterbox(reference, height, width))
-    drawn = [draw_pose(canvas.copy(), PoseMeta.from_normalized(pose)) for pose in template_poses]
+    # The official canvas is zeros shaped like the reference letterboxed to the frames: this.
+    drawn = [draw_pose(np.zeros((height, width, 3), np.uint8), PoseMeta.from_normalized(pose))
+             for pose in template_poses]
     with phase(f"SAM2 masks ({len(frames)} frames)"):
         masks = person_masks(models.sam2, frames, template_poses)
     hidden = [replacement_mask(mask, options.kernel_size, options.iterations, options.w_len, options.h_len)
